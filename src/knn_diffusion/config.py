@@ -1,0 +1,217 @@
+"""One typed schema for all of ``params.yaml``.
+
+Each concern owns its section dataclass (next to its code); this module composes them into
+:class:`Params`, loads YAML + ``key=value`` overrides through OmegaConf's structured configs, and turns
+every way a value can be wrong (unknown key, wrong type, bad enum, out of range) into a
+:class:`ConfigError` that names the file, the key, the value and what is allowed.
+
+Conventions for section dataclasses:
+
+* enums are ``class X(str, Enum)`` so members compare equal to their YAML strings;
+* numeric ranges go in field metadata: ``field(default=0.1, metadata=between(0, 1))``;
+* no ``${}`` interpolation anywhere (``dvc exp run -S`` rewrites params.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from knn_diffusion.config_fields import ConfigError, between, one_of  # noqa: F401 (re-exported)
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections owned by this module: data ingest and tracking. Others are imported below.
+
+
+class Source(str, Enum):
+    openmoji = "openmoji"
+    noto = "noto"
+    folder = "folder"
+    webdataset = "webdataset"
+
+
+@dataclass
+class DatasetConfig:
+    """One image collection; ``path`` is required for ``folder`` and ``webdataset`` sources."""
+
+    source: Source = Source.openmoji
+    path: str | None = None
+    limit: int | None = field(default=None, metadata=between(1))
+    # A font/package that is not installed skips the dataset with a warning instead of failing.
+    optional: bool = False
+
+
+@dataclass
+class SplitConfig:
+    val: float = field(default=0.05, metadata=between(0, 0.5))
+    test: float = field(default=0.10, metadata=between(0, 0.5))
+
+
+@dataclass
+class DataConfig:
+    resolution: int = field(default=32, metadata=between(8, 1024))
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    shard_size: int = field(default=4096, metadata=between(1))
+    # Emoji glyphs fill this fraction of the square after cropping to their bbox.
+    glyph_fill: float = field(default=0.9, metadata=between(0.1, 1.0))
+    split: SplitConfig = field(default_factory=SplitConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=lambda: {
+        "openmoji": DatasetConfig(source=Source.openmoji),
+        "noto": DatasetConfig(source=Source.noto, optional=True),
+    })
+    # The image-only collection the generator trains on; its captions are never read in training.
+    generator_dataset: str = "openmoji"
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "knn-diffusion"
+    # Empty: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
+    tracking_uri: str = ""
+    sample_grid_size: int = field(default=64, metadata=between(1, 1024))
+
+
+@dataclass
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    full_key = getattr(err, "full_key", None) or ""
+    text = str(err).split("\n")[0]
+    if "not in" in text and "Key '" in text:
+        return f"unknown key '{full_key}' ({text})"
+    value = getattr(err, "value", None)
+    return f"key '{full_key}' has bad value {value!r}: {text}"
+
+
+def _check_values(node: Any, prefix: str, where: str) -> None:
+    """Walk the dataclass tree and enforce range / one_of metadata."""
+    if not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if isinstance(value, dict):
+            for name, item in value.items():
+                _check_values(item, f"{key}.{name}.", where)
+        elif dataclasses.is_dataclass(value):
+            _check_values(value, f"{key}.", where)
+        if "range" in f.metadata and value is not None:
+            values = value if isinstance(value, list) else [value]
+            low, high, low_open, high_open = f.metadata["range"]
+            for v in values:
+                too_low = low is not None and (v <= low if low_open else v < low)
+                too_high = high is not None and (v >= high if high_open else v > high)
+                if too_low or too_high:
+                    lo = "(" if low_open else "["
+                    hi = ")" if high_open else "]"
+                    raise ConfigError(
+                        f"{where}: key '{key}' has bad value {v!r}: expected a number in "
+                        f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}")
+        if "one_of" in f.metadata and value not in f.metadata["one_of"]:
+            raise ConfigError(f"{where}: key '{key}' has bad value {value!r}: expected one of "
+                              f"{list(f.metadata['one_of'])}")
+
+
+def _cross_checks(params: Params, where: str) -> None:
+    data = params.data
+    if data.generator_dataset not in data.datasets:
+        raise ConfigError(f"{where}: key 'data.generator_dataset' has bad value "
+                          f"{data.generator_dataset!r}: expected one of {sorted(data.datasets)}")
+    if len(data.background) != 3 or any(not 0 <= c <= 255 for c in data.background):
+        raise ConfigError(f"{where}: key 'data.background' has bad value {data.background!r}: "
+                          "expected three integers in [0, 255]")
+    if data.split.val + data.split.test >= 1:
+        raise ConfigError(f"{where}: keys 'data.split.val' + 'data.split.test' = "
+                          f"{data.split.val + data.split.test}: expected a sum below 1")
+    for name, ds in data.datasets.items():
+        if ds.source in (Source.folder, Source.webdataset) and not ds.path:
+            raise ConfigError(f"{where}: key 'data.datasets.{name}.path' is empty: source "
+                              f"'{ds.source.value}' needs a path")
+
+
+def build_params(raw: dict | None, overrides: Iterable[str] = (), where: str = "params") -> Params:
+    """Merge ``raw`` (a parsed params mapping) and ``key=value`` overrides onto the schema."""
+    schema = OmegaConf.structured(Params)
+    try:
+        merged = OmegaConf.merge(schema, raw or {})
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_omegaconf_message(err)}") from None
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    if overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override: {_omegaconf_message(err)}") from None
+    try:
+        params = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_omegaconf_message(err)}") from None
+    _check_values(params, "", where)
+    _cross_checks(params, where)
+    return params
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if "${" in path.read_text():
+        raise ConfigError(f"{path}: contains '${{...}}' interpolation, which `dvc exp run -S` "
+                          "would destroy; write literal values")
+    return build_params(raw, overrides, where=str(path))
+
+
+def to_plain(params: Any) -> Any:
+    """Dataclasses/enums -> plain YAML-able python (for logging and writing params files)."""
+    return OmegaConf.to_container(OmegaConf.structured(params), enum_to_str=True)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {'a.b.c': value}; MLflow params are flat."""
+    if dataclasses.is_dataclass(tree):
+        tree = to_plain(tree)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def write_params(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> None:
+    """Write a validated params file atomically (used by presets)."""
+    path = Path(path)
+    text = yaml.safe_dump(to_plain(params), sort_keys=False)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent or ".", delete=False, suffix=".tmp") as fh:
+        fh.write(text)
+    os.replace(fh.name, path)
