@@ -1,0 +1,144 @@
+"""One MLflow run per stage execution: params, git commit, input hashes, metrics, artifacts.
+
+The store defaults to ``sqlite:///<repo>/mlflow.db`` (``$MLFLOW_TRACKING_URI`` or
+``tracking.tracking_uri`` override it). Each stage is its own process, so the fluent API is safe
+here; sqlite's "database is locked" under concurrent stages is retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+PIPELINE_RUN_ENV = "KNN_DIFFUSION_PIPELINE_RUN"  # set by the Prefect flow to group a run's stages
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The directory holding dvc.yaml/params.yaml (DVC runs stages from there)."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def tracking_uri(configured: str = "") -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if configured:
+        return configured
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
+    """Retry sqlite lock contention between concurrently running stages."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # mlflow wraps sqlalchemy's OperationalError in several types
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def git_commit(root: Path) -> tuple[str, bool]:
+    """(commit sha, dirty) or ('unknown', False) outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return sha, dirty
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown", False
+
+
+def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
+    """md5 of each dep of ``stage`` as DVC recorded it when its producer last ran (from dvc.lock)."""
+    import yaml
+
+    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
+    if not dvc_yaml.is_file() or not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    known: dict[str, str] = {}
+    for entry in locked.values():
+        for item in entry.get("outs", []) + entry.get("deps", []):
+            if "md5" in item:
+                known[item["path"]] = item["md5"]
+    deps = stages.get(stage, {}).get("deps", [])
+    return {f"dvc.dep.{dep}": known[dep] for dep in deps if dep in known}
+
+
+class StageRun:
+    """Handle returned by :func:`stage_run`; thin wrappers that keep stage code short."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.id = run.info.run_id
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in values.items() if v is not None}
+        with_retries(lambda: mlflow.log_metrics(clean, step=step))
+
+    def image(self, array: np.ndarray, name: str) -> None:
+        import mlflow
+
+        with_retries(lambda: mlflow.log_image(array, name))
+
+    def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        import mlflow
+
+        with_retries(lambda: mlflow.log_artifact(str(path), folder))
+
+    def table(self, rows: list[dict], name: str) -> None:
+        import mlflow
+        import pandas as pd
+
+        with_retries(lambda: mlflow.log_table(pd.DataFrame(rows), name))
+
+    def text(self, text: str, name: str) -> None:
+        import mlflow
+
+        with_retries(lambda: mlflow.log_text(text, name))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusion",
+              configured_uri: str = "") -> Iterator[StageRun]:
+    """Open the MLflow run for one stage execution and tag it for traceability."""
+    import mlflow
+
+    from knn_diffusion.config import flatten
+
+    root = repo_root()
+    mlflow.set_tracking_uri(tracking_uri(configured_uri))
+    with_retries(lambda: mlflow.set_experiment(experiment))
+    sha, dirty = git_commit(root)
+    tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
+            "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, "")}
+    tags.update(dvc_input_hashes(root, stage))
+    run = with_retries(lambda: mlflow.start_run(run_name=stage, tags=tags))
+    try:
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            with_retries(lambda chunk=dict(items[i:i + 100]): mlflow.log_params(chunk))
+        yield StageRun(run)
+    except BaseException:
+        with_retries(lambda: mlflow.end_run(status="FAILED"))
+        raise
+    with_retries(lambda: mlflow.end_run(status="FINISHED"))
+

@@ -1,0 +1,74 @@
+"""Params sections owned by the encoders: which CLIP to use, how to align the offline one, how to embed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from knn_diffusion.config_fields import between
+
+
+class EncoderKind(str, Enum):
+    # A CLIP whose image tower is trained here against the pretrained, locked MiniLM text tower.
+    aligned = "aligned"
+    # Any open_clip model: built-in name + pretrained tag (needs network once) or a local weights file.
+    open_clip = "open_clip"
+
+
+class EmbeddingDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+@dataclass
+class VisionTowerConfig:
+    """Size of the aligned model's image tower (an open_clip ViT) and of the joint embedding."""
+
+    embed_dim: int = field(default=256, metadata=between(8, 4096))
+    image_size: int = field(default=32, metadata=between(8, 1024))
+    patch_size: int = field(default=4, metadata=between(1, 64))
+    width: int = field(default=128, metadata=between(16, 4096))
+    layers: int = field(default=4, metadata=between(1, 48))
+    head_width: int = field(default=32, metadata=between(8, 256))
+    # Tokens per caption; emoji names with a template stay well under 32 MiniLM tokens.
+    context_length: int = field(default=32, metadata=between(8, 512))
+
+
+@dataclass
+class AlignmentConfig:
+    """Contrastive training of the aligned model's image tower (text tower locked)."""
+
+    steps: int = field(default=600, metadata=between(1))
+    batch_size: int = field(default=128, metadata=between(2))
+    lr: float = field(default=1e-3, metadata=between(0, 1, low_open=True))
+    warmup: int = field(default=50, metadata=between(0))
+    weight_decay: float = field(default=0.1, metadata=between(0, 1))
+    templates: list[str] = field(default_factory=lambda: [
+        "an emoji of {name}", "{name}", "a sticker of {name}", "an icon of {name}"])
+    # Random translation as a fraction of the image side and random zoom-out; no flips (arrows,
+    # "left"/"right" names) and no colour changes ("red heart" vs "blue heart").
+    max_shift: float = field(default=0.08, metadata=between(0, 0.5))
+    min_scale: float = field(default=0.85, metadata=between(0.3, 1.0))
+    checkpoint_every: int = field(default=100, metadata=between(1))
+    seed: int = 0
+    eval_ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata=between(1))
+
+
+@dataclass
+class EncoderConfig:
+    kind: EncoderKind = EncoderKind.aligned
+    # open_clip only: a built-in architecture name (`open_clip.list_models()`), a JSON architecture
+    # file, or 'local-dir:<folder>' (open_clip_config.json + weights; `pretrained` is then ignored).
+    model_name: str = "ViT-B-32"
+    # open_clip only: a pretrained tag (e.g. laion2b_s34b_b79k, downloaded on first use) or a local
+    # .pt/.pth/.bin/.safetensors file; empty for random weights (tests only).
+    pretrained: str = "laion2b_s34b_b79k"
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = field(default=256, metadata=between(1))
+    shard_size: int = field(default=4096, metadata=between(1))
+    dtype: EmbeddingDtype = EmbeddingDtype.float16
