@@ -50,6 +50,7 @@ def _stage_env(pipeline_run: str) -> dict[str, str]:
     # DVC stages call `python`; make that the interpreter running this flow (the project venv).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env[PIPELINE_RUN_ENV] = pipeline_run
+    env.setdefault("TQDM_MININTERVAL", "10")  # output is piped: fewer, longer-spaced progress lines
     return env
 
 

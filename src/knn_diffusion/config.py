@@ -183,9 +183,10 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: Iterable[st
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    if "${" in path.read_text():
-        raise ConfigError(f"{path}: contains '${{...}}' interpolation, which `dvc exp run -S` "
-                          "would destroy; write literal values")
+    for key, value in flatten(raw).items():
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{path}: key '{key}' has value {value!r} with '${{...}}' interpolation, "
+                              "which `dvc exp run -S` would destroy; write a literal value")
     return build_params(raw, overrides, where=str(path))
 
 

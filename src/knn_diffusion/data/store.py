@@ -87,4 +87,4 @@ class ImageStore:
         """Names/captions by row. Only encoder alignment and evaluation may call this."""
         captions = pd.read_parquet(self.root / "captions.parquet")
         by_id = dict(zip(captions["id"], captions["caption"]))
-        return pd.Series([by_id.get(i) for i in self.manifest["id"]], index=self.manifest["row"])
+        return pd.Series([by_id.get(i) for i in self.manifest["id"]], index=self.manifest["row"], dtype=object)

@@ -80,6 +80,23 @@ def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
     return {f"dvc.dep.{dep}": known[dep] for dep in deps if dep in known}
 
 
+def experiment_id_for(name: str) -> str:
+    """Get or create an experiment; two stages creating it at once must land in the same one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # lost the race: the other process created it
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class StageRun:
     """Handle returned by :func:`stage_run`; thin wrappers that keep stage code short."""
 
@@ -125,12 +142,12 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
 
     root = repo_root()
     mlflow.set_tracking_uri(tracking_uri(configured_uri))
-    with_retries(lambda: mlflow.set_experiment(experiment))
+    experiment_id = with_retries(lambda: experiment_id_for(experiment))
     sha, dirty = git_commit(root)
     tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
             "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, "")}
     tags.update(dvc_input_hashes(root, stage))
-    run = with_retries(lambda: mlflow.start_run(run_name=stage, tags=tags))
+    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags))
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())

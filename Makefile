@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make demo` and `make test` (both run setup first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-slow lock gpu-preset clean-outputs
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m flows.pipeline
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^knn-diffusion' | \
+	  (echo '# Exact versions for the project venv (Python 3.11, x86_64). Regenerate with: make lock'; cat) > requirements.lock
+
+gpu-preset: setup
+	$(PY) -m knn_diffusion.cli params --preset gpu

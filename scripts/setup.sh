@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent setup: a venv with the exact versions in requirements.lock, the project installed
+# editable, and the Noto Color Emoji font (second sticker set) where apt is available.
+# Running it again with an unchanged lock file installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.installed-lock"
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing pinned packages from requirements.lock (first time: a few minutes, ~6 GB)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+    echo "$want" > "$stamp"
+else
+    echo "setup: $VENV matches requirements.lock; nothing to install"
+fi
+
+noto=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+if [ ! -f "$noto" ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian fonts-noto-color-emoji (second emoji set)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >/dev/null \
+            || echo "setup: WARNING could not install fonts-noto-color-emoji; the 'noto' dataset will be skipped"
+    else
+        echo "setup: NOTE fonts-noto-color-emoji is not installed and apt-get is not usable here;"
+        echo "       the 'noto' dataset will be skipped and the encoder aligns on a disjoint OpenMoji split."
+    fi
+fi

@@ -1,0 +1,99 @@
+"""The Prefect flow runs real DVC stages in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.dag import stage_graph, stage_order
+from flows.pipeline import pipeline
+from tests.conftest import REPO
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """A git+DVC repo with this project's dvc.yaml and stage code, and tiny dataset limits."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["datasets"] = {"openmoji": {"source": "openmoji", "limit": 12},
+                                  "noto": {"source": "noto", "limit": 6, "optional": True}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    return repo
+
+
+def _ingest_runs(run_marker: str | None = None):
+    runs = mlflow.search_runs(experiment_names=["knn-diffusion"], filter_string="tags.stage = 'ingest'",
+                              output_format="list")
+    return [r for r in runs if run_marker is None or r.data.tags.get("pipeline_run") == run_marker]
+
+
+def test_flow_runs_stage_through_dvc_then_skips_it(harness, repo_copy):
+    state = pipeline(repo=str(repo_copy), stages=["ingest"], return_state=True)
+    assert state.is_completed()
+    store_dir = repo_copy / "data" / "ingest" / "openmoji"
+    assert (store_dir / "manifest.parquet").is_file() and (store_dir / "images-00000.npy").is_file()
+    status = subprocess.run([DVC, "status", "--json"], cwd=repo_copy, capture_output=True, text=True, check=True)
+    assert status.stdout.strip() == "{}", status.stdout
+    flow_run_id = str(state.state_details.flow_run_id)
+    runs = _ingest_runs(flow_run_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["openmoji.images"] == 12
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "samples")]
+    assert "samples/openmoji.png" in artifacts
+
+    again = pipeline(repo=str(repo_copy), stages=["ingest"], return_state=True)
+    assert again.is_completed()
+    assert _ingest_runs(str(again.state_details.flow_run_id)) == [], "an up-to-date stage must do no work"
+
+
+def test_failing_stage_fails_the_flow_run(harness, repo_copy):
+    spec = yaml.safe_load((repo_copy / "dvc.yaml").read_text())
+    spec["stages"]["boom"] = {"cmd": "python -c \"raise SystemExit('model exploded')\"",
+                              "deps": ["data/ingest"], "outs": ["data/boom"]}
+    (repo_copy / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    state = pipeline(repo=str(repo_copy), stages=["boom"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="stage 'boom' failed"):
+        state.result()
+
+
+def test_dag_is_derived_from_dvc_yaml(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "train": {"cmd": "x", "deps": ["data/knn/table.npy", "data/ingest"], "outs": ["models/m"]},
+        "ingest": {"cmd": "x", "outs": ["data/ingest"], "metrics": [{"metrics/ingest.json": {"cache": False}}]},
+        "knn": {"cmd": "x", "deps": ["data/ingest/openmoji"], "outs": ["data/knn"]},
+        "report": {"cmd": "x", "deps": ["metrics/ingest.json", "models/m"]},
+    }}))
+    graph = stage_graph(tmp_path / "dvc.yaml")
+    assert graph == {"ingest": set(), "knn": {"ingest"}, "train": {"knn", "ingest"}, "report": {"ingest", "train"}}
+    order = stage_order(tmp_path / "dvc.yaml")
+    assert order.index("ingest") < order.index("knn") < order.index("train") < order.index("report")
+
+
+def test_repo_dvc_yaml_matches_stage_paths():
+    from knn_diffusion.stages import paths
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert str(paths.INGEST) in spec["ingest"]["outs"]
+    assert str(paths.INGEST_METRICS) in [next(iter(m)) for m in spec["ingest"]["metrics"]]
+    assert stage_order(REPO / "dvc.yaml")[0] == "ingest"
