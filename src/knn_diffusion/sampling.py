@@ -1,0 +1,214 @@
+"""Text (or image embedding) -> kNN condition -> classifier-free guided sampling -> PNGs.
+
+At inference the query is the text embedding f_txt(t) and its neighbours come from whatever index
+is given (a different one than in training swaps the output distribution: the paper's
+out-of-distribution generation). Guidance follows the paper: eps = eps_null + lambda * (eps_cond -
+eps_null) with the all-zero null condition, both halves in one batched forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
+
+from knn_diffusion.io import atomic_path, write_json
+from knn_diffusion.models.conditioning import null_condition
+from knn_diffusion.models.config import ConditioningVariant, NoiseConfig, SchedulerName
+from knn_diffusion.models.unet import ContinuousDenoiser
+
+
+def make_scheduler(name: SchedulerName | str, noise: NoiseConfig):
+    """A diffusers sampler over the training noise schedule. Pixel-space samples are clipped to [-1, 1]."""
+    common = dict(num_train_timesteps=noise.num_train_timesteps, beta_schedule=noise.beta_schedule.value)
+    name = SchedulerName(name)
+    if name == SchedulerName.ddpm:
+        return DDPMScheduler(**common, clip_sample=True)
+    if name == SchedulerName.ddim:
+        return DDIMScheduler(**common, clip_sample=True)
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def guided_epsilon(model: ContinuousDenoiser, noisy: torch.Tensor, timestep: torch.Tensor,
+                   cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """eps_null + guidance * (eps_cond - eps_null), conditional and null halves in one forward."""
+    batch = noisy.shape[0]
+    timesteps = timestep.reshape(-1).expand(2 * batch) if timestep.numel() == 1 else timestep.repeat(2)
+    both = model(torch.cat([noisy, noisy]), timesteps, torch.cat([cond, null_condition(cond)]))  # (2B, 3, H, W)
+    eps_cond, eps_null = both.chunk(2)
+    return eps_null + guidance * (eps_cond - eps_null)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def sample(model: ContinuousDenoiser, cond_embeddings: torch.Tensor | np.ndarray, *, guidance: float = 3.0,
+           scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp, steps: int = 25,
+           seed: int | Sequence[int] = 0, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """cond_embeddings (B, 1+K, d) -> uint8 images (B, H, W, 3).
+
+    Image i starts from noise seeded ``seed + i`` (or ``seed[i]``), so it reproduces alone or in any batch.
+    """
+    device = next(model.parameters()).device
+    cond = torch.as_tensor(np.asarray(cond_embeddings) if not torch.is_tensor(cond_embeddings) else cond_embeddings,
+                           dtype=torch.float32).to(device)
+    batch = cond.shape[0]
+    seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for {batch} conditions")
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    side = model.config.unet.resolution
+    noise_scheduler = make_scheduler(scheduler, model.config.noise)
+    noise_scheduler.set_timesteps(steps, device=device)
+    x = torch.cat([torch.randn((1, 3, side, side), generator=g) for g in generators]).to(device)  # (B, 3, H, W)
+    x = x * noise_scheduler.init_noise_sigma
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        for t in noise_scheduler.timesteps:
+            eps = guided_epsilon(model, noise_scheduler.scale_model_input(x, t), t, cond, guidance).float()
+            x = noise_scheduler.step(eps, t, x, generator=generators).prev_sample
+    model.train(was_training)
+    return to_uint8(x)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) uint8 grid."""
+    count, height, width, _ = images.shape
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), fill, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
+        grid[top:top + height, left:left + width] = image
+    return grid
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------------
+# Text prompts -> files
+
+
+class TextEncoder(Protocol):
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, d) float32 embeddings in the joint space."""
+
+
+# query (N, d), k -> ids (N, k), scores (N, k), neighbour embeddings (N, k, d)
+NeighbourSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """A .npy file with one (d,) or several (N, d) image embeddings -> (N, d) float32."""
+    path = Path(path)
+    if path.suffix != ".npy" or not path.is_file():
+        raise FileNotFoundError(f"{path}: expected an existing .npy file of image embeddings, (d,) or (N, d)")
+    array = np.load(path)
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: expected float embeddings of shape (d,) or (N, d), got {array.dtype} {array.shape}")
+    return np.atleast_2d(array).astype(np.float32)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def generate(model: ContinuousDenoiser, *, out_dir: str | os.PathLike, knn: NeighbourSearch,
+             prompts: Sequence[str] | None = None, encoder: TextEncoder | None = None,
+             image_embeddings: np.ndarray | None = None, k: int | None = None, guidance: float = 3.0,
+             scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp, steps: int = 25, seed: int = 0,
+             batch_size: int = 16, model_run_id: str = "", index_fingerprint: str = "",
+             image_embedding_source: str = "") -> list[dict]:
+    """Generate one image per prompt (or per image embedding) and write PNGs, sidecars and a grid.
+
+    Writes ``<i>-<slug>.png`` + ``<i>-<slug>.json`` (prompt, seed, neighbour ids and scores, model
+    run id, index fingerprint, sampler settings) and ``grid.png`` into ``out_dir``; returns the sidecars.
+    ``k`` defaults to the k the model was trained with; a ``no_knn`` model retrieves nothing.
+    """
+    if (prompts is None) == (image_embeddings is None):
+        raise ValueError("give either prompts (with an encoder) or image_embeddings, not both")
+    if prompts is not None:
+        if encoder is None:
+            raise ValueError("prompts need an encoder with encode_texts()")
+        queries = np.asarray(encoder.encode_texts(list(prompts)), dtype=np.float32)  # (N, d)
+    else:
+        queries = np.atleast_2d(np.asarray(image_embeddings, dtype=np.float32))
+    expected_d = model.config.conditioning.embed_dim
+    if queries.shape[1] != expected_d:
+        raise ValueError(f"query embeddings have d={queries.shape[1]}, the model was trained on d={expected_d}")
+    trained = model.config.conditioning
+    k = trained.k if k is None else k
+    if trained.variant == ConditioningVariant.no_knn:
+        k = 0
+    count = len(queries)
+    if k > 0:
+        ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)
+        cond = np.concatenate([queries[:, None], np.asarray(neighbours, dtype=np.float32)], axis=1)  # (N, 1+k, d)
+    else:
+        ids, scores = np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32)
+        cond = queries[:, None]  # (N, 1, d)
+    images = np.concatenate([
+        sample(model, cond[start:start + batch_size], guidance=guidance, scheduler=scheduler, steps=steps,
+               seed=[seed + i for i in range(start, min(start + batch_size, count))])
+        for start in range(0, count, batch_size)])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        prompt = prompts[i] if prompts is not None else None
+        stem = f"{i:04d}-{_slug(prompt or 'image-embedding')}"
+        record = {
+            "prompt": prompt,
+            "image_embedding_from": None if prompts is not None else image_embedding_source,
+            "image_embedding_row": None if prompts is not None else i,
+            "seed": seed + i,
+            "k": k,
+            "neighbour_ids": np.asarray(ids[i]).tolist(),
+            "neighbour_scores": [float(s) for s in np.asarray(scores[i])],
+            "guidance": guidance,
+            "scheduler": SchedulerName(scheduler).value,
+            "steps": steps,
+            "variant": trained.variant.value,
+            "model_run_id": model_run_id,
+            "index_fingerprint": index_fingerprint,
+            "image": f"{stem}.png",
+        }
+        save_png(out_dir / f"{stem}.png", images[i])
+        write_json(out_dir / f"{stem}.json", record)
+        records.append(record)
+    save_png(out_dir / "grid.png", image_grid(images))
+    return records
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``knn-diffusion generate``; ``None`` defaults mean "from params / the trained run"."""
+    parser.add_argument("prompts", nargs="*", help="text prompts, one image each")
+    parser.add_argument("--k", type=int, default=None, help="neighbours to retrieve (default: as trained)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale lambda")
+    parser.add_argument("--index", default=None, help="index directory to retrieve from (any compatible index)")
+    parser.add_argument("--variant", default=None, choices=[v.value for v in ConditioningVariant],
+                        help="which trained conditioning variant's model to load")
+    parser.add_argument("--checkpoint", default=None, help="a model checkpoint directory (overrides --variant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps")
+    parser.add_argument("--scheduler", default=None, choices=[s.value for s in SchedulerName])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="outputs/generate", help="output directory")
+    parser.add_argument("--image-embedding-from", default=None, metavar="FILE",
+                        help=".npy image embedding(s), (d,) or (N, d): condition on an image instead of text")
+    return parser

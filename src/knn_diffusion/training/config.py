@@ -1,0 +1,54 @@
+"""Params section of the ``train_continuous`` stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from knn_diffusion.config_fields import between
+from knn_diffusion.models.config import BetaSchedule, ConditioningVariant, SchedulerName
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a gradient scaler
+
+
+@dataclass
+class EvalSamplingConfig:
+    """How the sample grids logged during training are drawn (from fixed eval conditions)."""
+
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp
+    steps: int = field(default=25, metadata=between(1, 1000))
+    guidance: float = field(default=3.0, metadata=between(0, 50))
+    seed: int = 0
+
+
+@dataclass
+class ContinuousTrainConfig:
+    preset: str = "tiny"  # a name from knn_diffusion.models.config.list_presets()
+    variant: ConditioningVariant = ConditioningVariant.tokens
+    k: int = field(default=10, metadata=between(0, 256))  # paper: 10
+    # Probability of training a sample on the null condition; 0 is the paper's setting (6.7).
+    cond_dropout: float = field(default=0.1, metadata=between(0, 1))
+    batch_size: int = field(default=32, metadata=between(1))  # global, split over DDP ranks
+    max_steps: int = field(default=1200, metadata=between(1))
+    lr: float = field(default=1e-3, metadata=between(0, 1, low_open=True))
+    warmup_steps: int = field(default=50, metadata=between(0))
+    weight_decay: float = field(default=0.0, metadata=between(0, 1))
+    grad_clip: float = field(default=1.0, metadata=between(0))  # 0 disables
+    # diffusers EMAModel warms the decay up as min(decay, (1+step)/(10+step)).
+    ema_decay: float = field(default=0.999, metadata=between(0, 1))
+    precision: Precision = Precision.auto
+    num_train_timesteps: int = field(default=1000, metadata=between(10, 10000))
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
+    hflip: bool = False  # emoji and text-bearing stickers change meaning when mirrored
+    seed: int = 0
+    checkpoint_every: int = field(default=200, metadata=between(1))
+    keep_checkpoints: int = field(default=2, metadata=between(1))
+    log_every: int = field(default=10, metadata=between(1))
+    sample_every: int = field(default=400, metadata=between(0))  # 0: only at the end
+    num_workers: int = field(default=0, metadata=between(0, 64))
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
