@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between, one_of  # noqa: F401 (re-exported)
+from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -86,6 +87,8 @@ class TrackingConfig:
 @dataclass
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -3,10 +3,24 @@
 from pathlib import Path
 
 DATA = Path("data")
-INGEST = DATA / "ingest"
 METRICS = Path("metrics")
+# Resumable training state lives outside DVC outputs: `dvc repro` deletes outputs before a rerun.
+CHECKPOINTS = Path("checkpoints")
+
+INGEST = DATA / "ingest"
 INGEST_METRICS = METRICS / "ingest.json"
+
+ENCODER = DATA / "encoder"
+ENCODER_METRICS = METRICS / "encoder.json"
+ENCODER_STATE = CHECKPOINTS / "encoder"
+
+EMBED = DATA / "embed"
+EMBED_METRICS = METRICS / "embed.json"
 
 
 def dataset_dir(name: str) -> Path:
     return INGEST / name
+
+
+def embedding_dir(name: str) -> Path:
+    return EMBED / name

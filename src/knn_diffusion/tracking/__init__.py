@@ -110,6 +110,11 @@ class StageRun:
         clean = {k: float(v) for k, v in values.items() if v is not None}
         with_retries(lambda: mlflow.log_metrics(clean, step=step))
 
+    def tags(self, values: dict[str, str]) -> None:
+        import mlflow
+
+        with_retries(lambda: mlflow.set_tags(values))
+
     def image(self, array: np.ndarray, name: str) -> None:
         import mlflow
 

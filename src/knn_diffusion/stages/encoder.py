@@ -1,0 +1,83 @@
+"""DVC stage ``encoder``: align the offline CLIP (or record the pretrained one) and report retrieval recall.
+
+With ``encoder.kind: aligned`` the image tower is trained contrastively against the locked MiniLM text
+tower on a paired corpus disjoint from the generator's training images: the Noto emoji with their names,
+or - when Noto is not installed - the generator dataset's *val* split. Recall of text->image retrieval is
+measured on the generator dataset's test split, whose names this stage never trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from knn_diffusion.config import Params, to_plain
+from knn_diffusion.data.store import ImageStore
+from knn_diffusion.encoders.alignment import text_to_image_recall, train_alignment
+from knn_diffusion.encoders.config import EncoderKind
+from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.stages import paths
+from knn_diffusion.stages.common import run_stage
+from knn_diffusion.tracking import stage_run
+
+log = logging.getLogger(__name__)
+PAIRED_DATASET = "noto"
+LOG_EVERY = 10
+
+
+def paired_corpus(params: Params) -> tuple[np.ndarray, list[str], str]:
+    """(images, names, description) for alignment, never touching the generator's train split."""
+    noto_dir = paths.dataset_dir(PAIRED_DATASET)
+    if PAIRED_DATASET != params.data.generator_dataset and (noto_dir / "manifest.parquet").is_file():
+        store, rows, what = ImageStore.open(noto_dir), None, f"{PAIRED_DATASET} (all splits)"
+    else:
+        store = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
+        rows, what = store.rows("val"), f"{params.data.generator_dataset} val split (fallback: no {PAIRED_DATASET})"
+        log.warning("paired corpus: %s is unavailable, aligning on %s", PAIRED_DATASET, what)
+    rows = store.rows() if rows is None else rows
+    captions = store.read_captions().loc[rows]
+    named = [int(r) for r, c in captions.items() if isinstance(c, str) and c.strip()]
+    return store[named], [captions[r] for r in named], what
+
+
+def encoder_stage(params: Params) -> None:
+    cfg = params.encoder
+    with stage_run("encoder", {"encoder": to_plain(cfg)}, params.tracking.experiment,
+                   params.tracking.tracking_uri) as run:
+        with atomic_dir(paths.ENCODER) as out:
+            if cfg.kind == EncoderKind.open_clip:
+                write_json(out / "encoder.json", {"kind": cfg.kind.value, "model_name": cfg.model_name,
+                                                  "pretrained": cfg.pretrained})
+                write_json(paths.ENCODER_METRICS, {"kind": cfg.kind.value, "trained": False})
+                log.info("pretrained open_clip %s/%s selected: nothing to train", cfg.model_name, cfg.pretrained)
+                return
+            images, names, corpus = paired_corpus(params)
+            run.tags({"alignment.corpus": corpus})
+            log.info("aligning on %d pairs from %s", len(images), corpus)
+
+            def on_log(step: int, metrics: dict) -> None:
+                if step % LOG_EVERY == 0 or step == cfg.alignment.steps:
+                    run.metrics({f"align.{k}": v for k, v in metrics.items()}, step=step)
+
+            encoder = train_alignment(images, names, cfg, out, on_log=on_log, state_dir=paths.ENCODER_STATE)
+
+        generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
+        test_rows = generator.rows("test")
+        test_names = generator.read_captions().loc[test_rows].tolist()
+        recall = text_to_image_recall(encoder, generator[test_rows], test_names, ks=tuple(cfg.alignment.eval_ks))
+        report = {"kind": cfg.kind.value, "trained": True, "corpus": corpus, "pairs": len(images),
+                  "eval_split": f"{params.data.generator_dataset}/test", "eval_images": len(test_rows),
+                  "fingerprint": encoder.fingerprint, **recall}
+        run.metrics({k.replace("@", "_at_"): v for k, v in recall.items() if isinstance(v, (int, float))})
+        write_json(paths.ENCODER_METRICS, report)
+        log.info("text->image recall on %s test: %s", params.data.generator_dataset,
+                 {k: round(v, 3) for k, v in recall.items() if isinstance(v, float)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("encoder", encoder_stage, argv)
+
+
+if __name__ == "__main__":
+    main()
