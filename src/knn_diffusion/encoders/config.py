@@ -72,3 +72,7 @@ class EmbedConfig:
     batch_size: int = field(default=256, metadata=between(1))
     shard_size: int = field(default=4096, metadata=between(1))
     dtype: EmbeddingDtype = EmbeddingDtype.float16
+    # >0: embed shards in parallel on that many local Dask worker processes (via Prefect);
+    # dask_address: a running Dask scheduler (tcp://host:8786) instead of a LocalCluster.
+    workers: int = field(default=0, metadata=between(0, 256))
+    dask_address: str = ""

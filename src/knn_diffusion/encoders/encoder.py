@@ -39,6 +39,12 @@ def as_uint8_batch(images: Any) -> torch.Tensor:
     return images
 
 
+def _string_list(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts: expected a list of strings, got {type(texts).__name__}")
+    return list(texts)
+
+
 class Encoder(nn.Module):
     """An open_clip model + its tokenizer, with batched, normalised, no-grad encode helpers.
 
@@ -104,14 +110,12 @@ class Encoder(nn.Module):
     # ---- texts -------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts: expected a list of strings")
-        return self.tokenizer(list(texts)).to(self.device)
+        return self.tokenizer(_string_list(texts)).to(self.device)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """list of N strings -> L2-normalised float32 (N, dim)."""
-        texts = list(texts)
+        texts = _string_list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenize(texts[start:start + batch_size])

