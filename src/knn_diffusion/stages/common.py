@@ -17,6 +17,7 @@ def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None 
     parser.add_argument("overrides", nargs="*", help="ad-hoc overrides as key=value (validated)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
     try:
         params = load_params(args.params, args.overrides)
     except ConfigError as err:

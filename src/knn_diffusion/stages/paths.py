@@ -16,6 +16,7 @@ ENCODER_STATE = CHECKPOINTS / "encoder"
 
 EMBED = DATA / "embed"
 EMBED_METRICS = METRICS / "embed.json"
+EVAL_PROMPTS = EMBED / "eval_prompts.npy"  # text embeddings of the generator's held-out names
 
 
 def dataset_dir(name: str) -> Path:

@@ -1,0 +1,82 @@
+"""DVC stage ``embed``: image embeddings of every ingested dataset + text embeddings of the eval prompts.
+
+Resumable: the out is ``persist``-ed, complete shards of an interrupted run with the same encoder and
+ids are kept, and each shard is written atomically. With ``embed.workers > 0`` shards are embedded in
+parallel on a Dask cluster through Prefect (``flows/embed.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from knn_diffusion.config import Params, to_plain
+from knn_diffusion.data.store import ImageStore
+from knn_diffusion.encoders.factory import load_encoder
+from knn_diffusion.encoders.store import (begin_embedding, embed_collection, finish_embedding,
+                                          save_text_embeddings)
+from knn_diffusion.io import write_json
+from knn_diffusion.stages import paths
+from knn_diffusion.stages.common import run_stage
+from knn_diffusion.tracking import stage_run
+
+log = logging.getLogger(__name__)
+EVAL_TEMPLATE = "an emoji of {name}"
+
+
+def ingested_datasets() -> list[str]:
+    return sorted(p.name for p in paths.INGEST.iterdir() if (p / "manifest.parquet").is_file())
+
+
+def remove_stale_stores(datasets: list[str]) -> None:
+    """The out is persisted for resuming, so drop stores of datasets that are no longer ingested."""
+    if paths.EMBED.is_dir():
+        for stale in [p for p in paths.EMBED.iterdir() if p.is_dir() and p.name not in datasets]:
+            log.info("removing embeddings of dataset '%s' (no longer ingested)", stale.name)
+            shutil.rmtree(stale)
+
+
+def embed_stage(params: Params) -> None:
+    cfg = params.embed
+    with stage_run("embed", {"embed": to_plain(cfg), "encoder.kind": params.encoder.kind.value},
+                   params.tracking.experiment, params.tracking.tracking_uri) as run:
+        encoder = load_encoder(params.encoder, paths.ENCODER)
+        report: dict = {"fingerprint": encoder.fingerprint, "dim": encoder.dim, "datasets": {}}
+        remove_stale_stores(ingested_datasets())
+        for name in ingested_datasets():
+            images = ImageStore.open(paths.dataset_dir(name))
+            out = paths.embedding_dir(name)
+            start = time.perf_counter()
+            if cfg.workers > 0 or cfg.dask_address:
+                from flows.embed import embed_shards_parallel
+
+                pending = begin_embedding(out, encoder.fingerprint, encoder.dim, images.rows(), cfg.shard_size,
+                                          cfg.dtype.value, encoder.description)
+                embed_shards_parallel(to_plain(params), str(paths.ENCODER), str(images.root), str(out), pending,
+                                      cfg.workers, cfg.dask_address)
+                store = finish_embedding(out)
+            else:
+                store = embed_collection(encoder, images, images.rows(), out, cfg.shard_size, cfg.batch_size,
+                                         cfg.dtype.value)
+            seconds = time.perf_counter() - start
+            report["datasets"][name] = {"images": len(store), "seconds": round(seconds, 2),
+                                        "images_per_s": round(len(store) / max(seconds, 1e-9), 1)}
+            run.metrics({f"{name}.images": len(store), f"{name}.images_per_s": len(store) / max(seconds, 1e-9)})
+            log.info("%s: %d embeddings (d=%d) at %.0f images/s", name, len(store), store.dim,
+                     len(store) / max(seconds, 1e-9))
+
+        generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
+        test_names = generator.read_captions().loc[generator.rows("test")].dropna()
+        prompts = sorted({EVAL_TEMPLATE.format(name=n) for n in test_names if n.strip()})
+        save_text_embeddings(encoder, prompts, paths.EVAL_PROMPTS)
+        report["eval_prompts"] = len(prompts)
+        write_json(paths.EMBED_METRICS, report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("embed", embed_stage, argv)
+
+
+if __name__ == "__main__":
+    main()
