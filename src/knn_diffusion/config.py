@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between, one_of  # noqa: F401 (re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
+from knn_diffusion.retrieval.config import IndexConfig, KnnConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -89,6 +90,8 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

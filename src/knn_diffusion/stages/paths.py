@@ -18,6 +18,12 @@ EMBED = DATA / "embed"
 EMBED_METRICS = METRICS / "embed.json"
 EVAL_PROMPTS = EMBED / "eval_prompts.npy"  # text embeddings of the generator's held-out names
 
+INDEX = DATA / "index"
+INDEX_METRICS = METRICS / "index.json"
+
+KNN = DATA / "knn"
+KNN_METRICS = METRICS / "knn.json"
+
 
 def dataset_dir(name: str) -> Path:
     return INGEST / name
@@ -25,3 +31,11 @@ def dataset_dir(name: str) -> Path:
 
 def embedding_dir(name: str) -> Path:
     return EMBED / name
+
+
+def index_dir(name: str) -> Path:
+    return INDEX / name
+
+
+def neighbours_file(name: str) -> Path:
+    return KNN / f"{name}.npz"

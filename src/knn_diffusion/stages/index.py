@@ -1,0 +1,52 @@
+"""DVC stage ``index``: a tuned FAISS index per embedded dataset (the generator's, and any other for swaps).
+
+The factory is chosen by size and memory budget unless params name one; nprobe/efSearch are tuned to
+the target recall against exact search; the sidecar records factory, fingerprint, recall and device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from knn_diffusion.config import Params, flatten, to_plain
+from knn_diffusion.encoders.store import EmbeddingStore
+from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.retrieval.build import build_tuned_index
+from knn_diffusion.retrieval.search import vectors_by_id
+from knn_diffusion.stages import paths
+from knn_diffusion.stages.common import run_stage
+from knn_diffusion.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def embedded_datasets() -> list[str]:
+    return sorted(p.name for p in paths.EMBED.iterdir() if (p / "meta.json").is_file())
+
+
+def index_stage(params: Params) -> None:
+    cfg = params.index
+    with stage_run("index", {"index": to_plain(cfg)}, params.tracking.experiment,
+                   params.tracking.tracking_uri) as run:
+        report: dict = {}
+        with atomic_dir(paths.INDEX) as out:
+            for name in embedded_datasets():
+                store = EmbeddingStore.open(paths.embedding_dir(name))
+                sidecar = build_tuned_index(store.vectors(), store.ids, cfg, store.fingerprint, out / name,
+                                            get_vectors=vectors_by_id(store.ids, store.get), dataset=name)
+                report[name] = sidecar
+                numeric = {k: v for k, v in flatten(sidecar).items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                run.metrics({f"{name}.{k}".replace("@", "_at_"): v for k, v in numeric.items()})
+                run.tags({f"{name}.factory": str(sidecar.get("factory")), f"{name}.device": str(sidecar.get("device"))})
+                log.info("%s: %s over %d vectors, recall %s with %s on %s", name, sidecar.get("factory"),
+                         len(store), sidecar.get("recall"), sidecar.get("search_params"), sidecar.get("device"))
+        write_json(paths.INDEX_METRICS, report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("index", index_stage, argv)
+
+
+if __name__ == "__main__":
+    main()
