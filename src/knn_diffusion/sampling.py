@@ -21,13 +21,13 @@ from PIL import Image
 
 from knn_diffusion.io import atomic_path, write_json
 from knn_diffusion.models.conditioning import null_condition
-from knn_diffusion.models.config import ConditioningVariant, NoiseConfig, SchedulerName
+from knn_diffusion.models.config import BetaSchedule, ConditioningVariant, NoiseConfig, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
 
 
 def make_scheduler(name: SchedulerName | str, noise: NoiseConfig):
     """A diffusers sampler over the training noise schedule. Pixel-space samples are clipped to [-1, 1]."""
-    common = dict(num_train_timesteps=noise.num_train_timesteps, beta_schedule=noise.beta_schedule.value)
+    common = dict(num_train_timesteps=noise.num_train_timesteps, beta_schedule=BetaSchedule(noise.beta_schedule).value)
     name = SchedulerName(name)
     if name == SchedulerName.ddpm:
         return DDPMScheduler(**common, clip_sample=True)
@@ -183,7 +183,7 @@ def generate(model: ContinuousDenoiser, *, out_dir: str | os.PathLike, knn: Neig
             "guidance": guidance,
             "scheduler": SchedulerName(scheduler).value,
             "steps": steps,
-            "variant": trained.variant.value,
+            "variant": ConditioningVariant(trained.variant).value,
             "model_run_id": model_run_id,
             "index_fingerprint": index_fingerprint,
             "image": f"{stem}.png",

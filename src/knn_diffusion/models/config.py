@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 
 from knn_diffusion.config_fields import ConfigError, between
 
@@ -113,17 +114,25 @@ def list_presets() -> list[str]:
 
 
 def load_unet_preset(name: str, resolution: int) -> UNetConfig:
+    """A preset by name, or by the path of a JSON file of the same form (a custom architecture)."""
     files = _preset_files()
-    if name not in files:
-        raise ConfigError(f"model preset {name!r}: expected one of {list_presets()}")
-    raw = json.loads(files[name].read_text())
+    if name in files:
+        source, where = files[name], f"model_configs/unet-{name}.json"
+    elif name.endswith(".json") and Path(name).is_file():
+        source, where = Path(name), name
+    else:
+        raise ConfigError(f"model preset {name!r}: expected one of {list_presets()} or a path to a .json file")
+    try:
+        raw = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err})") from None
     known = {f.name for f in dataclasses.fields(UNetConfig)} - {"resolution"}
     unknown = sorted(set(raw) - known - {"comment"})
     if unknown:
-        raise ConfigError(f"model_configs/unet-{name}.json: unknown keys {unknown}; expected {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; expected {sorted(known)}")
     raw.pop("comment", None)
     config = UNetConfig(**raw, resolution=resolution)
-    validate_unet(config, where=f"model_configs/unet-{name}.json")
+    validate_unet(config, where=where)
     return config
 
 

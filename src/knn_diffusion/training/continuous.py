@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from knn_diffusion.config import to_plain
 from knn_diffusion.models.conditioning import drop_conditions
-from knn_diffusion.models.config import (ConditioningConfig, ConditioningVariant, DenoiserConfig, NoiseConfig,
+from knn_diffusion.models.config import (BetaSchedule, ConditioningConfig, ConditioningVariant, DenoiserConfig, NoiseConfig,
                                          load_unet_preset)
 from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.sampling import image_grid, sample
@@ -87,11 +87,12 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 def denoiser_config(cfg: ContinuousTrainConfig, resolution: int, embed_dim: int) -> DenoiserConfig:
     """The architecture this training config builds for data of the given resolution and embedding size."""
-    k = 0 if cfg.variant == ConditioningVariant.no_knn else cfg.k
+    variant = ConditioningVariant(cfg.variant)
+    k = 0 if variant == ConditioningVariant.no_knn else cfg.k
     return DenoiserConfig(
         unet=load_unet_preset(cfg.preset, resolution),
-        conditioning=ConditioningConfig(variant=cfg.variant, embed_dim=embed_dim, k=k),
-        noise=NoiseConfig(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule),
+        conditioning=ConditioningConfig(variant=variant, embed_dim=embed_dim, k=k),
+        noise=NoiseConfig(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=BetaSchedule(cfg.beta_schedule)),
     )
 
 
@@ -148,7 +149,7 @@ def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: E
         if ctx.world_size > 1:
             train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                                        beta_schedule=cfg.beta_schedule.value)
+                                        beta_schedule=BetaSchedule(cfg.beta_schedule).value)
 
         dataset = ConditionedImages(images, embeddings, self_rows, neighbours, model_config.conditioning.k)
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
