@@ -28,7 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between, one_of  # noqa: F401 (re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
+from knn_diffusion.models.config import SchedulerName
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig
+from knn_diffusion.training.config import ContinuousTrainConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -86,12 +88,29 @@ class TrackingConfig:
 
 
 @dataclass
+class SampleConfig:
+    """The ``sample`` stage: default prompts, generated once per index (the 2nd is the swapped index)."""
+
+    prompts: list[str] = field(default_factory=lambda: [
+        "an emoji of a red heart", "an emoji of a smiling cat face", "an emoji of a green apple",
+        "an emoji of a yellow star", "an emoji of a blue car", "an emoji of a pizza",
+        "an emoji of a dog face", "an emoji of a flag of Japan"])
+    indexes: list[str] = field(default_factory=lambda: ["openmoji", "noto"])
+    guidance: float = field(default=3.0, metadata=between(0, 50))
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp
+    steps: int = field(default=25, metadata=between(1, 1000))
+    seed: int = 0
+
+
+@dataclass
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -148,6 +167,13 @@ def _cross_checks(params: Params, where: str) -> None:
     if data.split.val + data.split.test >= 1:
         raise ConfigError(f"{where}: keys 'data.split.val' + 'data.split.test' = "
                           f"{data.split.val + data.split.test}: expected a sum below 1")
+    if params.train_continuous.k > params.knn.k_max:
+        raise ConfigError(f"{where}: key 'train_continuous.k' has bad value {params.train_continuous.k}: "
+                          f"expected at most knn.k_max = {params.knn.k_max}")
+    bad_splits = sorted(set(params.index.generator_splits) - {"train", "val", "test"})
+    if bad_splits or not params.index.generator_splits:
+        raise ConfigError(f"{where}: key 'index.generator_splits' has bad value {params.index.generator_splits!r}: "
+                          "expected a non-empty subset of ['train', 'val', 'test']")
     for name, ds in data.datasets.items():
         if ds.source in (Source.folder, Source.webdataset) and not ds.path:
             raise ConfigError(f"{where}: key 'data.datasets.{name}.path' is empty: source "

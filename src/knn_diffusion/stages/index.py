@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from knn_diffusion.config import Params, flatten, to_plain
+from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
@@ -32,15 +35,22 @@ def index_stage(params: Params) -> None:
         with atomic_dir(paths.INDEX) as out:
             for name in embedded_datasets():
                 store = EmbeddingStore.open(paths.embedding_dir(name))
-                sidecar = build_tuned_index(store.vectors(), store.ids, cfg, store.fingerprint, out / name,
-                                            get_vectors=vectors_by_id(store.ids, store.get), dataset=name)
+                positions = np.arange(len(store))
+                if name == params.data.generator_dataset:
+                    images = ImageStore.open(paths.dataset_dir(name))
+                    keep = np.concatenate([images.rows(split) for split in cfg.generator_splits])
+                    positions = np.flatnonzero(np.isin(store.ids, keep))
+                sidecar = build_tuned_index(store.vectors()[positions], store.ids[positions], cfg, store.fingerprint,
+                                            out / name, get_vectors=vectors_by_id(store.ids, store.get),
+                                            dataset=name, splits=cfg.generator_splits
+                                            if name == params.data.generator_dataset else "all")
                 report[name] = sidecar
                 numeric = {k: v for k, v in flatten(sidecar).items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 run.metrics({f"{name}.{k}".replace("@", "_at_"): v for k, v in numeric.items()})
                 run.tags({f"{name}.factory": str(sidecar.get("factory")), f"{name}.device": str(sidecar.get("device"))})
                 log.info("%s: %s over %d vectors, recall %s with %s on %s", name, sidecar.get("factory"),
-                         len(store), sidecar.get("recall"), sidecar.get("search_params"), sidecar.get("device"))
+                         len(positions), sidecar.get("recall"), sidecar.get("search_params"), sidecar.get("device"))
         write_json(paths.INDEX_METRICS, report)
 
 

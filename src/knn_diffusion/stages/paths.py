@@ -24,6 +24,13 @@ INDEX_METRICS = METRICS / "index.json"
 KNN = DATA / "knn"
 KNN_METRICS = METRICS / "knn.json"
 
+CONTINUOUS_MODEL = Path("models") / "continuous"
+CONTINUOUS_STATE = CHECKPOINTS / "train_continuous"
+CONTINUOUS_METRICS = METRICS / "train_continuous.json"
+
+SAMPLES = Path("outputs") / "samples"
+SAMPLE_METRICS = METRICS / "sample.json"
+
 
 def dataset_dir(name: str) -> Path:
     return INGEST / name

@@ -51,4 +51,6 @@ class ContinuousTrainConfig:
     log_every: int = field(default=10, metadata=between(1))
     sample_every: int = field(default=400, metadata=between(0))  # 0: only at the end
     num_workers: int = field(default=0, metadata=between(0, 64))
+    # >1: the stage relaunches itself under torchrun with this many processes (DDP; gloo on CPU).
+    nproc_per_node: int = field(default=1, metadata=between(1, 64))
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)

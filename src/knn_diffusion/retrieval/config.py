@@ -1,0 +1,59 @@
+"""Params sections for the ``index`` and ``knn`` stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from knn_diffusion.config_fields import between
+
+
+class GpuUse(str, Enum):
+    auto = "auto"      # use a GPU when faiss was built with GPU support and one is visible
+    never = "never"
+    always = "always"  # fail if no GPU can be used
+
+
+class Scorer(str, Enum):
+    auto = "auto"                        # laion_aesthetic when ``weights`` is set, else colourfulness
+    colourfulness = "colourfulness"      # Hasler & Suesstrunk (2003) image statistic, needs no weights
+    laion_aesthetic = "laion_aesthetic"  # linear head on CLIP image embeddings, needs ``weights``
+
+
+@dataclass
+class ScoreFilterConfig:
+    """Restrict retrieval to images whose score quantile lies in [low, high); high=1 keeps the top."""
+
+    scorer: Scorer = Scorer.auto
+    weights: str = ""  # .safetensors / .npz / .pth holding ``weight`` (1, d) and ``bias`` (1,)
+    low: float = field(default=0.0, metadata=between(0, 1))
+    high: float = field(default=1.0, metadata=between(0, 1))
+
+
+@dataclass
+class IndexConfig:
+    # 'auto' picks by collection size and budget (see index.choose_factory); or any faiss factory string.
+    factory: str = "auto"
+    bytes_per_vector: int = field(default=256, metadata=between(8, 8192))  # code bytes, ids excluded
+    train_size: int = field(default=100_000, metadata=between(1_000))
+    add_batch: int = field(default=65_536, metadata=between(1))
+    target_recall: float = field(default=0.95, metadata=between(0, 1, high_open=False))
+    tune_k: int = field(default=10, metadata=between(1, 1000))
+    tune_queries: int = field(default=1_000, metadata=between(10))
+    # Candidates per result re-scored exactly against the stored (memory-mapped) embeddings; 1 = off.
+    rerank_factor: int = field(default=10, metadata=between(1, 1000))
+    use_gpu: GpuUse = GpuUse.auto
+    # Index-size ablation: build over this deterministic fraction of the images (paper: .1 .3 .5 .7 1).
+    subset_fraction: float = field(default=1.0, metadata=between(0, 1, low_open=True))
+    seed: int = 0
+    # Splits of the generator dataset that go into its index (keeps val/test images out of training
+    # neighbours and out of retrieval during evaluation); other datasets are indexed whole.
+    generator_splits: list[str] = field(default_factory=lambda: ["train"])
+    score_filter: ScoreFilterConfig = field(default_factory=ScoreFilterConfig)
+
+
+@dataclass
+class KnnConfig:
+    # Neighbours precomputed per training image; the k sweep reads the first k <= k_max columns.
+    k_max: int = field(default=20, metadata=between(1, 1000))
+    batch_size: int = field(default=1_024, metadata=between(1))
