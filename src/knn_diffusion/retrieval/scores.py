@@ -1,0 +1,127 @@
+"""Per-image scores and the quantile-range filter (the paper's aesthetic-quantile experiment).
+
+Scorers:
+
+* ``colourfulness`` - Hasler & Suesstrunk (2003), "Measuring colourfulness in natural images":
+  with rg = R - G and yb = (R + G) / 2 - B over an image's pixels (0-255),
+  M = sqrt(std(rg)^2 + std(yb)^2) + 0.3 * sqrt(mean(rg)^2 + mean(yb)^2). Grey images score 0;
+  the authors' "extremely colourful" starts near 109. Needs no weights, so it is the default.
+* ``laion_aesthetic`` - a linear head (weight (1, d), bias (1,)) on L2-normalised CLIP image
+  embeddings, the form of LAION's aesthetic predictor v1; used when its weights file is supplied.
+
+Retrieval is restricted with a faiss id selector, so searches still return k results from the
+allowed images (``Searcher`` widens the search when a filtered query comes back short). Selectors
+work with the index types ``choose_factory`` produces (Flat via IndexIDMap, IVF with flat or HNSW
+coarse quantizer, fast-scan PQ) and with OPQ pre-transforms and plain HNSW (tests cover Flat and
+IVF); faiss GPU indexes do not support them, but saved indexes are always CPU indexes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from knn_diffusion.retrieval.config import ScoreFilterConfig, Scorer
+
+
+def colourfulness(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3|4) uint8 RGB(A) -> (N,) float32 Hasler-Suesstrunk colourfulness."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"colourfulness: expected (N, H, W, 3) images, got shape {images.shape}")
+    rgb = images[..., :3].astype(np.float32).reshape(len(images), -1, 3)  # (N, H*W, 3)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    spread = np.sqrt(rg.std(axis=1) ** 2 + yb.std(axis=1) ** 2)
+    mean = np.sqrt(rg.mean(axis=1) ** 2 + yb.mean(axis=1) ** 2)
+    return (spread + 0.3 * mean).astype(np.float32)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
+
+
+def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Arrays from .safetensors / .npz / .pth|.pt without unpickling arbitrary objects."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        return load_file(str(path))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: value.float().numpy() for key, value in state.items()}
+
+
+class LinearAestheticHead:
+    """score = normalise(embedding) @ weight.T + bias."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray):
+        self.weight = np.asarray(weight, np.float32).reshape(-1)  # (d,)
+        self.bias = float(np.asarray(bias, np.float32).reshape(-1)[0])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> "LinearAestheticHead":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: aesthetic head weights not found")
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected one of "
+                             f"{WEIGHT_SUFFIXES}")
+        try:
+            tensors = _load_tensors(path)
+        except Exception as err:  # unreadable, or not the format its suffix says
+            raise ValueError(f"{path}: cannot read weights ({str(err).splitlines()[0]})") from None
+        weights = [k for k in tensors if k.endswith("weight")]
+        biases = [k for k in tensors if k.endswith("bias")]
+        if len(weights) != 1 or len(biases) != 1:
+            raise ValueError(f"{path}: expected one 'weight' (1, d) and one 'bias' (1,) tensor, "
+                             f"found keys {sorted(tensors)}")
+        weight, bias = tensors[weights[0]], tensors[biases[0]]
+        if weight.ndim != 2 or weight.shape[0] != 1 or bias.size != 1:
+            raise ValueError(f"{path}: weight has shape {weight.shape} and bias {bias.shape}; a linear "
+                             "head needs (1, d) and (1,)")
+        if expected_dim is not None and weight.shape[1] != expected_dim:
+            raise ValueError(f"{path}: head takes {weight.shape[1]}-d embeddings, the encoder gives "
+                             f"{expected_dim}-d")
+        return cls(weight, bias)
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        embeddings = np.asarray(embeddings, np.float32)
+        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        return (unit @ self.weight + self.bias).astype(np.float32)
+
+
+def resolve_scorer(config: ScoreFilterConfig) -> Scorer:
+    """``auto`` means the aesthetic head when its weights are given, else colourfulness."""
+    if config.scorer is Scorer.auto:
+        return Scorer.laion_aesthetic if config.weights else Scorer.colourfulness
+    if config.scorer is Scorer.laion_aesthetic and not config.weights:
+        raise ValueError("score_filter.scorer='laion_aesthetic' needs score_filter.weights (a .pth, "
+                         ".npz or .safetensors file with the linear head)")
+    return Scorer(config.scorer)
+
+
+def quantile_ids(scores: np.ndarray, ids: np.ndarray, low_q: float, high_q: float) -> np.ndarray:
+    """Ids whose score lies in [quantile(low_q), quantile(high_q)); high_q = 1 includes the top."""
+    if not 0 <= low_q < high_q <= 1:
+        raise ValueError(f"score quantile range [{low_q}, {high_q}): expected 0 <= low < high <= 1")
+    scores, ids = np.asarray(scores), np.asarray(ids, dtype=np.int64)
+    if scores.shape != ids.shape:
+        raise ValueError(f"{scores.shape} scores for {ids.shape} ids")
+    low, high = np.quantile(scores, [low_q, high_q])
+    inside = (scores >= low) & ((scores < high) if high_q < 1 else (scores <= high))
+    if not inside.any():
+        raise ValueError(f"no image scores in the quantile range [{low_q}, {high_q}) = [{low}, {high})")
+    return ids[inside]
+
+
+def quantile_selector(scores: np.ndarray, ids: np.ndarray, low_q: float, high_q: float) -> faiss.IDSelector:
+    """A faiss selector accepting only images whose score is in the quantile range [low_q, high_q)."""
+    allowed = quantile_ids(scores, ids, low_q, high_q)
+    selector = faiss.IDSelectorBatch(allowed)
+    selector.allowed_count = len(allowed)
+    return selector
