@@ -8,7 +8,8 @@ import torch
 from safetensors.numpy import save_file
 
 from knn_diffusion.retrieval.config import ScoreFilterConfig, Scorer
-from knn_diffusion.retrieval.scores import LinearAestheticHead, colourfulness, resolve_scorer
+from knn_diffusion.retrieval.scores import (LinearAestheticHead, colourfulness, filter_active, image_scores,
+                                            resolve_scorer)
 from knn_diffusion.retrieval.subsets import subset_mask
 
 FRACTIONS = [0.1, 0.3, 0.5, 0.7, 1.0]  # the paper's index-size ablation
@@ -90,3 +91,17 @@ def test_scorer_default_depends_on_weights():
     assert resolve_scorer(ScoreFilterConfig(weights="head.pth")) is Scorer.laion_aesthetic
     with pytest.raises(ValueError, match="needs score_filter.weights"):
         resolve_scorer(ScoreFilterConfig(scorer=Scorer.laion_aesthetic))
+
+
+def test_image_scores_use_the_resolved_scorer(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    by_colour = image_scores(ScoreFilterConfig(), image_batches=[images[:4], images[4:]])
+    np.testing.assert_allclose(by_colour, colourfulness(images))
+    head = tmp_path / "head.npz"
+    np.savez(head, weight=np.ones((1, 4), np.float32), bias=np.zeros(1, np.float32))
+    embeddings = np.eye(6, 4, dtype=np.float32) + 0.1
+    aesthetic = image_scores(ScoreFilterConfig(weights=str(head)), embeddings=embeddings)
+    np.testing.assert_allclose(aesthetic, LinearAestheticHead.load(head)(embeddings))
+    with pytest.raises(ValueError, match="needs the images' CLIP embeddings"):
+        image_scores(ScoreFilterConfig(weights=str(head)), image_batches=[images])
+    assert not filter_active(ScoreFilterConfig()) and filter_active(ScoreFilterConfig(low=0.8))

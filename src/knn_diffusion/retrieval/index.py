@@ -51,9 +51,7 @@ def choose_factory(n: int, d: int, bytes_per_vector: int = 256) -> str:
     nlist = 2 ** round(math.log2(math.sqrt(n)))
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_MIN_LISTS else f"IVF{nlist}"
     # Fast-scan PQ: M sub-quantizers of 4 bits each -> M / 2 bytes; M must divide d.
-    max_m = min(d, 2 * bytes_per_vector)
-    m = max(divisor for divisor in range(1, max_m + 1) if d % divisor == 0 and divisor % 2 == 0) \
-        if d % 2 == 0 else 1
+    m = max(m for m in range(1, min(d, 2 * bytes_per_vector) + 1) if d % m == 0)
     return f"{coarse},PQ{m}x4fs"
 
 

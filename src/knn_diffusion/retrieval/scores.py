@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -103,6 +104,27 @@ def resolve_scorer(config: ScoreFilterConfig) -> Scorer:
         raise ValueError("score_filter.scorer='laion_aesthetic' needs score_filter.weights (a .pth, "
                          ".npz or .safetensors file with the linear head)")
     return Scorer(config.scorer)
+
+
+def filter_active(config: ScoreFilterConfig) -> bool:
+    return config.low > 0 or config.high < 1
+
+
+def image_scores(config: ScoreFilterConfig, *, embeddings: np.ndarray | None = None,
+                 image_batches: Iterable[np.ndarray] | None = None) -> np.ndarray:
+    """(N,) float32 score column for the images, by the configured scorer.
+
+    ``embeddings`` (N, d) feed the aesthetic head; ``image_batches`` (uint8 (n, H, W, 3) batches, in
+    the same image order) feed colourfulness. Pass what the resolved scorer needs.
+    """
+    scorer = resolve_scorer(config)
+    if scorer is Scorer.laion_aesthetic:
+        if embeddings is None:
+            raise ValueError("the laion_aesthetic scorer needs the images' CLIP embeddings")
+        return LinearAestheticHead.load(config.weights, expected_dim=embeddings.shape[1])(embeddings)
+    if image_batches is None:
+        raise ValueError("the colourfulness scorer needs the images (uint8 batches)")
+    return np.concatenate([colourfulness(batch) for batch in image_batches])
 
 
 def quantile_ids(scores: np.ndarray, ids: np.ndarray, low_q: float, high_q: float) -> np.ndarray:
