@@ -78,6 +78,15 @@ def test_tuning_reaches_target_with_smallest_nprobe(data, ivf):
     assert recall_at_k(plain.search(queries, 10).ids, truth, 10) < recall
 
 
+def test_tuning_lowers_hnsw_quantizer_ef(data):
+    vectors, ids, queries, truth = data
+    index, _ = build_index(vectors, ids, "IVF64_HNSW16,PQ32x4fs", train_size=4_000, progress=False)
+    searcher = Searcher(index, get_vectors=vectors_by_id(ids, vectors), rerank_factor=8)
+    params, recall = tune_search_params(searcher, queries, truth, k=10, target_recall=0.95)
+    assert recall >= 0.95 and params["nprobe"] <= params["quantizer_efSearch"] < 64
+    assert searcher.search_params == params and 1 <= searcher.rerank_factor <= 8
+
+
 def test_save_load_roundtrip_identical(tmp_path, data, ivf):
     vectors, ids, queries, _ = data
     index, info = ivf

@@ -23,12 +23,14 @@ def data():
     return vectors, ids, queries, scores
 
 
-@pytest.fixture(scope="module", params=["Flat", "IVF32,PQ32x4fs"])
+@pytest.fixture(scope="module", params=["Flat", "IVF32,PQ32x4fs", "OPQ16_32,IVF32_HNSW16,PQ32x4fs"])
 def searcher(request, data):
     vectors, ids, _, _ = data
     index, _ = build_index(vectors, ids, request.param, train_size=3_000, progress=False)
     rerank = 1 if request.param == "Flat" else 10
-    return Searcher(index, {} if request.param == "Flat" else {"nprobe": 4},
+    params = {"Flat": {}, "IVF32,PQ32x4fs": {"nprobe": 4}}.get(request.param,
+                                                               {"nprobe": 4, "quantizer_efSearch": 16})
+    return Searcher(index, params,
                     get_vectors=vectors_by_id(ids, vectors), rerank_factor=rerank)
 
 
