@@ -13,7 +13,8 @@ Retrieval is restricted with a faiss id selector, so searches still return k res
 allowed images (``Searcher`` widens the search when a filtered query comes back short). Selectors
 work with the index types ``choose_factory`` produces (Flat via IndexIDMap, IVF with flat or HNSW
 coarse quantizer, fast-scan PQ) and with OPQ pre-transforms and plain HNSW (tests cover Flat,
-IVF); faiss GPU indexes do not support them, but saved indexes are always CPU indexes.
+IVF, and OPQ + IVF with an HNSW quantizer); faiss GPU indexes do not support them, but saved
+indexes are always CPU indexes.
 """
 
 from __future__ import annotations
