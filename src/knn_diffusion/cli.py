@@ -1,4 +1,4 @@
-"""``knn-diffusion`` command line: params presets and validation (generation mounts here too)."""
+"""``knn-diffusion`` command line: params validation and presets, and ``generate``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,35 @@ def _params_command(args: argparse.Namespace) -> None:
         print(f"{args.params}: valid")
 
 
+def _generate_command(args: argparse.Namespace) -> None:
+    """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
+    from knn_diffusion.sampling import load_image_embeddings
+    from knn_diffusion.stages import paths
+    from knn_diffusion.stages.sample import generate_images
+
+    params = load_params(args.params, args.set or [])
+    embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
+    if not args.prompts and embeddings is None:
+        raise ConfigError("generate: give at least one prompt or --image-embedding-from FILE")
+    checkpoint = args.checkpoint or str(paths.CONTINUOUS_MODEL)
+    if args.variant:
+        from knn_diffusion.training.checkpoint import read_checkpoint_config
+
+        trained = read_checkpoint_config(checkpoint)["model"]["conditioning"]["variant"]
+        if trained != args.variant:
+            raise ConfigError(f"--variant {args.variant}: the model at {checkpoint} was trained with variant "
+                              f"'{trained}'; pass --checkpoint of a {args.variant} run (e.g. after "
+                              f"`dvc exp apply <exp>` of a sweep over train_continuous.variant)")
+    records = generate_images(params, args.prompts or None, args.out, index=args.index, checkpoint=checkpoint,
+                              image_embeddings=embeddings, image_embedding_source=args.image_embedding_from or "",
+                              k=args.k, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
+                              seed=args.seed, batch_size=args.batch_size)
+    for record in records:
+        print(f"{args.out}/{record['image']}  k={record['k']}  top neighbour score "
+              f"{record['neighbour_scores'][0] if record['neighbour_scores'] else '-'}")
+    print(f"{args.out}/grid.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knn-diffusion")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the validated params with defaults filled in")
     p.add_argument("overrides", nargs="*", help="key=value overrides to validate")
     p.set_defaults(handler=_params_command)
+
+    from knn_diffusion.sampling import add_generate_arguments
+
+    g = commands.add_parser("generate", help="text -> kNN -> guided sampling with the trained model")
+    add_generate_arguments(g)
+    g.add_argument("--params", default="params.yaml")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="params override (repeatable)")
+    g.set_defaults(handler=_generate_command)
     return parser
 
 

@@ -83,8 +83,26 @@ class ImageStore:
             raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
         return self.manifest.loc[self.manifest["split"] == split, "row"].to_numpy(np.int64)
 
+    def subset(self, rows: np.ndarray) -> "RowSubset":
+        """A view whose item i is row ``rows[i]`` (e.g. the train split, for a torch Dataset)."""
+        return RowSubset(self, np.asarray(rows, dtype=np.int64))
+
     def read_captions(self) -> pd.Series:
         """Names/captions by row. Only encoder alignment and evaluation may call this."""
         captions = pd.read_parquet(self.root / "captions.parquet")
         by_id = dict(zip(captions["id"], captions["caption"]))
         return pd.Series([by_id.get(i) for i in self.manifest["id"]], index=self.manifest["row"], dtype=object)
+
+
+@dataclass
+class RowSubset:
+    """Indexable like an ImageStore, over a selection of its rows."""
+
+    store: ImageStore
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.store[self.rows[index]]

@@ -77,7 +77,7 @@ def train_stage(params: Params) -> None:
     conditions, prompts = eval_conditions(params, store, cfg.k)
 
     def train(on_log=None, on_images=None):
-        return train_continuous(cfg, images, store, self_positions, neighbour_positions, paths.CONTINUOUS_STATE,
+        return train_continuous(cfg, images.subset(train_rows), store, self_positions, neighbour_positions, paths.CONTINUOUS_STATE,
                                 on_log=on_log, on_images=on_images, eval_conditions=conditions)
 
     if not is_main:
