@@ -2,22 +2,28 @@
 
 The factory is chosen by size and memory budget unless params name one; nprobe/efSearch are tuned to
 the target recall against exact search; the sidecar records factory, fingerprint, recall and device.
+Beside each index, ``scores.npz`` holds a per-image score column (colourfulness, or the LAION aesthetic
+head when its weights are given) for the score-quantile filter.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from knn_diffusion.config import Params, flatten, to_plain
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import EmbeddingStore
-from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.io import atomic_dir, atomic_path, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
+from knn_diffusion.retrieval.config import IndexConfig, Scorer
+from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
+from knn_diffusion.stages.train_continuous import positions_of
 from knn_diffusion.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -25,6 +31,21 @@ log = logging.getLogger(__name__)
 
 def embedded_datasets() -> list[str]:
     return sorted(p.name for p in paths.EMBED.iterdir() if (p / "meta.json").is_file())
+
+
+def write_score_column(cfg: IndexConfig, store: EmbeddingStore, ids: np.ndarray, index_dir: Path) -> None:
+    """Per-image scores beside the index, for the quantile filter at retrieval time (paper Fig. 7-8)."""
+    scorer = resolve_scorer(cfg.score_filter)
+    embeddings, batches = None, None
+    if scorer == Scorer.laion_aesthetic:
+        embeddings = store.get(positions_of(store, ids))
+    else:
+        images = ImageStore.open(paths.dataset_dir(index_dir.name))
+        batches = (images[ids[i:i + 1024]] for i in range(0, len(ids), 1024))
+    scores = image_scores(cfg.score_filter, embeddings=embeddings, image_batches=batches)
+    with atomic_path(index_dir / paths.SCORES_FILE) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, scores=scores, scorer=np.array(scorer.value))
 
 
 def index_stage(params: Params) -> None:
@@ -45,6 +66,7 @@ def index_stage(params: Params) -> None:
                                             dataset=name, splits=cfg.generator_splits
                                             if name == params.data.generator_dataset else "all")
                 report[name] = sidecar
+                write_score_column(cfg, store, store.ids[positions], out / name)
                 numeric = {k: v for k, v in flatten(sidecar).items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 run.metrics({f"{name}.{k}".replace("@", "_at_"): v for k, v in numeric.items()})

@@ -17,7 +17,9 @@ from knn_diffusion.config import Params, to_plain
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, read_json, write_json
+from knn_diffusion.retrieval.config import ScoreFilterConfig
 from knn_diffusion.retrieval.index import read_sidecar
+from knn_diffusion.retrieval.scores import filter_active, quantile_selector
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.sampling import generate
 from knn_diffusion.stages import paths
@@ -28,10 +30,20 @@ from knn_diffusion.training.checkpoint import load_denoiser
 log = logging.getLogger(__name__)
 
 
-def neighbour_search(index: str | Path, fingerprint: str, dim: int):
+def score_selector(index_dir: Path, score_filter: ScoreFilterConfig):
+    """A faiss selector for the configured score-quantile range, or None when the filter is off."""
+    if not filter_active(score_filter):
+        return None
+    column = np.load(index_dir / paths.SCORES_FILE)
+    log.info("retrieval restricted to %s quantiles [%s, %s)", column["scorer"], score_filter.low, score_filter.high)
+    return quantile_selector(column["scores"], column["ids"], score_filter.low, score_filter.high)
+
+
+def neighbour_search(index: str | Path, fingerprint: str, dim: int, score_filter: ScoreFilterConfig | None = None):
     """A ``knn(query, k) -> (ids, scores, vectors)`` over an index directory or a dataset name.
 
-    Neighbour embeddings are gathered from the embedding store of the dataset the index was built on.
+    Neighbour embeddings are gathered from the embedding store of the dataset the index was built on;
+    with an active ``score_filter`` only images in its score-quantile range are retrieved (still k).
     """
     index_dir = Path(index) if Path(index).is_dir() else paths.index_dir(str(index))
     if not index_dir.is_dir():
@@ -40,9 +52,10 @@ def neighbour_search(index: str | Path, fingerprint: str, dim: int):
     dataset = sidecar.get("dataset", index_dir.name)
     store = EmbeddingStore.open(paths.embedding_dir(dataset))
     searcher = Searcher.open(index_dir, fingerprint, dim, get_vectors=vectors_by_id(store.ids, store.get))
+    selector = score_selector(index_dir, score_filter) if score_filter is not None else None
 
     def knn(queries: np.ndarray, k: int):
-        found = searcher.search(queries, k, return_vectors=True)
+        found = searcher.search(queries, k, selector=selector, return_vectors=True)
         return found.ids, found.scores, found.vectors
 
     return knn, sidecar
@@ -55,7 +68,8 @@ def generate_images(params: Params, prompts: Sequence[str] | None, out_dir: str 
     s = params.sample
     model = load_denoiser(checkpoint or paths.CONTINUOUS_MODEL)
     encoder = load_encoder(params.encoder, paths.ENCODER)
-    knn, sidecar = neighbour_search(index or params.data.generator_dataset, encoder.fingerprint, encoder.dim)
+    knn, sidecar = neighbour_search(index or params.data.generator_dataset, encoder.fingerprint, encoder.dim,
+                                    params.index.score_filter)
     run_id = ""
     if paths.CONTINUOUS_METRICS.is_file():
         run_id = read_json(paths.CONTINUOUS_METRICS).get("mlflow_run_id", "")
