@@ -1,0 +1,93 @@
+"""Every stage, in DAG order, on a few dozen real glyphs with tiny models (the demo in miniature)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from knn_diffusion.stages import embed, encoder, index, ingest, knn, paths, sample, train_continuous
+from knn_diffusion.cli import main as cli_main
+
+TINY = {
+    "data": {"datasets": {"openmoji": {"source": "openmoji", "limit": 120},
+                          "noto": {"source": "noto", "limit": 60, "optional": True}}},
+    "encoder": {"vision": {"width": 32, "layers": 1, "head_width": 16, "embed_dim": 32},
+                "alignment": {"steps": 6, "batch_size": 16, "warmup": 1, "checkpoint_every": 3}},
+    "embed": {"shard_size": 50},
+    "index": {"tune_queries": 20},
+    "knn": {"k_max": 4},
+    "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 3, "warmup_steps": 1, "checkpoint_every": 2,
+                         "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
+    "sample": {"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2},
+    "tracking": {"experiment": "end-to-end"},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """Run all stages once in a scratch directory; tests below inspect the outputs."""
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (ingest, encoder, embed, index, knn, train_continuous, sample):
+            stage.main([])
+        yield root
+
+
+def _runs():
+    runs = mlflow.search_runs(experiment_names=["end-to-end"], output_format="list")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_every_stage_logged_one_finished_run(pipeline_dir):
+    runs = _runs()
+    assert set(runs) == {"ingest", "encoder", "embed", "index", "knn", "train_continuous", "sample"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["train_continuous"].data.metrics["loss"] > 0
+
+
+def test_neighbour_table_has_no_self_or_duplicates(pipeline_dir):
+    report = json.loads((pipeline_dir / paths.KNN_METRICS).read_text())
+    assert report["self_matches"] == 0 and report["duplicate_ids"] == 0 and report["same_content_hash"] == 0
+    table = np.load(pipeline_dir / paths.neighbours_file("openmoji"))
+    assert table["ids"].shape == (len(table["rows"]), 4)
+    assert (table["ids"] != table["rows"][:, None]).all()
+
+
+def test_samples_for_own_and_swapped_index(pipeline_dir):
+    for name in ("openmoji", "noto"):
+        folder = pipeline_dir / paths.SAMPLES / name
+        sidecars = sorted(folder.glob("0*.json"))
+        assert len(sidecars) == 2 and (folder / "grid.png").is_file()
+        record = json.loads(sidecars[0].read_text())
+        assert record["k"] == 3 and len(record["neighbour_ids"]) == 3
+    noto_ids = json.loads(sorted((pipeline_dir / paths.SAMPLES / "noto").glob("0*.json"))[0].read_text())
+    noto_index_ids = np.load(pipeline_dir / paths.index_dir("noto") / paths.SCORES_FILE)["ids"]
+    assert set(noto_ids["neighbour_ids"]) <= set(noto_index_ids.tolist())
+
+
+def test_generate_cli_with_index_swap_and_score_filter(pipeline_dir, monkeypatch):
+    monkeypatch.chdir(pipeline_dir)
+    out = pipeline_dir / "gen"
+    cli_main(["generate", "an emoji of a dog", "--index", "noto", "--steps", "2", "--k", "2", "--out", str(out),
+              "--set", "index.score_filter.low=0.5"])
+    record = json.loads(next(out.glob("0000-*.json")).read_text())
+    column = np.load(pipeline_dir / paths.index_dir("noto") / paths.SCORES_FILE)
+    threshold = np.quantile(column["scores"], 0.5)
+    by_id = dict(zip(column["ids"].tolist(), column["scores"].tolist()))
+    assert len(record["neighbour_ids"]) == 2
+    assert all(by_id[i] >= threshold for i in record["neighbour_ids"])
+
+
+def test_embed_refuses_a_different_encoder(pipeline_dir, monkeypatch):
+    from knn_diffusion.encoders.store import EmbeddingStore
+
+    monkeypatch.chdir(pipeline_dir)
+    store = EmbeddingStore.open(paths.embedding_dir("openmoji"))
+    with pytest.raises(ValueError, match=store.fingerprint[:12]):
+        store.check_compatible("0" * 64, store.dim)
