@@ -1,0 +1,192 @@
+"""Throughput of the continuous model: training steps/s, sampling images/s, data-loader overhead.
+
+For each preset: (1) training steps on one fixed in-memory batch, (2) the same steps fed by the real
+loader (``ConditionedImages`` over memory-mapped .npy images and embeddings), in the same process, and
+(3) guided sampling (cond + null in one batched forward). The loader overhead is (2)/(1) - 1.
+Each timing repeats until ``--min-seconds`` after warm-up steps. Prints a table, optionally writes JSON
+and appends the table to docs/benchmarks.md.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_continuous.py --presets tiny --append-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+
+from knn_diffusion.io import atomic_path
+from knn_diffusion.sampling import sample
+from knn_diffusion.training.config import ContinuousTrainConfig, Precision
+from knn_diffusion.training.continuous import autocast_dtype, denoiser_config, diffusion_loss, step_generator
+from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
+from knn_diffusion.models.unet import ContinuousDenoiser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MemmapEmbeddings:
+    def __init__(self, path: Path):
+        self.array = np.load(path, mmap_mode="r")
+
+    def get(self, positions) -> np.ndarray:
+        return np.asarray(self.array[np.asarray(positions)], dtype=np.float32)
+
+
+def synthetic_store(folder: Path, count: int, side: int, dim: int, k: int):
+    """Memory-mapped images + embeddings + a neighbour table, like the ingest/embed/knn stages write."""
+    rng = np.random.default_rng(0)
+    np.save(folder / "images.npy", rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8))
+    vectors = rng.normal(size=(count, dim)).astype(np.float32)
+    np.save(folder / "embeddings.npy", vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    neighbours = (np.arange(count)[:, None] + rng.integers(1, count, (count, k))) % count
+    return np.load(folder / "images.npy", mmap_mode="r"), MemmapEmbeddings(folder / "embeddings.npy"), neighbours
+
+
+def timed(run_step, warmup: int, min_seconds: float, min_steps: int, device: torch.device) -> float:
+    """Seconds per call of ``run_step(i)``, after ``warmup`` calls, over at least min_seconds/min_steps."""
+    for i in range(warmup):
+        run_step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, calls = time.perf_counter(), 0
+    while calls < min_steps or time.perf_counter() - start < min_seconds:
+        run_step(warmup + calls)
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+def bench_preset(preset: str, args, device: torch.device, store) -> dict:
+    images, embeddings, neighbours = store
+    cfg = ContinuousTrainConfig(preset=preset, k=args.k, batch_size=args.batch_size,
+                                precision=Precision(args.precision))
+    amp = autocast_dtype(cfg.precision, device)
+    torch.manual_seed(0)
+    config = denoiser_config(cfg, args.resolution, args.dim)
+    model = ContinuousDenoiser(config).to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10**6)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule.value)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    def train_step(step: int, batch_images: torch.Tensor, batch_cond: torch.Tensor) -> None:
+        loss = diffusion_loss(model, noise_scheduler, batch_images.to(device, non_blocking=True),
+                              batch_cond.to(device, non_blocking=True), step_generator(0, 0, step),
+                              cfg.cond_dropout, False, amp)
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_scheduler.step()
+
+    dataset = ConditionedImages(images, embeddings, np.arange(len(images)), neighbours, config.conditioning.k)
+    fixed_images, fixed_cond = dataset.__getitems__(list(range(args.batch_size)))
+    fixed_images, fixed_cond = fixed_images.to(device), fixed_cond.to(device)
+    fixed = timed(lambda i: train_step(i, fixed_images, fixed_cond), args.warmup, args.min_seconds,
+                  args.min_steps, device)
+
+    loader = iter(make_loader(dataset, StepBatchSampler(len(dataset), args.batch_size, 0, 0, 10**9),
+                              args.num_workers, pin_memory=device.type == "cuda"))
+    loaded = timed(lambda i: train_step(i, *next(loader)), args.warmup, args.min_seconds, args.min_steps, device)
+
+    model.eval()
+    cond = fixed_cond[:args.sample_batch]
+    per_batch = timed(lambda i: sample(model, cond, guidance=3.0, scheduler=args.scheduler, steps=args.sample_steps,
+                                       seed=i, autocast_dtype=amp), 1, args.min_seconds, 1, device)
+    return {
+        "preset": preset, "params_M": round(params / 1e6, 2), "resolution": args.resolution,
+        "batch_size": args.batch_size, "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+        "train_steps_per_s": round(1 / fixed, 3), "train_images_per_s": round(args.batch_size / fixed, 1),
+        "loader_steps_per_s": round(1 / loaded, 3), "loader_overhead_pct": round(100 * (loaded / fixed - 1), 1),
+        "sample_batch": len(cond), "sample_scheduler": args.scheduler, "sample_steps": args.sample_steps,
+        "sample_images_per_s": round(len(cond) / per_batch, 3), "sample_s_per_batch": round(per_batch, 2),
+    }
+
+
+COLUMNS = ["preset", "params_M", "resolution", "batch_size", "precision", "train_steps_per_s", "train_images_per_s",
+           "loader_steps_per_s", "loader_overhead_pct", "sample_batch", "sample_steps", "sample_images_per_s",
+           "sample_s_per_batch"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_docs(rows: list[dict], command: str, device: str) -> None:
+    """Append under '## Continuous model' in docs/benchmarks.md (re-read now: others append too)."""
+    path = REPO / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    entry = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} on {device}\n\n`{command}`\n\n{table(rows)}\n\n"
+             "train = steps on one fixed in-memory batch; loader = the same steps fed by the memory-mapped "
+             "loader in the same process; overhead = loader time / fixed time - 1. Sampling: "
+             "classifier-free guidance, cond + null in one batched forward.\n")
+    heading = "## Continuous model"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n"
+    start = text.index(heading) + len(heading)
+    next_section = text.find("\n## ", start)
+    insert_at = len(text) if next_section == -1 else next_section
+    text = text[:insert_at].rstrip("\n") + "\n" + entry + text[insert_at:]
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny"])
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=256, help="embedding size d")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--images", type=int, default=4096, help="images in the synthetic memory-mapped store")
+    parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--scheduler", default="dpm_solver_pp")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-steps", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=10.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--append-docs", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        store = synthetic_store(Path(folder), args.images, args.resolution, args.dim, args.k)
+        for preset in args.presets:
+            rows.append(bench_preset(preset, args, device, store))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{device_name}\n{table(rows)}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "rows": rows}, indent=2))
+    if args.append_docs:
+        append_docs(rows, "python benchmarks/bench_continuous.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                    device_name)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
