@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from glyphs import OPENMOJI_FONT, named_emoji, render
 from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
-from knn_diffusion.encoders.alignment import STATE_FILE, augment, text_to_image_recall, train_alignment
+from knn_diffusion.encoders.alignment import (STATE_FILE, augment, pooled_text_features, rows_without_names,
+                                              text_to_image_recall, train_alignment)
 from knn_diffusion.encoders.config import AlignmentConfig, EncoderConfig, EncoderKind, VisionTowerConfig
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
 
@@ -174,6 +175,20 @@ def test_minilm_text_tower_is_pretrained(tmp_path):
     encoder = build_aligned(TINY_VISION, seed=0)
     cat, smiling_cat, apple = encoder.encode_texts(["a grinning cat face", "a smiling cat", "red apple"])
     assert cat @ smiling_cat > cat @ apple
+
+
+def test_precomputed_text_features_match_the_full_text_tower():
+    """Training projects cached MiniLM features; inference runs the whole tower: same vectors."""
+    encoder = build_aligned(TINY_VISION, seed=0)
+    texts = ["an emoji of red heart", "cat", "an emoji of flag: United States Outlying Islands", "ok button"]
+    pooled = pooled_text_features(encoder, texts, batch_size=3)
+    projected = torch.nn.functional.normalize(encoder.model.text.proj(pooled), dim=-1).detach().numpy()
+    np.testing.assert_allclose(projected, encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_held_out_names_are_dropped_from_training_rows():
+    names = ["red heart", "cat", None, " cat ", "", "dog"]
+    assert rows_without_names(names, ["cat", None]).tolist() == [0, 5]
 
 
 def test_augment_keeps_white_background_and_orientation():

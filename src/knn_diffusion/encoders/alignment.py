@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -46,14 +46,23 @@ def pooled_text_features(encoder: Encoder, texts: Sequence[str], batch_size: int
     text = encoder.model.text
     if not isinstance(text, HFTextEncoder):
         raise TypeError(f"alignment needs the aligned model's HF text tower, got {type(text).__name__}")
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = encoder.tokenize(texts[start:start + batch_size])
-        mask = (tokens != text.config.pad_token_id).long()
-        used = int(mask.sum(1).max())  # drop all-padding columns: masked positions change nothing
-        tokens, mask = tokens[:, :used], mask[:, :used]
-        chunks.append(text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask))
-    return torch.cat(chunks)
+    tokens = encoder.tokenize(texts)                                                          # (T, L)
+    mask = (tokens != text.config.pad_token_id).long()
+    lengths = mask.sum(1)
+    out = torch.empty(len(texts), text.transformer.config.hidden_size)
+    # Similar lengths together, all-padding columns dropped: masked positions change nothing.
+    for chunk in torch.argsort(lengths, stable=True).split(batch_size):
+        used = int(lengths[chunk].max())
+        chunk_tokens, chunk_mask = tokens[chunk, :used], mask[chunk, :used]
+        out[chunk] = text.pooler(text.transformer(input_ids=chunk_tokens, attention_mask=chunk_mask), chunk_mask)
+    return out
+
+
+def rows_without_names(names: Sequence[str | None], held_out: Iterable[str | None]) -> np.ndarray:
+    """Positions with a name that is not held out: keeps the recall evaluation's names unseen in training."""
+    held_out = {n.strip() for n in held_out if isinstance(n, str)}
+    return np.array([i for i, n in enumerate(names) if isinstance(n, str) and n.strip()
+                     and n.strip() not in held_out], dtype=np.int64)
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, max_shift: float, min_scale: float) -> torch.Tensor:
