@@ -106,10 +106,11 @@ class EmbeddingStore:
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"{self.root}: positions must be in [0, {len(self)})")
-        shard_size = int(self.meta["shard_size"])
+        shard, offset = np.divmod(positions, int(self.meta["shard_size"]))
         out = np.empty((len(positions), self.dim), dtype=np.float32)
-        for i, position in enumerate(positions):
-            out[i] = self._emb[position // shard_size][position % shard_size]
+        for s in np.unique(shard):
+            picked = shard == s
+            out[picked] = self._emb[s][offset[picked]]
         return out
 
     def vectors(self, dtype: Any = np.float32) -> np.ndarray:
