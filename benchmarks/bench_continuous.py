@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=4096, help="images in the synthetic memory-mapped store")
     parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--scheduler", default="dpm_solver_pp")
+    parser.add_argument("--scheduler", default="dpm_solver_pp_sde")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)

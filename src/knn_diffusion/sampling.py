@@ -26,14 +26,20 @@ from knn_diffusion.models.unet import ContinuousDenoiser
 
 
 def make_scheduler(name: SchedulerName | str, noise: NoiseConfig):
-    """A diffusers sampler over the training noise schedule. Pixel-space samples are clipped to [-1, 1]."""
+    """A diffusers sampler over the training noise schedule.
+
+    Pixel space: every sampler keeps its x0 estimate in [-1, 1] (clipping; dynamic thresholding for
+    DPM-Solver++, without which the cosine schedule's near-zero alpha at t=T blows the first step up).
+    """
     common = dict(num_train_timesteps=noise.num_train_timesteps, beta_schedule=BetaSchedule(noise.beta_schedule).value)
     name = SchedulerName(name)
     if name == SchedulerName.ddpm:
         return DDPMScheduler(**common, clip_sample=True)
     if name == SchedulerName.ddim:
         return DDIMScheduler(**common, clip_sample=True)
-    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    algorithm = "dpmsolver++" if name == SchedulerName.dpm_solver_pp else "sde-dpmsolver++"
+    return DPMSolverMultistepScheduler(**common, algorithm_type=algorithm, solver_order=2, thresholding=True,
+                                       sample_max_value=1.0)
 
 
 def guided_epsilon(model: ContinuousDenoiser, noisy: torch.Tensor, timestep: torch.Tensor,
@@ -54,7 +60,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample(model: ContinuousDenoiser, cond_embeddings: torch.Tensor | np.ndarray, *, guidance: float = 3.0,
-           scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp, steps: int = 25,
+           scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp_sde, steps: int = 25,
            seed: int | Sequence[int] = 0, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """cond_embeddings (B, 1+K, d) -> uint8 images (B, H, W, 3).
 
@@ -131,7 +137,7 @@ def _slug(text: str, limit: int = 40) -> str:
 def generate(model: ContinuousDenoiser, *, out_dir: str | os.PathLike, knn: NeighbourSearch,
              prompts: Sequence[str] | None = None, encoder: TextEncoder | None = None,
              image_embeddings: np.ndarray | None = None, k: int | None = None, guidance: float = 3.0,
-             scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp, steps: int = 25, seed: int = 0,
+             scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp_sde, steps: int = 25, seed: int = 0,
              batch_size: int = 16, model_run_id: str = "", index_fingerprint: str = "",
              image_embedding_source: str = "") -> list[dict]:
     """Generate one image per prompt (or per image embedding) and write PNGs, sidecars and a grid.

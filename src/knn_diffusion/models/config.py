@@ -40,6 +40,9 @@ class SchedulerName(str, Enum):
     ddpm = "ddpm"
     ddim = "ddim"
     dpm_solver_pp = "dpm_solver_pp"  # DPMSolverMultistepScheduler, algorithm_type="dpmsolver++"
+    # The stochastic variant ("sde-dpmsolver++"): like DDPM, its fresh noise hides the eps errors of a
+    # small, briefly trained model that deterministic samplers (DDIM, dpm_solver_pp) turn into speckle.
+    dpm_solver_pp_sde = "dpm_solver_pp_sde"
 
 
 @dataclass

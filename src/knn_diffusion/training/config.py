@@ -20,7 +20,7 @@ class Precision(str, Enum):
 class EvalSamplingConfig:
     """How the sample grids logged during training are drawn (from fixed eval conditions)."""
 
-    scheduler: SchedulerName = SchedulerName.dpm_solver_pp
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
     steps: int = field(default=25, metadata=between(1, 1000))
     guidance: float = field(default=3.0, metadata=between(0, 50))
     seed: int = 0
