@@ -27,7 +27,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from knn_diffusion.io import atomic_path
 from knn_diffusion.sampling import sample
 from knn_diffusion.training.config import ContinuousTrainConfig, Precision
-from knn_diffusion.training.continuous import autocast_dtype, denoiser_config, diffusion_loss, step_generator
+from knn_diffusion.training.continuous import (autocast_dtype, denoiser_config, diffusion_loss, optimizer_step,
+                                               step_generator)
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
 from knn_diffusion.models.unet import ContinuousDenoiser
 
@@ -85,27 +86,20 @@ def bench_preset(preset: str, args, device: torch.device, store) -> dict:
         loss = diffusion_loss(model, noise_scheduler, batch_images.to(device, non_blocking=True),
                               batch_cond.to(device, non_blocking=True), step_generator(0, 0, step),
                               cfg.cond_dropout, False, amp)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(loss, model, optimizer, scaler, cfg.grad_clip)
         lr_scheduler.step()
 
     dataset = ConditionedImages(images, embeddings, np.arange(len(images)), neighbours, config.conditioning.k)
     fixed_images, fixed_cond = dataset.__getitems__(list(range(args.batch_size)))
     fixed_images, fixed_cond = fixed_images.to(device), fixed_cond.to(device)
-    fixed = timed(lambda i: train_step(i, fixed_images, fixed_cond), args.warmup, args.min_seconds,
-                  args.min_steps, device)
-
-    loader = iter(make_loader(dataset, StepBatchSampler(len(dataset), args.batch_size, 0, 0, 10**9),
-                              args.num_workers, pin_memory=device.type == "cuda"))
-    loaded = timed(lambda i: train_step(i, *next(loader)), args.warmup, args.min_seconds, args.min_steps, device)
+    fixed = loaded = float("nan")
+    if not args.sampling_only:
+        fixed = timed(lambda i: train_step(i, fixed_images, fixed_cond), args.warmup, args.min_seconds,
+                      args.min_steps, device)
+        loader = iter(make_loader(dataset, StepBatchSampler(len(dataset), args.batch_size, 0, 0, 10**9),
+                                  args.num_workers, pin_memory=device.type == "cuda"))
+        loaded = timed(lambda i: train_step(i, *next(loader)), args.warmup, args.min_seconds, args.min_steps,
+                       device)
 
     model.eval()
     cond = fixed_cond[:args.sample_batch]
@@ -167,6 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-steps", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=10.0)
+    parser.add_argument("--sampling-only", action="store_true", help="skip the training timings")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--append-docs", action="store_true")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 # Latency of one 64x64 image: 25 DPM-Solver++ steps, then 250 DDPM steps.
 for spec in "dpm_solver_pp 25" "ddpm 250"; do
   set -- $spec
-  "$PY" benchmarks/bench_continuous.py --presets 400M --resolution 64 --batch-size 8 --precision bf16 \
-    --sample-batch 1 --scheduler "$1" --sample-steps "$2" --min-steps 2 --min-seconds 5 --json "$OUT/latency-$1.json"
+  "$PY" benchmarks/bench_continuous.py --presets 400M --resolution 64 --precision bf16 --sampling-only \
+    --sample-batch 1 --scheduler "$1" --sample-steps "$2" --min-seconds 5 --json "$OUT/latency-$1.json"
 done
 echo "results in $OUT (sample_s_per_batch with sample_batch 1 is the one-image latency)"

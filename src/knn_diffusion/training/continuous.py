@@ -114,6 +114,22 @@ def diffusion_loss(model: torch.nn.Module, noise_scheduler: DDPMScheduler, image
     return F.mse_loss(predicted.float(), noise)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, grad_clip: float) -> None:
+    """Backward, (unscale,) clip the gradient norm, step; fp16 goes through the grad scaler."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: EmbeddingSource,
                      self_rows: np.ndarray, neighbours: np.ndarray, out_dir: str | os.PathLike,
                      on_log: LogFn | None = None, on_images: ImagesFn | None = None,
@@ -179,19 +195,7 @@ def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: E
             batch_cond = batch_cond.to(ctx.device, non_blocking=True)
             loss = diffusion_loss(train_model, noise_scheduler, batch_images, batch_cond,
                                   step_generator(cfg.seed, ctx.rank, step), cfg.cond_dropout, cfg.hflip, amp_dtype)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(loss, model, optimizer, scaler, cfg.grad_clip)
             lr_scheduler.step()
             done = step + 1
             ema.update(model, done)
