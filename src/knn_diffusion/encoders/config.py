@@ -17,7 +17,7 @@ class EncoderKind(str, Enum):
 
 class TextProjection(str, Enum):
     # The embedding space is MiniLM's own sentence space (embed_dim must be 384): the text tower is
-    # fully locked and only the image tower learns; generalises best to names never trained on.
+    # fully locked and only the image tower learns (measured: lower held-out recall at the CPU budget).
     none = "none"
     # A trainable linear map 384 -> embed_dim on top of the locked MiniLM (CLIP-style).
     linear = "linear"
@@ -32,12 +32,12 @@ class EmbeddingDtype(str, Enum):
 class VisionTowerConfig:
     """Size of the aligned model's image tower (an open_clip ViT) and of the joint embedding."""
 
-    embed_dim: int = field(default=384, metadata=between(8, 4096))
-    text_projection: TextProjection = TextProjection.none
+    embed_dim: int = field(default=256, metadata=between(8, 4096))
+    text_projection: TextProjection = TextProjection.linear
     image_size: int = field(default=32, metadata=between(8, 1024))
-    patch_size: int = field(default=4, metadata=between(1, 64))
-    width: int = field(default=128, metadata=between(16, 4096))
-    layers: int = field(default=4, metadata=between(1, 48))
+    patch_size: int = field(default=8, metadata=between(1, 64))
+    width: int = field(default=96, metadata=between(16, 4096))
+    layers: int = field(default=3, metadata=between(1, 48))
     head_width: int = field(default=32, metadata=between(8, 256))
     # Tokens per caption; emoji names with a template stay well under 32 MiniLM tokens.
     context_length: int = field(default=32, metadata=between(8, 512))
@@ -52,12 +52,11 @@ class AlignmentConfig:
     lr: float = field(default=1e-3, metadata=between(0, 1, low_open=True))
     warmup: int = field(default=50, metadata=between(0))
     weight_decay: float = field(default=0.1, metadata=between(0, 1))
-    templates: list[str] = field(default_factory=lambda: [
-        "an emoji of {name}", "{name}", "a sticker of {name}", "an icon of {name}"])
+    templates: list[str] = field(default_factory=lambda: ["an emoji of {name}", "{name}"])
     # Random translation as a fraction of the image side and random zoom-out; no flips (arrows,
     # "left"/"right" names) and no colour changes ("red heart" vs "blue heart").
-    max_shift: float = field(default=0.08, metadata=between(0, 0.5))
-    min_scale: float = field(default=0.85, metadata=between(0.3, 1.0))
+    max_shift: float = field(default=0.1, metadata=between(0, 0.5))
+    min_scale: float = field(default=0.75, metadata=between(0.3, 1.0))
     checkpoint_every: int = field(default=100, metadata=between(1))
     seed: int = 0
     eval_ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata=between(1))
