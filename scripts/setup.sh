@@ -16,8 +16,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing pinned packages from requirements.lock (first time: a few minutes, ~6 GB)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+    # (grep drops warnings about index locations some machines' pip.conf names but lack)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
     echo "$want" > "$stamp"
 else
     echo "setup: $VENV matches requirements.lock; nothing to install"
