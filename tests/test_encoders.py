@@ -95,9 +95,12 @@ def test_fingerprint_is_stable_and_follows_the_weights(tiny_arch):
     encoder = load_open_clip(str(tiny_arch))
     before = encoder.fingerprint
     assert encoder.fingerprint == before and len(before) == 64
+    original = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     with torch.no_grad():
         encoder.model.visual.proj[0, 0] += 1e-3
     assert encoder.fingerprint != before
+    encoder.model.load_state_dict(original)
+    assert encoder.fingerprint == before
 
 
 # ---- loading paths ------------------------------------------------------------------------------

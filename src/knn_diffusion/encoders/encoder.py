@@ -65,6 +65,7 @@ class Encoder(nn.Module):
         with torch.no_grad():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
             self._dim = int(model.encode_image(probe).shape[-1])
+        self._fingerprint_cache: tuple[tuple, str] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -139,11 +140,16 @@ class Encoder(nn.Module):
     def fingerprint(self) -> str:
         """sha256 over the identity JSON and every state-dict tensor (name, dtype, shape, bytes).
 
-        Recomputed on each access (the weights may have been trained since): read it once per stage.
+        Hashing ~100 MB of weights takes a noticeable fraction of a second, so the digest is cached
+        and recomputed only when a tensor was replaced or modified in place (torch's version counter).
         """
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        state = sorted(self.model.state_dict().items())
+        key = tuple((name, t.data_ptr(), t._version) for name, t in state)
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
+            digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode())
+            for name, tensor in state:
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            self._fingerprint_cache = (key, digest.hexdigest())
+        return self._fingerprint_cache[1]
