@@ -55,9 +55,11 @@ class SourceStats:
     yielded: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
+    def skip(self, reason: str, where: str, detail: str = "", quiet: bool = False) -> None:
+        """Count a skipped item; bad files warn with their path, expected gaps (quiet) log at debug."""
         self.skipped[reason] += 1
-        log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+        log.log(logging.DEBUG if quiet else logging.WARNING, "skipping %s (%s)%s", where, reason,
+                f": {detail}" if detail else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def _glyph_items(font_path: Path, sequences: list[str], stats: SourceStats, limi
             return
         glyph = render_glyph(font, seq, max_width)
         if glyph is None:
-            stats.skip("undrawable glyph", codepoints(seq))
+            stats.skip("undrawable glyph", codepoints(seq), quiet=True)  # fonts lag Unicode: expected
             continue
         stats.yielded += 1
         yield RawImage(origin=codepoints(seq), image=glyph, caption=emoji_name(seq), is_glyph=True)
