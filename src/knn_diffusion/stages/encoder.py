@@ -3,7 +3,8 @@
 With ``encoder.kind: aligned`` the image tower is trained contrastively against the locked MiniLM text
 tower on a paired corpus disjoint from the generator's training images: the Noto emoji with their names,
 or - when Noto is not installed - the generator dataset's *val* split. Recall of text->image retrieval is
-measured on the generator dataset's test split, whose names this stage never trains on.
+measured on the generator dataset's test split; pairs whose name occurs there are dropped from training,
+so every evaluated name is unseen.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from knn_diffusion.config import Params, to_plain
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.encoders.alignment import text_to_image_recall, train_alignment
+from knn_diffusion.encoders.alignment import rows_without_names, text_to_image_recall, train_alignment
 from knn_diffusion.encoders.config import EncoderKind
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.stages import paths
@@ -26,19 +27,27 @@ PAIRED_DATASET = "noto"
 LOG_EVERY = 10
 
 
-def paired_corpus(params: Params) -> tuple[np.ndarray, list[str], str]:
-    """(images, names, description) for alignment, never touching the generator's train split."""
+def held_out_eval(params: Params) -> tuple[ImageStore, np.ndarray, list[str]]:
+    """The generator dataset's test split and its names: recall is measured there, never trained on."""
+    generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
+    rows = generator.rows("test")
+    return generator, rows, generator.read_captions().loc[rows].tolist()
+
+
+def paired_corpus(params: Params, held_out_names: list[str]) -> tuple[np.ndarray, list[str], str]:
+    """(images, names, description) for alignment: never the generator's train split, never a test name."""
     noto_dir = paths.dataset_dir(PAIRED_DATASET)
     if PAIRED_DATASET != params.data.generator_dataset and (noto_dir / "manifest.parquet").is_file():
-        store, rows, what = ImageStore.open(noto_dir), None, f"{PAIRED_DATASET} (all splits)"
+        store = ImageStore.open(noto_dir)
+        rows, what = store.rows(), f"{PAIRED_DATASET} (all splits)"
     else:
         store = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
         rows, what = store.rows("val"), f"{params.data.generator_dataset} val split (fallback: no {PAIRED_DATASET})"
         log.warning("paired corpus: %s is unavailable, aligning on %s", PAIRED_DATASET, what)
-    rows = store.rows() if rows is None else rows
-    captions = store.read_captions().loc[rows]
-    named = [int(r) for r, c in captions.items() if isinstance(c, str) and c.strip()]
-    return store[named], [captions[r] for r in named], what
+    names = store.read_captions().loc[rows].tolist()
+    keep = rows_without_names(names, held_out_names)
+    log.info("paired corpus %s: %d of %d images kept (named, name not in the eval split)", what, len(keep), len(rows))
+    return store[rows[keep]], [names[i] for i in keep], what
 
 
 def encoder_stage(params: Params) -> None:
@@ -52,7 +61,8 @@ def encoder_stage(params: Params) -> None:
                 write_json(paths.ENCODER_METRICS, {"kind": cfg.kind.value, "trained": False})
                 log.info("pretrained open_clip %s/%s selected: nothing to train", cfg.model_name, cfg.pretrained)
                 return
-            images, names, corpus = paired_corpus(params)
+            generator, test_rows, test_names = held_out_eval(params)
+            images, names, corpus = paired_corpus(params, test_names)
             run.tags({"alignment.corpus": corpus})
             log.info("aligning on %d pairs from %s", len(images), corpus)
 
@@ -62,10 +72,8 @@ def encoder_stage(params: Params) -> None:
 
             encoder = train_alignment(images, names, cfg, out, on_log=on_log, state_dir=paths.ENCODER_STATE)
 
-        generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
-        test_rows = generator.rows("test")
-        test_names = generator.read_captions().loc[test_rows].tolist()
-        recall = text_to_image_recall(encoder, generator[test_rows], test_names, ks=tuple(cfg.alignment.eval_ks))
+        recall = text_to_image_recall(encoder, generator[test_rows], test_names, ks=tuple(cfg.alignment.eval_ks),
+                                      templates=tuple(cfg.alignment.templates))
         report = {"kind": cfg.kind.value, "trained": True, "corpus": corpus, "pairs": len(images),
                   "eval_split": f"{params.data.generator_dataset}/test", "eval_images": len(test_rows),
                   "fingerprint": encoder.fingerprint, **recall}
