@@ -1,9 +1,9 @@
 """Throughput of the continuous model: training steps/s, sampling images/s, data-loader overhead.
 
 For each preset: (1) training steps on one fixed in-memory batch, (2) the same steps fed by the real
-loader (``ConditionedImages`` over memory-mapped .npy images and embeddings), in the same process, and
-(3) guided sampling (cond + null in one batched forward). The loader overhead is (2)/(1) - 1.
-Each timing repeats until ``--min-seconds`` after warm-up steps. Prints a table, optionally writes JSON
+loader (``ConditionedImages`` over memory-mapped .npy images and embeddings), interleaved with (1) in
+the same process, and (3) guided sampling (cond + null in one batched forward). The loader overhead is
+median (2) / median (1) - 1. Each timing repeats until ``--min-seconds`` after warm-up steps. Prints a table, optionally writes JSON
 and appends the table to docs/benchmarks.md.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_continuous.py --presets tiny --append-docs
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -68,6 +69,34 @@ def timed(run_step, warmup: int, min_seconds: float, min_steps: int, device: tor
     return (time.perf_counter() - start) / calls
 
 
+def paired_timing(fixed_step, loader_step, fetch, args, device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of a fixed-batch step, a loader-fed step and a bare batch fetch, interleaved.
+
+    Alternating the two kinds of step exposes both to the same background load, so their ratio stays
+    meaningful on a shared machine where absolute times drift.
+    """
+    def clock(fn, i=None) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn() if i is None else fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for i in range(args.warmup):
+        fixed_step(i)
+        loader_step(i)
+    times: dict[str, list[float]] = {"fixed": [], "loader": [], "fetch": []}
+    start, i = time.perf_counter(), args.warmup
+    while len(times["fixed"]) < args.min_steps or time.perf_counter() - start < args.min_seconds:
+        times["fixed"].append(clock(fixed_step, i))
+        times["loader"].append(clock(loader_step, i))
+        times["fetch"].append(clock(fetch))
+        i += 1
+    return tuple(float(np.median(times[name])) for name in ("fixed", "loader", "fetch"))
+
+
 def bench_preset(preset: str, args, device: torch.device, store) -> dict:
     images, embeddings, neighbours = store
     cfg = ContinuousTrainConfig(preset=preset, k=args.k, batch_size=args.batch_size,
@@ -92,14 +121,13 @@ def bench_preset(preset: str, args, device: torch.device, store) -> dict:
     dataset = ConditionedImages(images, embeddings, np.arange(len(images)), neighbours, config.conditioning.k)
     fixed_images, fixed_cond = dataset.__getitems__(list(range(args.batch_size)))
     fixed_images, fixed_cond = fixed_images.to(device), fixed_cond.to(device)
-    fixed = loaded = float("nan")
+    fixed = loaded = fetch = float("nan")
     if not args.sampling_only:
-        fixed = timed(lambda i: train_step(i, fixed_images, fixed_cond), args.warmup, args.min_seconds,
-                      args.min_steps, device)
         loader = iter(make_loader(dataset, StepBatchSampler(len(dataset), args.batch_size, 0, 0, 10**9),
                                   args.num_workers, pin_memory=device.type == "cuda"))
-        loaded = timed(lambda i: train_step(i, *next(loader)), args.warmup, args.min_seconds, args.min_steps,
-                       device)
+        fixed, loaded, fetch = paired_timing(lambda i: train_step(i, fixed_images, fixed_cond),
+                                             lambda i: train_step(i, *next(loader)), lambda: next(loader),
+                                             args, device)
 
     model.eval()
     cond = fixed_cond[:args.sample_batch]
@@ -110,13 +138,14 @@ def bench_preset(preset: str, args, device: torch.device, store) -> dict:
         "batch_size": args.batch_size, "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
         "train_steps_per_s": round(1 / fixed, 3), "train_images_per_s": round(args.batch_size / fixed, 1),
         "loader_steps_per_s": round(1 / loaded, 3), "loader_overhead_pct": round(100 * (loaded / fixed - 1), 1),
+        "fetch_ms": round(1000 * fetch, 2), "fetch_pct_of_step": round(100 * fetch / fixed, 2),
         "sample_batch": len(cond), "sample_scheduler": args.scheduler, "sample_steps": args.sample_steps,
         "sample_images_per_s": round(len(cond) / per_batch, 3), "sample_s_per_batch": round(per_batch, 2),
     }
 
 
 COLUMNS = ["preset", "params_M", "resolution", "batch_size", "precision", "train_steps_per_s", "train_images_per_s",
-           "loader_steps_per_s", "loader_overhead_pct", "sample_batch", "sample_steps", "sample_images_per_s",
+           "loader_steps_per_s", "loader_overhead_pct", "fetch_ms", "fetch_pct_of_step", "sample_scheduler", "sample_batch", "sample_steps", "sample_images_per_s",
            "sample_s_per_batch"]
 
 
@@ -132,7 +161,8 @@ def append_docs(rows: list[dict], command: str, device: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     entry = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} on {device}\n\n`{command}`\n\n{table(rows)}\n\n"
              "train = steps on one fixed in-memory batch; loader = the same steps fed by the memory-mapped "
-             "loader in the same process; overhead = loader time / fixed time - 1. Sampling: "
+             "loader in the same process, interleaved with them; overhead = median loader step / median fixed "
+             "step - 1; fetch = median time to produce one batch alone. Sampling: "
              "classifier-free guidance, cond + null in one batched forward.\n")
     heading = "## Continuous model"
     if heading not in text:
@@ -178,8 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "rows": rows}, indent=2))
     if args.append_docs:
-        append_docs(rows, "python benchmarks/bench_continuous.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                    device_name)
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        append_docs(rows, f"{threads}python benchmarks/bench_continuous.py "
+                    + " ".join(sys.argv[1:] if argv is None else argv), device_name)
     return rows
 
 
