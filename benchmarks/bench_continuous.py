@@ -3,8 +3,8 @@
 For each preset: (1) training steps on one fixed in-memory batch, (2) the same steps fed by the real
 loader (``ConditionedImages`` over memory-mapped .npy images and embeddings), interleaved with (1) in
 the same process, and (3) guided sampling (cond + null in one batched forward). The loader overhead is
-median (2) / median (1) - 1. Each timing repeats until ``--min-seconds`` after warm-up steps. Prints a table, optionally writes JSON
-and appends the table to docs/benchmarks.md.
+median (2) / median (1) - 1. Each timing repeats until ``--min-seconds`` after warm-up steps.
+Prints a table, optionally writes JSON and appends the table to docs/benchmarks.md.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_continuous.py --presets tiny --append-docs
 """
@@ -145,7 +145,8 @@ def bench_preset(preset: str, args, device: torch.device, store) -> dict:
 
 
 COLUMNS = ["preset", "params_M", "resolution", "batch_size", "precision", "train_steps_per_s", "train_images_per_s",
-           "loader_steps_per_s", "loader_overhead_pct", "fetch_ms", "fetch_pct_of_step", "sample_scheduler", "sample_batch", "sample_steps", "sample_images_per_s",
+           "loader_steps_per_s", "loader_overhead_pct", "fetch_ms", "fetch_pct_of_step", "sample_scheduler",
+           "sample_batch", "sample_steps", "sample_images_per_s",
            "sample_s_per_batch"]
 
 

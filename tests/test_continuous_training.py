@@ -169,9 +169,11 @@ def test_generate_writes_pngs_grid_and_sidecars(tmp_path):
     assert [r["seed"] for r in records] == [5, 6]
     side = json.loads((tmp_path / "gen" / "0001-a-cat-face.json").read_text())
     assert side["prompt"] == "a cat face" and side["model_run_id"] == "run123" and side["index_fingerprint"] == "abc"
-    assert len(side["neighbour_ids"]) == K and side["neighbour_scores"] == sorted(side["neighbour_scores"], reverse=True)
+    assert len(side["neighbour_ids"]) == K
+    assert side["neighbour_scores"] == sorted(side["neighbour_scores"], reverse=True)
     assert np.asarray(Image.open(tmp_path / "gen" / "0001-a-cat-face.png")).shape == (SIDE, SIDE, 3)
-    assert np.asarray(Image.open(tmp_path / "gen" / "grid.png")).shape == image_grid(np.zeros((2, SIDE, SIDE, 3), np.uint8)).shape
+    grid_shape = image_grid(np.zeros((2, SIDE, SIDE, 3), np.uint8)).shape
+    assert np.asarray(Image.open(tmp_path / "gen" / "grid.png")).shape == grid_shape
 
     np.save(tmp_path / "query.npy", index[4])
     queries = load_image_embeddings(tmp_path / "query.npy")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,8 +26,8 @@ from tqdm.auto import tqdm
 
 from knn_diffusion.config import to_plain
 from knn_diffusion.models.conditioning import drop_conditions
-from knn_diffusion.models.config import (BetaSchedule, ConditioningConfig, ConditioningVariant, DenoiserConfig, NoiseConfig,
-                                         load_unet_preset)
+from knn_diffusion.models.config import (BetaSchedule, ConditioningConfig, ConditioningVariant, DenoiserConfig,
+                                         NoiseConfig, load_unet_preset)
 from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.sampling import image_grid, sample
 from knn_diffusion.training.checkpoint import (list_checkpoints, prune_checkpoints, restore_training_state,
