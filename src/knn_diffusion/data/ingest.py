@@ -114,13 +114,3 @@ def ingest_dataset(name: str, ds: DatasetConfig, data: DataConfig, out_dir: Path
         "glyph_fill": data.glyph_fill})
     return summary
 
-
-def sample_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
-    """(n, R, R, 3) uint8 -> one (rows*R, columns*R, 3) grid image, padded with white."""
-    n, r = len(images), images.shape[1]
-    rows = -(-n // columns)
-    grid = np.full((rows * r, columns * r, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        y, x = divmod(i, columns)
-        grid[y * r:(y + 1) * r, x * r:(x + 1) * r] = image
-    return grid

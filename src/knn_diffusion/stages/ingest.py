@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 from knn_diffusion.config import Params, to_plain
-from knn_diffusion.data.ingest import ingest_dataset, sample_grid
+from knn_diffusion.data.ingest import ingest_dataset
 from knn_diffusion.data.sources import SourceUnavailable
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.sampling import image_grid
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
 from knn_diffusion.tracking import stage_run
@@ -45,7 +46,7 @@ def ingest(params: Params) -> dict:
                 store = ImageStore.open(tmp / name)
                 count = min(params.tracking.sample_grid_size, len(store))
                 rows = store.rows()[:: max(1, len(store) // count)][:count]
-                run.image(sample_grid(store[rows]), f"samples/{name}.png")
+                run.image(image_grid(store[rows], columns=8), f"samples/{name}.png")
                 log.info("%s: %d images (%d duplicates, skipped %s, %.0f%% named) in %.1fs", name,
                          summary.images, summary.duplicates, summary.skipped,
                          100 * summary.named_fraction, summary.seconds)
