@@ -11,12 +11,15 @@ itself under ``torchrun`` (gloo on CPU, nccl on GPU); only rank 0 logs to MLflow
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +45,19 @@ def positions_of(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
     if (found < 0).any():
         raise ValueError(f"{store.root}: {int((found < 0).sum())} image rows have no embedding; rerun embed")
     return found
+
+
+def run_key(cfg, store: EmbeddingStore, neighbours: Path) -> str:
+    """Step checkpoints are resumed only by a run of the same settings on the same inputs.
+
+    Without this, changing e.g. the learning rate would make DVC rerun the stage, which would then
+    "resume" the old run's final checkpoint and train nothing.
+    """
+    settings = {k: v for k, v in to_plain(cfg).items() if k not in ("nproc_per_node", "num_workers")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(store.fingerprint.encode())
+    digest.update(neighbours.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def eval_conditions(params: Params, store: EmbeddingStore, k: int) -> tuple[np.ndarray, list[str]]:
@@ -76,8 +92,10 @@ def train_stage(params: Params) -> None:
     neighbour_positions = positions_of(store, table["ids"].ravel()).reshape(table["ids"].shape)
     conditions, prompts = eval_conditions(params, store, cfg.k)
 
+    state_dir = paths.CONTINUOUS_STATE / run_key(cfg, store, paths.neighbours_file(name))
+
     def train(on_log=None, on_images=None):
-        return train_continuous(cfg, images.subset(train_rows), store, self_positions, neighbour_positions, paths.CONTINUOUS_STATE,
+        return train_continuous(cfg, images.subset(train_rows), store, self_positions, neighbour_positions, state_dir,
                                 on_log=on_log, on_images=on_images, eval_conditions=conditions)
 
     if not is_main:
