@@ -91,3 +91,19 @@ def test_embed_refuses_a_different_encoder(pipeline_dir, monkeypatch):
     store = EmbeddingStore.open(paths.embedding_dir("openmoji"))
     with pytest.raises(ValueError, match=store.fingerprint[:12]):
         store.check_compatible("0" * 64, store.dim)
+
+
+def test_dask_parallel_embed_matches_serial_bytes(pipeline_dir, monkeypatch):
+    """embed.workers > 0 fans shards out over a LocalCluster through Prefect; the result is identical."""
+    import shutil
+
+    monkeypatch.chdir(pipeline_dir)
+    serial = pipeline_dir / "serial-embed"
+    shutil.copytree(paths.EMBED, serial)
+    shutil.rmtree(paths.EMBED)
+    embed.main(["embed.workers=2"])
+    for name in ("openmoji", "noto"):
+        files = sorted(p.name for p in (serial / name).glob("*.npy"))
+        assert len(files) >= 4, files  # several shards of 50 each
+        for file in files:
+            assert (paths.embedding_dir(name) / file).read_bytes() == (serial / name / file).read_bytes(), file
