@@ -76,3 +76,17 @@ def test_write_roundtrip(tmp_path):
     write_params(params, tmp_path / "params.yaml")
     assert to_plain(load_params(tmp_path / "params.yaml")) == to_plain(params)
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["data"]["resolution"] == 48
+
+
+def test_gpu_preset_merges_and_validates(tmp_path):
+    from knn_diffusion.cli import apply_preset, list_presets
+
+    assert "gpu" in list_presets()
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_preset("gpu", str(path))
+    params = load_params(path)
+    assert params.data.resolution == 64 and params.train_continuous.preset == "100M"
+    assert params.data.datasets["openmoji"].source == "openmoji", "keys the preset does not name are kept"
+    with pytest.raises(ConfigError, match="preset 'laptop'"):
+        apply_preset("laptop", str(path))
