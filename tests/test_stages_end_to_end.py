@@ -107,3 +107,33 @@ def test_dask_parallel_embed_matches_serial_bytes(pipeline_dir, monkeypatch):
         assert len(files) >= 4, files  # several shards of 50 each
         for file in files:
             assert (paths.embedding_dir(name) / file).read_bytes() == (serial / name / file).read_bytes(), file
+
+
+def test_pretrained_open_clip_from_a_local_checkpoint(pipeline_dir, tmp_path, monkeypatch):
+    """encoder.kind=open_clip: nothing trained, recall measured, embeddings in that model's space."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from knn_diffusion.encoders.factory import load_open_clip
+    from knn_diffusion.encoders.store import EmbeddingStore
+
+    arch = tmp_path / "tiny-e2e-clip.json"
+    arch.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in load_open_clip(str(arch)).model.state_dict().items()}, weights)
+    shutil.copytree(pipeline_dir / paths.INGEST, tmp_path / paths.INGEST)
+    params = dict(TINY, encoder={"kind": "open_clip", "model_name": str(arch), "pretrained": str(weights)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    encoder.main([])
+    embed.main([])
+    report = json.loads(paths.ENCODER_METRICS.read_text())
+    assert report["trained"] is False and 0 <= report["recall@10"] <= 1 and report["chance@10"] > 0
+    store = EmbeddingStore.open(paths.embedding_dir("openmoji"))
+    assert store.dim == 16 and store.fingerprint == report["fingerprint"]

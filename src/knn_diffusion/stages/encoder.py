@@ -1,10 +1,11 @@
 """DVC stage ``encoder``: align the offline CLIP (or record the pretrained one) and report retrieval recall.
 
-With ``encoder.kind: aligned`` the image tower is trained contrastively against the locked MiniLM text
-tower on a paired corpus disjoint from the generator's training images: the Noto emoji with their names,
-or - when Noto is not installed - the generator dataset's *val* split. Recall of text->image retrieval is
-measured on the generator dataset's test split; pairs whose name occurs there are dropped from training,
-so every evaluated name is unseen.
+With ``encoder.kind: open_clip`` nothing is trained: the stage records the pretrained model and
+measures its recall. With ``encoder.kind: aligned`` the image tower is trained contrastively against
+the locked MiniLM text tower on a paired corpus disjoint from the generator's training images: the
+Noto emoji with their names, or - when Noto is not installed - the generator dataset's *val* split.
+Recall of text->image retrieval is measured on the generator dataset's test split; pairs whose name
+occurs there are dropped from training, so every evaluated name is unseen.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from knn_diffusion.config import Params, to_plain
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.alignment import rows_without_names, text_to_image_recall, train_alignment
 from knn_diffusion.encoders.config import EncoderKind
+from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
@@ -54,27 +56,29 @@ def encoder_stage(params: Params) -> None:
     cfg = params.encoder
     with stage_run("encoder", {"encoder": to_plain(cfg)}, params.tracking.experiment,
                    params.tracking.tracking_uri) as run:
+        generator, test_rows, test_names = held_out_eval(params)
+        corpus, pairs = "pretrained", 0
         with atomic_dir(paths.ENCODER) as out:
             if cfg.kind == EncoderKind.open_clip:
+                encoder = load_encoder(cfg)  # downloads the weights on first use unless pretrained is a file
                 write_json(out / "encoder.json", {"kind": cfg.kind.value, "model_name": cfg.model_name,
-                                                  "pretrained": cfg.pretrained})
-                write_json(paths.ENCODER_METRICS, {"kind": cfg.kind.value, "trained": False})
+                                                  "pretrained": cfg.pretrained, "fingerprint": encoder.fingerprint})
                 log.info("pretrained open_clip %s/%s selected: nothing to train", cfg.model_name, cfg.pretrained)
-                return
-            generator, test_rows, test_names = held_out_eval(params)
-            images, names, corpus = paired_corpus(params, test_names)
-            run.tags({"alignment.corpus": corpus})
-            log.info("aligning on %d pairs from %s", len(images), corpus)
+            else:
+                images, names, corpus = paired_corpus(params, test_names)
+                pairs = len(images)
+                run.tags({"alignment.corpus": corpus})
+                log.info("aligning on %d pairs from %s", pairs, corpus)
 
-            def on_log(step: int, metrics: dict) -> None:
-                if step % LOG_EVERY == 0 or step == cfg.alignment.steps:
-                    run.metrics({f"align.{k}": v for k, v in metrics.items()}, step=step)
+                def on_log(step: int, metrics: dict) -> None:
+                    if step % LOG_EVERY == 0 or step == cfg.alignment.steps:
+                        run.metrics({f"align.{k}": v for k, v in metrics.items()}, step=step)
 
-            encoder = train_alignment(images, names, cfg, out, on_log=on_log, state_dir=paths.ENCODER_STATE)
+                encoder = train_alignment(images, names, cfg, out, on_log=on_log, state_dir=paths.ENCODER_STATE)
 
         recall = text_to_image_recall(encoder, generator[test_rows], test_names, ks=tuple(cfg.alignment.eval_ks),
                                       templates=tuple(cfg.alignment.templates))
-        report = {"kind": cfg.kind.value, "trained": True, "corpus": corpus, "pairs": len(images),
+        report = {"kind": cfg.kind.value, "trained": cfg.kind == EncoderKind.aligned, "corpus": corpus, "pairs": pairs,
                   "eval_split": f"{params.data.generator_dataset}/test", "eval_images": len(test_rows),
                   "fingerprint": encoder.fingerprint, **recall}
         run.metrics({k.replace("@", "_at_"): v for k, v in recall.items() if isinstance(v, (int, float))})
