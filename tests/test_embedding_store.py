@@ -180,3 +180,12 @@ def test_text_embeddings_roundtrip_and_refuse_other_encoders(encoder, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(loaded, axis=1), 1, atol=1e-5)
     with pytest.raises(ValueError, match="b" * 64):
         load_text_embeddings(tmp_path / "captions.npy", "b" * 64, encoder.dim)
+
+
+def test_positions_of_maps_image_rows_and_refuses_missing_ones(encoder, collection, tmp_path):
+    images, _ = collection
+    rows = np.array([5, 2, 7, 0], dtype=np.int64)  # a store over some rows, in another order
+    store = embed_collection(encoder, images, rows, tmp_path / "s", shard_size=3)
+    assert store.positions_of([0, 5, 7]).tolist() == [3, 0, 2]
+    with pytest.raises(ValueError, match="2 image rows have no embedding"):
+        store.positions_of([1, 99])

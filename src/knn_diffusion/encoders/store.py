@@ -113,6 +113,19 @@ class EmbeddingStore:
             out[picked] = self._emb[s][offset[picked]]
         return out
 
+    def positions_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Image-collection rows -> store positions (they coincide for a full embed, but need not)."""
+        ids = self.ids
+        lookup = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        rows = np.asarray(rows, dtype=np.int64)
+        known = (rows >= 0) & (rows < len(lookup))
+        found = np.full(rows.shape, -1, dtype=np.int64)
+        found[known] = lookup[rows[known]]
+        if (found < 0).any():
+            raise ValueError(f"{self.root}: {int((found < 0).sum())} image rows have no embedding; rerun embed")
+        return found
+
     def vectors(self, dtype: Any = np.float32) -> np.ndarray:
         """All embeddings, concatenated: (count, dim)."""
         if not self._emb:

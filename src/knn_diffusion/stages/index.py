@@ -23,7 +23,6 @@ from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_continuous import positions_of
 from knn_diffusion.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ def write_score_column(cfg: IndexConfig, store: EmbeddingStore, ids: np.ndarray,
     scorer = resolve_scorer(cfg.score_filter)
     embeddings, batches = None, None
     if scorer == Scorer.laion_aesthetic:
-        embeddings = store.get(positions_of(store, ids))
+        embeddings = store.get(store.positions_of(ids))
     else:
         images = ImageStore.open(paths.dataset_dir(index_dir.name))
         batches = (images[ids[i:i + 1024]] for i in range(0, len(ids), 1024))

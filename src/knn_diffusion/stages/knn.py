@@ -18,7 +18,6 @@ from knn_diffusion.retrieval.neighbours import training_neighbours
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_continuous import positions_of
 from knn_diffusion.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def knn_stage(params: Params) -> None:
                                  get_vectors=vectors_by_id(store.ids, store.get))
         rows = images.rows("train")
         hashes = images.manifest.set_index("row")["content_hash"]
-        ids, scores = training_neighbours(searcher, store.get(positions_of(store, rows)), rows, cfg.k_max,
+        ids, scores = training_neighbours(searcher, store.get(store.positions_of(rows)), rows, cfg.k_max,
                                           content_hashes=hashes.to_numpy(), batch_size=cfg.batch_size)
         self_matches = int((ids == rows[:, None]).sum())
         duplicate_ids = int(sum(len(r) - len(set(r)) for r in ids.tolist()))

@@ -37,16 +37,6 @@ log = logging.getLogger(__name__)
 EVAL_GRID = 16
 
 
-def positions_of(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
-    """Image rows -> positions in the embedding store (they coincide for a full embed, but need not)."""
-    lookup = np.full(int(store.ids.max()) + 1, -1, dtype=np.int64)
-    lookup[store.ids] = np.arange(len(store.ids))
-    found = lookup[np.asarray(rows, dtype=np.int64)]
-    if (found < 0).any():
-        raise ValueError(f"{store.root}: {int((found < 0).sum())} image rows have no embedding; rerun embed")
-    return found
-
-
 def run_key(cfg, store: EmbeddingStore, neighbours: Path) -> str:
     """Step checkpoints are resumed only by a run of the same settings on the same inputs.
 
@@ -88,8 +78,8 @@ def train_stage(params: Params) -> None:
         raise ValueError(f"train_continuous.k={cfg.k} but {paths.neighbours_file(name)} holds only "
                          f"{table['ids'].shape[1]} neighbours per image (knn.k_max)")
     train_rows = table["rows"]
-    self_positions = positions_of(store, train_rows)
-    neighbour_positions = positions_of(store, table["ids"].ravel()).reshape(table["ids"].shape)
+    self_positions = store.positions_of(train_rows)
+    neighbour_positions = store.positions_of(table["ids"].ravel()).reshape(table["ids"].shape)
     conditions, prompts = eval_conditions(params, store, cfg.k)
 
     state_dir = paths.CONTINUOUS_STATE / run_key(cfg, store, paths.neighbours_file(name))
