@@ -181,7 +181,7 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         if on_log is not None:
             on_log(step + 1, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                              "logit_scale": float(model.logit_scale.exp())})
+                              "logit_scale": model.logit_scale.detach().exp().item()})
         if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
             _save_state(state_path, step + 1, run_key, encoder, optimizer, scheduler, generator)
     model.eval()
