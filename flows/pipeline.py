@@ -22,8 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from flows.dag import stage_graph, stage_order
-
-PIPELINE_RUN_ENV = "KNN_DIFFUSION_PIPELINE_RUN"  # read by knn_diffusion.tracking
+from knn_diffusion.tracking import PIPELINE_RUN_ENV
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
 
 
@@ -45,7 +44,8 @@ def _retry_only_transient(task, task_run, state) -> bool:
     return False
 
 
-def _stage_env(pipeline_run: str) -> dict[str, str]:
+def stage_env(pipeline_run: str) -> dict[str, str]:
+    """Environment for a DVC subprocess: this venv's ``python`` first, the run id for MLflow tags."""
     env = dict(os.environ)
     # DVC stages call `python`; make that the interpreter running this flow (the project venv).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -64,7 +64,7 @@ def run_stage(stage: str, repo: str, pipeline_run: str, force: bool = False) -> 
         cmd.append("--force")
     logger.info("%s (in %s)", " ".join(cmd[1:]), repo)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=repo, env=_stage_env(pipeline_run), stdout=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=repo, env=stage_env(pipeline_run), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.pipeline import stage_env
 from knn_diffusion.config import ConfigError, load_params
 from knn_diffusion.tracking import tracking_uri
 
@@ -49,11 +49,9 @@ def run_experiment(repo: str, name: str, overrides: list[str]) -> str:
     logger = get_run_logger()
     dvc = str(Path(sys.executable).parent / "dvc")
     cmd = [dvc, "exp", "run", "--temp", "-n", name, *itertools.chain.from_iterable(("-S", o) for o in overrides)]
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = stage_env(pipeline_run=name)
     # Temporary workspaces live under .dvc/tmp: point every stage at this repo's tracking store.
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
-    env["KNN_DIFFUSION_PIPELINE_RUN"] = name
     logger.info("%s", " ".join(cmd[1:]))
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:

@@ -13,7 +13,8 @@ from continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, 
                                 write_micro_preset)
 from knn_diffusion.models.config import ConditioningVariant, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.sampling import add_generate_arguments, generate, image_grid, load_image_embeddings, sample
+from knn_diffusion.images import image_grid
+from knn_diffusion.sampling import add_generate_arguments, generate, load_image_embeddings, sample
 from knn_diffusion.training.checkpoint import (load_denoiser, read_checkpoint_config, restore_training_state,
                                                save_checkpoint)
 from knn_diffusion.training.config import ContinuousTrainConfig

@@ -84,13 +84,21 @@ def test_generate_cli_with_index_swap_and_score_filter(pipeline_dir, monkeypatch
     assert all(by_id[i] >= threshold for i in record["neighbour_ids"])
 
 
-def test_embed_refuses_a_different_encoder(pipeline_dir, monkeypatch):
-    from knn_diffusion.encoders.store import EmbeddingStore
+def test_generate_refuses_an_index_from_another_encoder(pipeline_dir, monkeypatch):
+    """Swapping in an index built in another embedding space fails, naming both fingerprints."""
+    import shutil
 
     monkeypatch.chdir(pipeline_dir)
-    store = EmbeddingStore.open(paths.embedding_dir("openmoji"))
-    with pytest.raises(ValueError, match=store.fingerprint[:12]):
-        store.check_compatible("0" * 64, store.dim)
+    alien = pipeline_dir / "alien-index"
+    shutil.copytree(paths.index_dir("noto"), alien)
+    sidecar = json.loads((alien / "index.json").read_text())
+    ours, sidecar["fingerprint"] = sidecar["fingerprint"], "f" * 64
+    (alien / "index.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError) as err:
+        cli_main(["generate", "an emoji of a dog", "--index", str(alien), "--steps", "1",
+                  "--out", str(pipeline_dir / "never")])
+    assert "f" * 64 in str(err.value) and ours in str(err.value)
+    assert not (pipeline_dir / "never").exists()
 
 
 def test_dask_parallel_embed_matches_serial_bytes(pipeline_dir, monkeypatch):

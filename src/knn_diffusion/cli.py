@@ -48,7 +48,7 @@ def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
     from knn_diffusion.sampling import load_image_embeddings
     from knn_diffusion.stages import paths
-    from knn_diffusion.stages.sample import generate_images
+    from knn_diffusion.stages.sample import generate_images, load_models
 
     params = load_params(args.params, args.set or [])
     embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
@@ -63,7 +63,8 @@ def _generate_command(args: argparse.Namespace) -> None:
             raise ConfigError(f"--variant {args.variant}: the model at {checkpoint} was trained with variant "
                               f"'{trained}'; pass --checkpoint of a {args.variant} run (e.g. after "
                               f"`dvc exp apply <exp>` of a sweep over train_continuous.variant)")
-    records = generate_images(params, args.prompts or None, args.out, index=args.index, checkpoint=checkpoint,
+    model, encoder = load_models(params, checkpoint)
+    records = generate_images(params, model, encoder, args.prompts or None, args.out, index=args.index,
                               image_embeddings=embeddings, image_embedding_source=args.image_embedding_from or "",
                               k=args.k, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
                               seed=args.seed, batch_size=args.batch_size)

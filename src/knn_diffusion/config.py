@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from knn_diffusion.config_fields import ConfigError, between, one_of  # noqa: F401 (re-exported)
+from knn_diffusion.config_fields import ConfigError, between  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.models.config import SchedulerName
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig
@@ -128,7 +128,7 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
 
 
 def _check_values(node: Any, prefix: str, where: str) -> None:
-    """Walk the dataclass tree and enforce range / one_of metadata."""
+    """Walk the dataclass tree and enforce range metadata (enums are checked by OmegaConf)."""
     if not dataclasses.is_dataclass(node):
         return
     for f in dataclasses.fields(node):
@@ -151,9 +151,6 @@ def _check_values(node: Any, prefix: str, where: str) -> None:
                     raise ConfigError(
                         f"{where}: key '{key}' has bad value {v!r}: expected a number in "
                         f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}")
-        if "one_of" in f.metadata and value not in f.metadata["one_of"]:
-            raise ConfigError(f"{where}: key '{key}' has bad value {value!r}: expected one of "
-                              f"{list(f.metadata['one_of'])}")
 
 
 def _cross_checks(params: Params, where: str) -> None:

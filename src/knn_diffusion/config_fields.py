@@ -14,7 +14,3 @@ def between(low: float | None = None, high: float | None = None, *, low_open: bo
     """Field metadata for a numeric range; ``None`` leaves that side unbounded."""
     return {"range": (low, high, low_open, high_open)}
 
-
-def one_of(*allowed: Any) -> dict[str, Any]:
-    """Field metadata for a free-form value restricted to a set (use Enum where the set is fixed)."""
-    return {"one_of": tuple(allowed)}

@@ -17,9 +17,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from PIL import Image
 
-from knn_diffusion.io import atomic_path, write_json
+from knn_diffusion.images import image_grid, save_png
+from knn_diffusion.io import write_json
 from knn_diffusion.models.conditioning import null_condition
 from knn_diffusion.models.config import BetaSchedule, ConditioningVariant, NoiseConfig, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
@@ -87,23 +87,6 @@ def sample(model: ContinuousDenoiser, cond_embeddings: torch.Tensor | np.ndarray
             x = noise_scheduler.step(eps, t, x, generator=generators).prev_sample
     model.train(was_training)
     return to_uint8(x)
-
-
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) uint8 grid."""
-    count, height, width, _ = images.shape
-    columns = columns or int(np.ceil(np.sqrt(count)))
-    rows = int(np.ceil(count / columns))
-    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), fill, dtype=np.uint8)
-    for i, image in enumerate(images):
-        top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
-        grid[top:top + height, left:left + width] = image
-    return grid
-
-
-def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------------

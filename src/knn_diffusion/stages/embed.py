@@ -18,8 +18,7 @@ from knn_diffusion.encoders.store import (begin_embedding, embed_collection, fin
                                           save_text_embeddings)
 from knn_diffusion.io import write_json
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
 EVAL_TEMPLATE = "an emoji of {name}"
@@ -39,8 +38,7 @@ def remove_stale_stores(datasets: list[str]) -> None:
 
 def embed_stage(params: Params) -> None:
     cfg = params.embed
-    with stage_run("embed", {"embed": to_plain(cfg), "encoder.kind": params.encoder.kind.value},
-                   params.tracking.experiment, params.tracking.tracking_uri) as run:
+    with tracked("embed", params, "embed", "encoder.kind") as run:
         encoder = load_encoder(params.encoder, paths.ENCODER)
         report: dict = {"fingerprint": encoder.fingerprint, "dim": encoder.dim, "datasets": {}}
         remove_stale_stores(ingested_datasets())

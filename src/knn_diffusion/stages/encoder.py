@@ -14,15 +14,14 @@ import logging
 
 import numpy as np
 
-from knn_diffusion.config import Params, to_plain
+from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.alignment import rows_without_names, text_to_image_recall, train_alignment
 from knn_diffusion.encoders.config import EncoderKind
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
 PAIRED_DATASET = "noto"
@@ -54,8 +53,7 @@ def paired_corpus(params: Params, held_out_names: list[str]) -> tuple[np.ndarray
 
 def encoder_stage(params: Params) -> None:
     cfg = params.encoder
-    with stage_run("encoder", {"encoder": to_plain(cfg)}, params.tracking.experiment,
-                   params.tracking.tracking_uri) as run:
+    with tracked("encoder", params, "encoder") as run:
         generator, test_rows, test_names = held_out_eval(params)
         corpus, pairs = "pretrained", 0
         with atomic_dir(paths.ENCODER) as out:

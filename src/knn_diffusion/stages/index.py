@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knn_diffusion.config import Params, flatten, to_plain
+from knn_diffusion.config import Params, flatten
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, atomic_path, write_json
@@ -22,8 +22,7 @@ from knn_diffusion.retrieval.config import IndexConfig, Scorer
 from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,7 @@ def write_score_column(cfg: IndexConfig, store: EmbeddingStore, ids: np.ndarray,
 
 def index_stage(params: Params) -> None:
     cfg = params.index
-    with stage_run("index", {"index": to_plain(cfg)}, params.tracking.experiment,
-                   params.tracking.tracking_uri) as run:
+    with tracked("index", params, "index") as run:
         report: dict = {}
         with atomic_dir(paths.INDEX) as out:
             for name in embedded_datasets():

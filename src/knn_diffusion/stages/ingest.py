@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from knn_diffusion.config import Params, to_plain
+from knn_diffusion.config import Params
 from knn_diffusion.data.ingest import ingest_dataset
 from knn_diffusion.data.sources import SourceUnavailable
 from knn_diffusion.data.store import ImageStore
+from knn_diffusion.images import image_grid
 from knn_diffusion.io import atomic_dir, write_json
-from knn_diffusion.sampling import image_grid
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +19,7 @@ log = logging.getLogger(__name__)
 def ingest(params: Params) -> dict:
     data = params.data
     report: dict = {"datasets": {}, "unavailable": {}}
-    with stage_run("ingest", {"data": to_plain(data)}, params.tracking.experiment,
-                   params.tracking.tracking_uri) as run:
+    with tracked("ingest", params, "data") as run:
         with atomic_dir(paths.INGEST) as tmp:
             for name, ds in data.datasets.items():
                 try:

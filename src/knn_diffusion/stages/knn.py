@@ -10,15 +10,14 @@ import logging
 
 import numpy as np
 
-from knn_diffusion.config import Params, to_plain
+from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_path, write_json
 from knn_diffusion.retrieval.neighbours import training_neighbours
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,7 @@ log = logging.getLogger(__name__)
 def knn_stage(params: Params) -> None:
     cfg = params.knn
     name = params.data.generator_dataset
-    with stage_run("knn", {"knn": to_plain(cfg), "data.generator_dataset": name}, params.tracking.experiment,
-                   params.tracking.tracking_uri) as run:
+    with tracked("knn", params, "knn", "data.generator_dataset") as run:
         images = ImageStore.open(paths.dataset_dir(name))
         store = EmbeddingStore.open(paths.embedding_dir(name))
         searcher = Searcher.open(paths.index_dir(name), store.fingerprint, store.dim,

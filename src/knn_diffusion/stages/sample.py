@@ -13,18 +13,19 @@ from typing import Sequence
 
 import numpy as np
 
-from knn_diffusion.config import Params, to_plain
+from knn_diffusion.config import Params
+from knn_diffusion.encoders.encoder import Encoder
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, read_json, write_json
+from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.retrieval.config import ScoreFilterConfig
 from knn_diffusion.retrieval.index import read_sidecar
 from knn_diffusion.retrieval.scores import filter_active, quantile_selector
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.sampling import generate
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.training.checkpoint import load_denoiser
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,16 @@ def neighbour_search(index: str | Path, fingerprint: str, dim: int, score_filter
     return knn, sidecar
 
 
-def generate_images(params: Params, prompts: Sequence[str] | None, out_dir: str | Path, *, index: str | None = None,
-                    checkpoint: str | Path | None = None, image_embeddings: np.ndarray | None = None,
+def load_models(params: Params, checkpoint: str | Path | None = None) -> tuple[ContinuousDenoiser, Encoder]:
+    """The trained denoiser (EMA weights) and the encoder it was trained with, from the pipeline's outputs."""
+    return load_denoiser(checkpoint or paths.CONTINUOUS_MODEL), load_encoder(params.encoder, paths.ENCODER)
+
+
+def generate_images(params: Params, model: ContinuousDenoiser, encoder: Encoder, prompts: Sequence[str] | None,
+                    out_dir: str | Path, *, index: str | None = None, image_embeddings: np.ndarray | None = None,
                     image_embedding_source: str = "", **overrides) -> list[dict]:
-    """Everything ``generate`` needs, loaded from the pipeline's outputs; ``overrides``: k, guidance, ..."""
+    """``generate`` wired to the pipeline's indexes and params; ``overrides``: k, guidance, steps, ..."""
     s = params.sample
-    model = load_denoiser(checkpoint or paths.CONTINUOUS_MODEL)
-    encoder = load_encoder(params.encoder, paths.ENCODER)
     knn, sidecar = neighbour_search(index or params.data.generator_dataset, encoder.fingerprint, encoder.dim,
                                     params.index.score_filter)
     run_id = ""
@@ -83,15 +87,15 @@ def generate_images(params: Params, prompts: Sequence[str] | None, out_dir: str 
 
 def sample_stage(params: Params) -> None:
     s = params.sample
-    with stage_run("sample", {"sample": to_plain(s)}, params.tracking.experiment,
-                   params.tracking.tracking_uri) as run:
+    with tracked("sample", params, "sample") as run:
         report = {}
+        model, encoder = load_models(params)
         with atomic_dir(paths.SAMPLES) as out:
             for index in s.indexes:
                 if not paths.index_dir(index).is_dir():
                     log.warning("index '%s' not built (dataset not ingested?); skipping it", index)
                     continue
-                records = generate_images(params, s.prompts, out / index, index=index)
+                records = generate_images(params, model, encoder, s.prompts, out / index, index=index)
                 run.artifact(out / index / "grid.png", f"samples/{index}")
                 report[index] = {"images": len(records), "mean_top1_score": float(np.mean(
                     [r["neighbour_scores"][0] for r in records if r["neighbour_scores"]] or [0.0]))}

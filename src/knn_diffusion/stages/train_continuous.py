@@ -29,8 +29,7 @@ from knn_diffusion.encoders.store import EmbeddingStore, load_text_embeddings
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.common import run_stage
-from knn_diffusion.tracking import stage_run
+from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.training.continuous import train_continuous
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,7 @@ def train_stage(params: Params) -> None:
     if not is_main:
         train()
         return
-    with stage_run("train_continuous", {"train_continuous": to_plain(cfg), "data.generator_dataset": name},
-                   params.tracking.experiment, params.tracking.tracking_uri) as run:
+    with tracked("train_continuous", params, "train_continuous", "data.generator_dataset") as run:
         run.text("\n".join(prompts), "eval_prompts.txt")
         losses: list[float] = []
 

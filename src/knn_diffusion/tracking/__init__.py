@@ -62,24 +62,6 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return "unknown", False
 
 
-def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
-    """md5 of each dep of ``stage`` as DVC recorded it when its producer last ran (from dvc.lock)."""
-    import yaml
-
-    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
-    if not dvc_yaml.is_file() or not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    known: dict[str, str] = {}
-    for entry in locked.values():
-        for item in entry.get("outs", []) + entry.get("deps", []):
-            if "md5" in item:
-                known[item["path"]] = item["md5"]
-    deps = stages.get(stage, {}).get("deps", [])
-    return {f"dvc.dep.{dep}": known[dep] for dep in deps if dep in known}
-
-
 def experiment_id_for(name: str) -> str:
     """Get or create an experiment; two stages creating it at once must land in the same one."""
     from mlflow import MlflowClient
@@ -139,8 +121,8 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusion",
-              configured_uri: str = "") -> Iterator[StageRun]:
-    """Open the MLflow run for one stage execution and tag it for traceability."""
+              configured_uri: str = "", tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run for one stage execution and tag it for traceability (git, pipeline run, ``tags``)."""
     import mlflow
 
     from knn_diffusion.config import flatten
@@ -149,10 +131,9 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
     mlflow.set_tracking_uri(tracking_uri(configured_uri))
     experiment_id = with_retries(lambda: experiment_id_for(experiment))
     sha, dirty = git_commit(root)
-    tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
-            "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, "")}
-    tags.update(dvc_input_hashes(root, stage))
-    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags))
+    run_tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
+                "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, ""), **(tags or {})}
+    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags))
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())

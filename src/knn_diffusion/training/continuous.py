@@ -29,7 +29,8 @@ from knn_diffusion.models.conditioning import drop_conditions
 from knn_diffusion.models.config import (BetaSchedule, ConditioningConfig, ConditioningVariant, DenoiserConfig,
                                          NoiseConfig, load_unet_preset)
 from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.sampling import image_grid, sample
+from knn_diffusion.images import image_grid
+from knn_diffusion.sampling import sample
 from knn_diffusion.training.checkpoint import (list_checkpoints, prune_checkpoints, restore_training_state,
                                                save_checkpoint, step_checkpoint_path)
 from knn_diffusion.training.config import ContinuousTrainConfig, Precision
