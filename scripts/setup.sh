@@ -26,14 +26,17 @@ else
     echo "setup: $VENV matches requirements.lock; nothing to install"
 fi
 
-noto=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
-if [ ! -f "$noto" ]; then
+# Debian packages: the second emoji set, and the headless browser the UI tests drive.
+missing=""
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing="$missing fonts-noto-color-emoji"
+command -v chromium >/dev/null || missing="$missing chromium chromium-driver"
+if [ -n "$missing" ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing Debian fonts-noto-color-emoji (second emoji set)"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >/dev/null \
-            || echo "setup: WARNING could not install fonts-noto-color-emoji; the 'noto' dataset will be skipped"
+        echo "setup: installing Debian packages:$missing"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null \
+            || echo "setup: WARNING could not install$missing (noto dataset skipped / browser tests skipped)"
     else
-        echo "setup: NOTE fonts-noto-color-emoji is not installed and apt-get is not usable here;"
-        echo "       the 'noto' dataset will be skipped and the encoder aligns on a disjoint OpenMoji split."
+        echo "setup: NOTE Debian packages$missing are not installed and apt-get is not usable here;"
+        echo "       the 'noto' dataset is skipped (the encoder aligns on a disjoint OpenMoji split) and browser tests skip."
     fi
 fi
