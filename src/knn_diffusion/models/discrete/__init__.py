@@ -1,0 +1,1 @@
+"""The discrete backbone: VQ token maps, the mask + uniform transition and a conditional transformer."""
