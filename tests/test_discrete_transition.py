@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knn_diffusion.models.discrete.transition import MaskUniformTransition, TransitionConfig, one_hot_log
+from knn_diffusion.models.discrete.config import TransitionConfig
+from knn_diffusion.models.discrete.transition import MaskUniformTransition, one_hot_log
 
 V, N = 5, 12
 

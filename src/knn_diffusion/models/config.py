@@ -1,9 +1,9 @@
 """Constructor configs of the generators and their size presets.
 
 A trained model's checkpoint stores a :class:`DenoiserConfig`, so loading rebuilds the same network.
-Architecture presets are small JSON files in ``knn_diffusion/model_configs/`` (``unet-<name>.json``,
-open_clip style); :func:`list_presets` lists them and :func:`load_unet_preset` reads one. Add a file to
-add a size; nothing else changes.
+Architecture presets are small JSON files in ``knn_diffusion/model_configs/`` (``<family>-<name>.json``:
+``unet-`` for the continuous backbone, ``transformer-`` for the discrete one; open_clip style);
+:func:`list_presets` lists a family and :func:`read_preset` reads one. Add a file to add a size.
 """
 
 from __future__ import annotations
@@ -105,36 +105,45 @@ class DenoiserConfig:
                               "(unet, conditioning, noise)") from None
 
 
-def _preset_files() -> dict[str, Traversable]:
+def _preset_files(family: str) -> dict[str, Traversable]:
     folder = resources.files("knn_diffusion") / "model_configs"
-    return {f.name[len("unet-"):-len(".json")]: f for f in folder.iterdir()
-            if f.name.startswith("unet-") and f.name.endswith(".json")}
+    prefix = f"{family}-"
+    return {f.name[len(prefix):-len(".json")]: f for f in folder.iterdir()
+            if f.name.startswith(prefix) and f.name.endswith(".json")}
 
 
-def list_presets() -> list[str]:
-    """Names of the U-Net size presets (``tiny``, ``35M``, ``100M``, ``400M``, ...)."""
-    return sorted(_preset_files(), key=lambda name: (name != "tiny", len(name), name))
+def list_presets(family: str = "unet") -> list[str]:
+    """Names of one architecture family's size presets (``tiny``, ``35M``, ``100M``, ``400M``, ...)."""
+    return sorted(_preset_files(family), key=lambda name: (name != "tiny", len(name), name))
 
 
-def load_unet_preset(name: str, resolution: int) -> UNetConfig:
-    """A preset by name, or by the path of a JSON file of the same form (a custom architecture)."""
-    files = _preset_files()
+def read_preset(family: str, name: str, schema: type, **fixed) -> tuple[object, str]:
+    """(``schema(**preset, **fixed)``, where it came from) for ``model_configs/<family>-<name>.json`` or a path.
+
+    ``fixed`` are the fields that come from the data rather than the preset (e.g. the resolution).
+    """
+    files = _preset_files(family)
     if name in files:
-        source, where = files[name], f"model_configs/unet-{name}.json"
+        source, where = files[name], f"model_configs/{family}-{name}.json"
     elif name.endswith(".json") and Path(name).is_file():
         source, where = Path(name), name
     else:
-        raise ConfigError(f"model preset {name!r}: expected one of {list_presets()} or a path to a .json file")
+        raise ConfigError(f"model preset {name!r}: expected one of {list_presets(family)} or a path to a .json file")
     try:
         raw = json.loads(source.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: not valid JSON ({err})") from None
-    known = {f.name for f in dataclasses.fields(UNetConfig)} - {"resolution"}
+    known = {f.name for f in dataclasses.fields(schema)} - set(fixed)
     unknown = sorted(set(raw) - known - {"comment"})
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; expected {sorted(known)}")
     raw.pop("comment", None)
-    config = UNetConfig(**raw, resolution=resolution)
+    return schema(**raw, **fixed), where
+
+
+def load_unet_preset(name: str, resolution: int) -> UNetConfig:
+    """A U-Net preset by name, or by the path of a JSON file of the same form (a custom architecture)."""
+    config, where = read_preset("unet", name, UNetConfig, resolution=resolution)
     validate_unet(config, where=where)
     return config
 

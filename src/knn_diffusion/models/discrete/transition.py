@@ -13,25 +13,13 @@ for L tokens. Index 0 of every schedule array is the identity (n = 0 is the data
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from knn_diffusion.config_fields import ConfigError, between
+from knn_diffusion.config_fields import ConfigError
+from knn_diffusion.models.discrete.config import TransitionConfig
 
 LOG_ZERO = -70.0  # log of a probability treated as zero (exp underflows to 0 in float32)
-
-
-@dataclass
-class TransitionConfig:
-    """Cumulative schedules, linear in n from step 1 to step N (VQ-Diffusion's defaults)."""
-
-    steps: int = field(default=100, metadata=between(2, 10000))  # N (paper: 100)
-    alpha_bar_start: float = field(default=0.99999, metadata=between(0, 1))  # alpha_bar_1: kept unchanged
-    alpha_bar_end: float = field(default=0.000009, metadata=between(0, 1))   # alpha_bar_N
-    gamma_bar_start: float = field(default=0.000009, metadata=between(0, 1))  # gamma_bar_1: masked
-    gamma_bar_end: float = field(default=0.99999, metadata=between(0, 1))     # gamma_bar_N
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:
