@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID and CLIP text-alignment metrics, and ablation reports from MLflow runs."""
