@@ -13,8 +13,10 @@ from knn_diffusion.config import ConfigError, Params, load_params, to_plain
 from knn_diffusion.tracking import StageRun, repo_root, stage_run
 
 
-def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None = None) -> None:
-    """Parse ``[--params FILE] [key=value ...]``, validate, run ``body``; exit 2 on bad config."""
+def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None = None,
+              user_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Parse ``[--params FILE] [key=value ...]``, validate, run ``body``; exit 2 on bad config or on one
+    of the stage's ``user_errors`` (bad input files: a one-line ``error:`` instead of a traceback)."""
     parser = argparse.ArgumentParser(prog=f"python -m knn_diffusion.stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("overrides", nargs="*", help="ad-hoc overrides as key=value (validated)")
@@ -26,7 +28,11 @@ def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None 
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    body(params)
+    try:
+        body(params)
+    except user_errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:

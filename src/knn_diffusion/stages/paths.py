@@ -32,6 +32,13 @@ CONTINUOUS_METRICS = METRICS / "train_continuous.json"
 SAMPLES = Path("outputs") / "samples"
 SAMPLE_METRICS = METRICS / "sample.json"
 
+HUMAN_EVAL = Path("outputs") / "human_eval"
+HUMAN_EVAL_PACKAGE = HUMAN_EVAL / "package"  # what raters open / what is uploaded
+HUMAN_EVAL_KEY = HUMAN_EVAL / "key.json"  # which side is A: never inside the package
+HUMAN_EVAL_METRICS = METRICS / "human_eval.json"
+HUMAN_EVAL_TABLE = HUMAN_EVAL / "results.md"
+HUMAN_EVAL_AGGREGATE_METRICS = METRICS / "human_eval_aggregate.json"
+
 
 def dataset_dir(name: str) -> Path:
     return INGEST / name
