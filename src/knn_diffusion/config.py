@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
+from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
 from knn_diffusion.models.config import SchedulerName
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig
 from knn_diffusion.training.config import ContinuousTrainConfig
@@ -111,6 +112,8 @@ class Params:
     knn: KnnConfig = field(default_factory=KnnConfig)
     train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
