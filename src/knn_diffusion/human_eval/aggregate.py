@@ -263,15 +263,15 @@ def markdown_table(report: Report, key: dict) -> str:
              f"raters preferred **{a}** over the baseline; brackets: 95% Wilson score interval.", "",
              "| Ours vs. | " + " | ".join(HEADLINE[q] for q in questions) + " |",
              "|---|" + "---|" * len(questions),
-             f"| {b} | " + " | ".join(_cell(report.results[q]) for q in questions) + " |", "",
-             "| question | pairs | A wins | B wins | ties | answers | raters | Fleiss' kappa | left chosen |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for q in questions:
-        r = report.results[q]
-        if r is not None:
-            kappa = "undefined" if np.isnan(r.kappa) else f"{r.kappa:.3f}"
-            lines.append(f"| {HEADLINE[q]} | {r.pairs} | {r.wins_a} | {r.wins_b} | {r.ties} | {r.answers} | "
-                         f"{r.raters} | {kappa} | {r.pct_left:.1f}% |")
+             f"| {b} | " + " | ".join(_cell(report.results[q]) for q in questions) + " |"]
+    answered = [(q, r) for q, r in report.results.items() if r is not None]
+    if answered:
+        lines += ["", "| question | pairs | A wins | B wins | ties | answers | raters | Fleiss' kappa | left chosen |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    for q, r in answered:
+        kappa = "undefined" if np.isnan(r.kappa) else f"{r.kappa:.3f}"
+        lines.append(f"| {HEADLINE[q]} | {r.pairs} | {r.wins_a} | {r.wins_b} | {r.ties} | {r.answers} | "
+                     f"{r.raters} | {kappa} | {r.pct_left:.1f}% |")
     if report.problems:
         lines += ["", f"{len(report.problems)} problem(s) left out (non-strict mode):", ""]
         lines += [f"- {p}" for p in report.problems]

@@ -1,0 +1,81 @@
+"""DVC stage ``human_eval_aggregate``: raters' answers (``human_eval_aggregate.results_dir``) -> the table.
+
+Writes ``outputs/human_eval/results.md`` (the paper's layout) and ``metrics/human_eval_aggregate.json``,
+logs the numbers on this stage's MLflow run and on the run that made system A (metrics named after B,
+tagged with the package), when that run is in the store.
+
+Before any answers exist (the usual state right after packaging) the results folder holds no CSV: the
+stage says so, writes a table reading "no answers yet" and empty metrics, and succeeds, so the pipeline
+stays green until the answers come back. Validation problems stop it (``error: ...``, exit 2) unless
+``strict`` is false.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from knn_diffusion.config import Params
+from knn_diffusion.human_eval.aggregate import Report, ResultsError, aggregate, markdown_table
+from knn_diffusion.io import read_json, write_json, write_text
+from knn_diffusion.stages import paths
+from knn_diffusion.stages.common import run_stage, tracked
+from knn_diffusion.tracking import with_retries
+
+log = logging.getLogger(__name__)
+
+
+def log_on_system_a(key: dict, report: Report, aggregate_run_id: str) -> bool:
+    """Add the results to the MLflow run that made system A; False when that run is not in this store."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id, baseline = key["system_a"].get("model_run_id"), key["system_b"]["name"]
+    if not run_id:
+        return False
+    client = MlflowClient()
+    try:
+        tags = client.get_run(run_id).data.tags
+    except MlflowException:
+        log.warning("system A's run %s is not in this MLflow store: results logged on this stage's run only", run_id)
+        return False
+    prefix = f"human_eval.{baseline}"
+    for name, value in report.metrics().items():
+        with_retries(lambda name=name, value=value: client.log_metric(run_id, f"{prefix}.{name}", value))
+    for tag, value in {"package_id": key["package_id"], "aggregate_run": aggregate_run_id}.items():
+        with_retries(lambda tag=tag, value=value: client.set_tag(run_id, f"{prefix}.{tag}", value))
+    baselines = ",".join(sorted({*filter(None, tags.get("human_eval.baselines", "").split(",")), baseline}))
+    with_retries(lambda: client.set_tag(run_id, "human_eval.baselines", baselines))
+    return True
+
+
+def aggregate_study(params: Params) -> Report:
+    cfg = params.human_eval_aggregate
+    key = read_json(paths.HUMAN_EVAL_KEY)
+    results_dir = Path(cfg.results_dir)
+    with tracked("human_eval_aggregate", params, "human_eval_aggregate") as run:
+        run.tags({"package_id": key["package_id"], "system_a": key["system_a"]["name"],
+                  "system_b": key["system_b"]["name"], "system_a.run_id": key["system_a"].get("model_run_id", "")})
+        report = aggregate(results_dir, key, strict=cfg.strict)
+        table = markdown_table(report, key)
+        metrics = report.metrics()
+        write_text(paths.HUMAN_EVAL_TABLE, table)
+        write_json(paths.HUMAN_EVAL_AGGREGATE_METRICS, metrics)
+        run.text(table, "human_eval/results.md")
+        if not report.files:
+            log.info("no result files (*.csv) in %s yet: nothing to aggregate, no metrics logged. Put the "
+                     "raters' CSV files there and rerun", results_dir)
+            return report
+        run.metrics(metrics)
+        logged = log_on_system_a(key, report, run.id)
+        log.info("%d result file(s) aggregated%s:\n%s", len(report.files),
+                 f"; also logged on system A's run {key['system_a']['model_run_id']}" if logged else "", table)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("human_eval_aggregate", aggregate_study, argv, user_errors=(FileNotFoundError, ResultsError))
+
+
+if __name__ == "__main__":
+    main()

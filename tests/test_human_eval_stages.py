@@ -1,0 +1,111 @@
+"""The two DVC stages with a real MLflow store: package (zip, preview, screenshot), then aggregate before and
+after answers arrive, with the results also logged on the run that made system A."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import mlflow
+import pytest
+import yaml
+
+from human_eval_helpers import write_systems
+from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
+
+EXPERIMENT = "human-eval-stages"
+
+
+@pytest.fixture
+def packaged(in_tmp, request):
+    """Systems under outputs/, a run standing for the one that trained A, and the packaging stage run
+    (with a chromium screenshot only when parametrized so: it takes seconds)."""
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="train_continuous") as producer:
+        pass
+    write_systems(in_tmp / "outputs", run_id_a=producer.info.run_id)
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({
+        "human_eval": {"system_a": "outputs/A", "system_b": "outputs/B", "name_b": "retrieval_baseline",
+                       "raters": 2, "base_url": "https://bucket.example/study/",
+                       "screenshot": getattr(request, "param", False)},
+        "human_eval_aggregate": {"results_dir": "results"},
+        "tracking": {"experiment": EXPERIMENT}}))
+    human_eval.main([])
+    return in_tmp, producer.info.run_id, json.loads((in_tmp / paths.HUMAN_EVAL_KEY).read_text())
+
+
+def _run(name):
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"attributes.run_name = '{name}'",
+                              output_format="list")
+    return runs[0]
+
+
+@pytest.mark.parametrize("packaged", [True], indirect=True)
+def test_packaging_stage_outputs_and_artifacts(packaged):
+    root, _, key = packaged
+    assert not (root / paths.HUMAN_EVAL_PACKAGE / "key.json").exists()
+    metrics = json.loads((root / paths.HUMAN_EVAL_METRICS).read_text())
+    assert metrics["pairs"] == 6 and metrics["package_bytes"] > 0
+    run = _run("human_eval")
+    assert run.info.status == "FINISHED" and run.data.tags["package_id"] == key["package_id"]
+    assert run.data.tags["system_a"] == "A" and run.data.tags["system_b"] == "retrieval_baseline"
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "human_eval")}
+    assert {"human_eval/preview_a_left_b_right.png", f"human_eval/human_eval_package_{key['package_id']}.zip",
+            "human_eval/task_screen.png"} <= names
+    archive = client.download_artifacts(run.info.run_id, f"human_eval/human_eval_package_{key['package_id']}.zip",
+                                        str(root / "dl"))
+    listed = set(zipfile.ZipFile(archive).namelist())
+    assert {"quality.html", "alignment.html", "mturk/quality-input.csv", "package.json"} <= listed
+    assert not any("key" in name for name in listed)
+
+
+def test_aggregate_before_answers_succeeds_without_metrics(packaged, caplog):
+    root, producer, _ = packaged
+    with caplog.at_level("INFO"):
+        human_eval_aggregate.main([])
+    assert "no result files (*.csv) in results yet" in caplog.text
+    assert "no answers yet" in (root / paths.HUMAN_EVAL_TABLE).read_text()
+    assert json.loads((root / paths.HUMAN_EVAL_AGGREGATE_METRICS).read_text()) == {}
+    assert _run("human_eval_aggregate").data.metrics == {}
+    assert mlflow.get_run(producer).data.metrics == {}
+
+
+def test_aggregate_logs_on_its_run_and_on_system_as_run(packaged):
+    root, producer, key = packaged
+    (root / "results").mkdir()
+    rows = ["package_id,question,pair_id,rater_id,choice,answered_at"]
+    for pair in key["pairs"]:  # both raters always pick system A
+        rows += [f"{key['package_id']},quality,{pair['pair_id']},{rater},{pair['a_side']}," for rater in ("r1", "r2")]
+    (root / "results" / "answers.csv").write_text("\n".join(rows) + "\n")
+    human_eval_aggregate.main([])
+    metrics = json.loads((root / paths.HUMAN_EVAL_AGGREGATE_METRICS).read_text())
+    assert metrics["quality.pct_prefer_a"] == 100.0 and metrics["quality.pairs"] == 6
+    assert _run("human_eval_aggregate").data.metrics["quality.pct_prefer_a"] == 100.0
+    produced = mlflow.get_run(producer).data
+    assert produced.metrics["human_eval.retrieval_baseline.quality.pct_prefer_a"] == 100.0
+    assert produced.tags["human_eval.retrieval_baseline.package_id"] == key["package_id"]
+    assert produced.tags["human_eval.baselines"] == "retrieval_baseline"
+    assert "| retrieval_baseline | 100.0% [61.0, 100.0] | no answers yet |" in (root / paths.HUMAN_EVAL_TABLE).read_text()
+
+
+def test_bad_results_end_in_one_error_line(packaged, capsys):
+    root, _, key = packaged
+    (root / "results").mkdir()
+    (root / "results" / "answers.csv").write_text("package_id,question,pair_id,rater_id,choice,answered_at\n"
+                                                  f"{key['package_id']},quality,p0001,r1,up,\n")
+    with pytest.raises(SystemExit) as exit_info:
+        human_eval_aggregate.main([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "results/answers.csv:2: answer 'up': expected Left or Right" in err
+    assert "Traceback" not in err
+
+
+def test_missing_system_folder_is_an_error_line(in_tmp, capsys):
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"human_eval": {"system_a": "nowhere", "system_b": "x"},
+                                                        "tracking": {"experiment": EXPERIMENT}}))
+    with pytest.raises(SystemExit) as exit_info:
+        human_eval.main([])
+    assert exit_info.value.code == 2
+    assert "error: nowhere: not a folder of generated images" in capsys.readouterr().err
