@@ -26,3 +26,34 @@ def in_tmp(tmp_path, monkeypatch):
     """Run a test from an empty directory (stages write relative to the cwd, like under DVC)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """Every stage once on a few dozen real glyphs, in a scratch directory shared by the session.
+
+    Read-only for tests: copy what a test changes (``copy_outputs``) or write under its own tmp_path.
+    """
+    import yaml
+
+    from knn_diffusion.stages import embed, encoder, index, ingest, knn, sample, train_continuous
+    from test_stages_end_to_end import TINY
+
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "tiny-pipeline"}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (ingest, encoder, embed, index, knn, train_continuous, sample):
+            stage.main([])
+    return root
+
+
+def copy_outputs(source: Path, target: Path, *relative: str) -> Path:
+    """Copy some pipeline outputs (and params.yaml) of ``source`` into ``target``."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "params.yaml", target / "params.yaml")
+    for item in relative:
+        shutil.copytree(source / item, target / item)
+    return target

@@ -110,9 +110,36 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The number of optimizer steps a checkpoint has done."""
+    return int(read_checkpoint_config(path)["step"])
+
+
+def resume_step(folder: str | os.PathLike, max_steps: int) -> int:
+    """Where a run of ``max_steps`` continues from: its newest step checkpoint in ``folder``, or 0 when
+    there is none or that run finished (calling a finished run again means training again)."""
+    found = list_checkpoints(folder)
+    step = checkpoint_step(found[-1]) if found else 0
+    return step if step < max_steps else 0
+
+
 def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_run_dirs(folder: str | os.PathLike, keep: int, current: str | os.PathLike) -> list[Path]:
+    """Delete all but the ``keep`` most recently used run folders in ``folder`` (``current`` always
+    stays and counts as one of them); returns the deleted ones."""
+    folder, current = Path(folder), Path(current).resolve()
+    if not folder.is_dir():
+        return []
+    others = sorted((p for p in folder.iterdir() if p.is_dir() and p.resolve() != current),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    stale = others[max(keep - 1, 0):]
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
+    return stale
 
 
 def load_denoiser(path: str | os.PathLike, *, ema: bool = True,

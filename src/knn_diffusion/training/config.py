@@ -31,8 +31,9 @@ class ContinuousTrainConfig:
     preset: str = "tiny"  # a name from knn_diffusion.models.config.list_presets()
     variant: ConditioningVariant = ConditioningVariant.tokens
     k: int = field(default=10, metadata=between(0, 256))  # paper: 10
-    # Probability of training a sample on the null condition; 0 is the paper's setting (6.7).
-    cond_dropout: float = field(default=0.1, metadata=between(0, 1))
+    # Probability of training a sample on the null condition. 0 is the paper's setting (6.7): guidance
+    # still works, the null condition y'=0 is used at sampling only (tests/test_guidance.py measures it).
+    cond_dropout: float = field(default=0.0, metadata=between(0, 1))
     batch_size: int = field(default=32, metadata=between(1))  # global, split over DDP ranks
     max_steps: int = field(default=1200, metadata=between(1))  # tiny, 32 px, 2 idle CPU cores: ~5 min
     lr: float = field(default=1e-3, metadata=between(0, 1, low_open=True))
@@ -47,7 +48,10 @@ class ContinuousTrainConfig:
     hflip: bool = False  # emoji and text-bearing stickers change meaning when mirrored
     seed: int = 0
     checkpoint_every: int = field(default=200, metadata=between(1))
-    keep_checkpoints: int = field(default=2, metadata=between(1))
+    keep_checkpoints: int = field(default=2, metadata=between(1))  # step checkpoints kept within a run
+    # Resumable state folders (one per resume key, under checkpoints/train_continuous/) kept, the
+    # current one included; older ones are deleted when a run starts.
+    keep_runs: int = field(default=2, metadata=between(1))
     log_every: int = field(default=10, metadata=between(1))
     sample_every: int = field(default=400, metadata=between(0))  # 0: only at the end
     num_workers: int = field(default=0, metadata=between(0, 64))

@@ -8,8 +8,10 @@ a run killed and resumed from its last checkpoint continues with exactly the sam
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +34,13 @@ from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.images import image_grid
 from knn_diffusion.sampling import sample
 from knn_diffusion.training.checkpoint import (list_checkpoints, prune_checkpoints, restore_training_state,
-                                               save_checkpoint, step_checkpoint_path)
+                                               resume_step, save_checkpoint, step_checkpoint_path)
 from knn_diffusion.training.config import ContinuousTrainConfig, Precision
 from knn_diffusion.training.data import ConditionedImages, EmbeddingSource, StepBatchSampler, make_loader
 from knn_diffusion.training.ema import EMA
 
+log = logging.getLogger(__name__)
+BACKBONE = "continuous"  # recorded in every checkpoint, so a loader can tell the backbones apart
 LogFn = Callable[[int, dict], None]
 ImagesFn = Callable[[int, np.ndarray], None]
 
@@ -133,14 +137,16 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
 def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: EmbeddingSource,
                      self_rows: np.ndarray, neighbours: np.ndarray, out_dir: str | os.PathLike,
                      on_log: LogFn | None = None, on_images: ImagesFn | None = None,
-                     eval_conditions: np.ndarray | None = None) -> Path:
+                     eval_conditions: np.ndarray | None = None, metadata: dict | None = None) -> Path:
     """Train (or resume) and return the final checkpoint directory ``out_dir/final``.
 
     ``images``: uint8 (N, H, W, 3), indexable by an int array (an ImageStore or a memmap).
     ``embeddings.get(rows) -> (n, d)`` over the index collection; ``self_rows`` (N,) each image's own
     row there, ``neighbours`` (N, k_max) its precomputed neighbours' rows. ``eval_conditions``
     (E, 1+k, d) are sampled into a grid every ``cfg.sample_every`` steps and at the end.
-    Step checkpoints go to ``out_dir/checkpoints``; an existing one is resumed from.
+    Step checkpoints go to ``out_dir/checkpoints``. An unfinished run there is resumed; a finished
+    one (its newest checkpoint at ``max_steps``) is not: being called again means train again.
+    ``metadata`` (e.g. the MLflow run id) is recorded in every checkpoint's config.json.
     """
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
@@ -158,9 +164,17 @@ def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: E
         lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         start_step = 0
-        if found := list_checkpoints(checkpoints):
-            start_step = restore_training_state(found[-1], model=model, ema=ema.model, optimizer=optimizer,
-                                                lr_scheduler=lr_scheduler, scaler=scaler)
+        if resume_step(checkpoints, cfg.max_steps) > 0:
+            start_step = restore_training_state(list_checkpoints(checkpoints)[-1], model=model, ema=ema.model,
+                                                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler)
+            if ctx.is_main:
+                log.info("resuming %s at step %d of %d", checkpoints, start_step, cfg.max_steps)
+        elif list_checkpoints(checkpoints):
+            if ctx.world_size > 1:
+                dist.barrier()  # every rank has decided not to resume before rank 0 deletes
+            if ctx.is_main:
+                log.info("%s holds a finished run; training again from step 0", checkpoints)
+                shutil.rmtree(checkpoints)
         train_model = model
         if ctx.world_size > 1:
             train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -171,7 +185,8 @@ def train_continuous(cfg: ContinuousTrainConfig, images: Sequence, embeddings: E
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
                                    ctx.rank, ctx.world_size)
         loader = make_loader(dataset, sampler, cfg.num_workers, pin_memory=ctx.device.type == "cuda")
-        metadata = {"train": to_plain(cfg), "resolution": resolution, "embed_dim": embed_dim}
+        metadata = {**(metadata or {}), "backbone": BACKBONE, "train": to_plain(cfg), "resolution": resolution,
+                    "embed_dim": embed_dim}
 
         def save(step: int) -> None:
             save_checkpoint(step_checkpoint_path(checkpoints, step), model=model, model_config=model_config.to_dict(),
