@@ -164,10 +164,13 @@ def test_unknown_pair_and_wrong_question(tmp_path, caplog):
     assert "left out" in caplog.text and "p0099" in caplog.text
 
 
-def test_not_a_results_file(tmp_path):
+def test_files_that_are_not_results(tmp_path):
     (tmp_path / "notes.csv").write_text("name,score\nx,1\n")
-    with pytest.raises(ResultsError, match=r"notes.csv:1: neither MTurk batch results .* missing column"):
+    (tmp_path / "photo.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00")
+    with pytest.raises(ResultsError) as err:
         aggregate(tmp_path, make_key())
+    assert "notes.csv:1: neither MTurk batch results" in str(err.value) and "missing column" in str(err.value)
+    assert "photo.csv:1: not a readable CSV" in str(err.value)
 
 
 def test_empty_folder_has_no_results(tmp_path):

@@ -110,62 +110,74 @@ def _question_id(value: str, key: dict) -> str | None:
     return qid if qid in key["questions"] else None
 
 
-def _columns(header: list[str], where: str) -> dict[str, str]:
+def _columns(header: list[str]) -> dict[str, str]:
+    """Which column holds what, by the file's format (ValueError when it is neither)."""
     names = set(header)
     if "WorkerId" in names or any(name.startswith("Input.") for name in names):
         answer = next((name for name in MTURK_ANSWERS if name in names), None)
         missing = sorted(set(MTURK_COLUMNS.values()) - names) + ([] if answer else [MTURK_ANSWERS[0]])
         if missing:
-            raise ResultsError(f"{where}: MTurk batch results without column(s) {missing}")
+            raise ValueError(f"MTurk batch results without column(s) {missing}")
         return {**MTURK_COLUMNS, "choice": answer}
     missing = sorted(set(PAGE_COLUMNS.values()) - names)
     if missing:
-        raise ResultsError(f"{where}: neither MTurk batch results (WorkerId, Input.*, Answer.choice.label) nor a "
-                           f"task-page download: missing column(s) {missing}")
+        raise ValueError("neither MTurk batch results (WorkerId, Input.*, Answer.choice.label) nor a task-page "
+                         f"download: missing column(s) {missing}")
     return dict(PAGE_COLUMNS)
 
 
 def read_file(path: Path, key: dict) -> tuple[list[Answer], list[Problem], int]:
     """(answers, problems, rejected assignments) of one results CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            try:
+                return _read_rows(reader, path, key)
+            except (csv.Error, UnicodeDecodeError) as err:
+                return [], [Problem("malformed", f"{path}:{reader.line_num + 1}", f"not a readable CSV ({err})")], 0
+    except OSError as err:
+        return [], [Problem("malformed", str(path), f"cannot be read ({err.strerror})")], 0
+
+
+def _read_rows(reader, path: Path, key: dict) -> tuple[list[Answer], list[Problem], int]:
+    """Rows -> answers; each bad row becomes a Problem at its line (rows of another package: one per file)."""
     answers, problems, rejected = [], [], 0
     mismatched: list[tuple[str, str]] = []  # (where, package id found)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if not header:
-            return [], [Problem("malformed", f"{path}:1", "empty file, expected a CSV header")], 0
-        try:
-            columns = _columns(header, f"{path}:1")
-        except ResultsError as err:
-            return [], [Problem("malformed", f"{path}:1", str(err).split(": ", 1)[1])], 0
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                problems.append(Problem("malformed", where, f"{len(row)} fields, the header has {len(header)}"))
-                continue
-            values = dict(zip(header, row))
-            if values.get("AssignmentStatus", "").strip() == "Rejected":
-                rejected += 1
-                continue
-            package = values[columns["package"]].strip()
-            if package != key["package_id"]:
-                mismatched.append((where, package))
-                continue
-            choice, rater, pair = (values[columns[c]].strip() for c in ("choice", "rater", "pair"))
-            if choice.lower() not in SIDES:
-                problems.append(Problem("malformed", where, f"answer {choice!r}: expected Left or Right"))
-                continue
-            if not rater or not pair:
-                problems.append(Problem("malformed", where, "empty rater id or pair id"))
-                continue
-            question = _question_id(values[columns["question"]], key)
-            if question is None:
-                problems.append(Problem("wrong_question", where, f"an answer to {values[columns['question']]!r}, "
-                                        f"which this package does not ask (it asks {key['questions']})"))
-                continue
-            answers.append(Answer(where, question, pair, rater, choice.lower()))
+    header = next(reader, None)
+    if not header:
+        return [], [Problem("malformed", f"{path}:1", "empty file, expected a CSV header")], 0
+    try:
+        columns = _columns(header)
+    except ValueError as err:
+        return [], [Problem("malformed", f"{path}:1", str(err))], 0
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            problems.append(Problem("malformed", where, f"{len(row)} fields, the header has {len(header)}"))
+            continue
+        values = dict(zip(header, row))
+        if values.get("AssignmentStatus", "").strip() == "Rejected":
+            rejected += 1
+            continue
+        package = values[columns["package"]].strip()
+        if package != key["package_id"]:
+            mismatched.append((where, package))
+            continue
+        choice, rater, pair = (values[columns[c]].strip() for c in ("choice", "rater", "pair"))
+        if choice.lower() not in SIDES:
+            problems.append(Problem("malformed", where, f"answer {choice!r}: expected Left or Right"))
+            continue
+        if not rater or not pair:
+            problems.append(Problem("malformed", where, "empty rater id or pair id"))
+            continue
+        question = _question_id(values[columns["question"]], key)
+        if question is None:
+            problems.append(Problem("wrong_question", where, f"an answer to {values[columns['question']]!r}, "
+                                    f"which this package does not ask (it asks {key['questions']})"))
+            continue
+        answers.append(Answer(where, question, pair, rater, choice.lower()))
     if mismatched:
         where, package = mismatched[0]
         problems.append(Problem("package", where, f"{len(mismatched)} row(s) from package {package!r}, but the key "
