@@ -38,7 +38,7 @@ def test_package_shows_left_right_only_and_the_key_says_which_is_a(tmp_path):
     key, folder = package(tmp_path)
     assert key["system_a"] == {"name": "ours-k10", "folder": str(tmp_path / "systems" / "A"), "model_run_id": "run-a"}
     for pair in key["pairs"]:
-        left, right = folder / "images" / f"{pair['pair_id']}-left.png", folder / "images" / f"{pair['pair_id']}-right.png"
+        left, right = (folder / "images" / f"{pair['pair_id']}-{side}.png" for side in ("left", "right"))
         assert (system_of(left), system_of(right)) == (("A", "B") if pair["a_side"] == "left" else ("B", "A"))
     seen_by_raters = "".join(p.read_text() for p in folder.rglob("*") if p.suffix in {".html", ".csv", ".json", ".md"})
     for secret in ("a_side", "ours-k10", "theirs-baseline", "run-a", str(tmp_path / "systems")):
