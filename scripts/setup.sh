@@ -26,10 +26,14 @@ else
     echo "setup: $VENV matches requirements.lock; nothing to install"
 fi
 
-# Debian packages: the second emoji set, and the headless browser the UI tests drive.
+# Debian packages: the second emoji set; for the tests, the headless browser the UI tests drive, the
+# Postgres server behind the MLflow tracking-server test, and a compose implementation that validates
+# docker/compose.yaml (there is no Docker engine here; `docker-compose config` needs none).
 missing=""
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing="$missing fonts-noto-color-emoji"
 command -v chromium >/dev/null || missing="$missing chromium chromium-driver"
+command -v docker-compose >/dev/null || missing="$missing docker-compose"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 if [ -n "$missing" ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         echo "setup: installing Debian packages:$missing"
