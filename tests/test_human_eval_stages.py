@@ -86,6 +86,8 @@ def test_aggregate_logs_on_its_run_and_on_system_as_run(packaged):
     assert produced.metrics["human_eval.retrieval_baseline.quality.pct_prefer_a"] == 100.0
     assert produced.tags["human_eval.retrieval_baseline.package_id"] == key["package_id"]
     assert produced.tags["human_eval.baselines"] == "retrieval_baseline"
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(producer, "human_eval")] == [
+        "human_eval/vs_retrieval_baseline.md"]
     table = (root / paths.HUMAN_EVAL_TABLE).read_text()
     assert "| retrieval_baseline | 100.0% [61.0, 100.0] | no answers yet |" in table
 

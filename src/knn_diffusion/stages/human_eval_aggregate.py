@@ -25,8 +25,9 @@ from knn_diffusion.tracking import with_retries
 log = logging.getLogger(__name__)
 
 
-def log_on_system_a(key: dict, report: Report, aggregate_run_id: str) -> bool:
-    """Add the results to the MLflow run that made system A; False when that run is not in this store."""
+def log_on_system_a(key: dict, report: Report, table: str, aggregate_run_id: str) -> bool:
+    """Add the results (metrics, tags, the markdown table) to the MLflow run that made system A; False when
+    that run is not in this store."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -46,6 +47,7 @@ def log_on_system_a(key: dict, report: Report, aggregate_run_id: str) -> bool:
         with_retries(lambda tag=tag, value=value: client.set_tag(run_id, f"{prefix}.{tag}", value))
     baselines = ",".join(sorted({*filter(None, tags.get("human_eval.baselines", "").split(",")), baseline}))
     with_retries(lambda: client.set_tag(run_id, "human_eval.baselines", baselines))
+    with_retries(lambda: client.log_text(run_id, table, f"human_eval/vs_{baseline}.md"))
     return True
 
 
@@ -67,7 +69,7 @@ def aggregate_study(params: Params) -> Report:
                      "raters' CSV files there and rerun", results_dir)
             return report
         run.metrics(metrics)
-        logged = log_on_system_a(key, report, run.id)
+        logged = log_on_system_a(key, report, table, run.id)
         log.info("%d result file(s) aggregated%s:\n%s", len(report.files),
                  f"; also logged on system A's run {key['system_a']['model_run_id']}" if logged else "", table)
     return report
