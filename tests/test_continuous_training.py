@@ -14,7 +14,8 @@ from continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, 
 from knn_diffusion.models.config import ConditioningVariant, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.images import image_grid
-from knn_diffusion.sampling import add_generate_arguments, generate, load_image_embeddings, sample
+from knn_diffusion.generation import ContinuousGenerator, generate
+from knn_diffusion.sampling import add_generate_arguments, load_image_embeddings, sample
 from knn_diffusion.training.checkpoint import (load_denoiser, read_checkpoint_config, restore_training_state,
                                                save_checkpoint)
 from knn_diffusion.training.config import ContinuousTrainConfig
@@ -164,9 +165,9 @@ def test_generate_writes_pngs_grid_and_sidecars(tmp_path):
         ids = np.argsort(-scores, axis=1)[:, :k]
         return ids, np.take_along_axis(scores, ids, 1), index[ids]
 
-    records = generate(model, out_dir=tmp_path / "gen", knn=knn, prompts=["a red apple", "a cat face"],
-                       encoder=WordEncoder(), guidance=2.0, scheduler="ddim", steps=3, seed=5,
-                       model_run_id="run123", index_fingerprint="abc")
+    generator = ContinuousGenerator(model, "ddim", run_id="run123")
+    records = generate(generator, out_dir=tmp_path / "gen", knn=knn, prompts=["a red apple", "a cat face"],
+                       encoder=WordEncoder(), guidance=2.0, steps=3, seed=5, index_sidecar={"sha256": "abc"})
     assert [r["seed"] for r in records] == [5, 6]
     side = json.loads((tmp_path / "gen" / "0001-a-cat-face.json").read_text())
     assert side["prompt"] == "a cat face" and side["model_run_id"] == "run123" and side["index_fingerprint"] == "abc"
@@ -178,11 +179,11 @@ def test_generate_writes_pngs_grid_and_sidecars(tmp_path):
 
     np.save(tmp_path / "query.npy", index[4])
     queries = load_image_embeddings(tmp_path / "query.npy")
-    records = generate(model, out_dir=tmp_path / "var", knn=knn, image_embeddings=queries, steps=2,
+    records = generate(ContinuousGenerator(model), out_dir=tmp_path / "var", knn=knn, image_embeddings=queries, steps=2,
                        image_embedding_source="query.npy")
     assert records[0]["prompt"] is None and records[0]["neighbour_ids"][0] == 4  # the image's own row first
     with pytest.raises(ValueError, match="d=8, the model was trained on d=16"):
-        generate(model, out_dir=tmp_path / "bad", knn=knn, image_embeddings=np.ones((1, 8)))
+        generate(ContinuousGenerator(model), out_dir=tmp_path / "bad", knn=knn, image_embeddings=np.ones((1, 8)))
     with pytest.raises(FileNotFoundError, match="expected an existing .npy file"):
         load_image_embeddings(tmp_path / "missing.npy")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from knn_diffusion.retrieval.config import ScoreFilterConfig, Scorer
+from knn_diffusion.retrieval.config import Scorer
 from knn_diffusion.retrieval.scores import (LinearAestheticHead, colourfulness, filter_active, image_scores,
                                             resolve_scorer)
 from knn_diffusion.retrieval.subsets import subset_mask
@@ -87,21 +87,21 @@ def test_aesthetic_head_refuses_bad_files(tmp_path):
 
 
 def test_scorer_default_depends_on_weights():
-    assert resolve_scorer(ScoreFilterConfig()) is Scorer.colourfulness
-    assert resolve_scorer(ScoreFilterConfig(weights="head.pth")) is Scorer.laion_aesthetic
-    with pytest.raises(ValueError, match="needs score_filter.weights"):
-        resolve_scorer(ScoreFilterConfig(scorer=Scorer.laion_aesthetic))
+    assert resolve_scorer(Scorer.auto) is Scorer.colourfulness
+    assert resolve_scorer(Scorer.auto, "head.pth") is Scorer.laion_aesthetic
+    with pytest.raises(ValueError, match="needs index.scorer_weights"):
+        resolve_scorer(Scorer.laion_aesthetic)
 
 
 def test_image_scores_use_the_resolved_scorer(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
-    by_colour = image_scores(ScoreFilterConfig(), image_batches=[images[:4], images[4:]])
+    by_colour = image_scores(Scorer.auto, image_batches=[images[:4], images[4:]])
     np.testing.assert_allclose(by_colour, colourfulness(images))
     head = tmp_path / "head.npz"
     np.savez(head, weight=np.ones((1, 4), np.float32), bias=np.zeros(1, np.float32))
     embeddings = np.eye(6, 4, dtype=np.float32) + 0.1
-    aesthetic = image_scores(ScoreFilterConfig(weights=str(head)), embeddings=embeddings)
+    aesthetic = image_scores(Scorer.auto, str(head), embeddings=embeddings)
     np.testing.assert_allclose(aesthetic, LinearAestheticHead.load(head)(embeddings))
     with pytest.raises(ValueError, match="needs the images' CLIP embeddings"):
-        image_scores(ScoreFilterConfig(weights=str(head)), image_batches=[images])
-    assert not filter_active(ScoreFilterConfig()) and filter_active(ScoreFilterConfig(low=0.8))
+        image_scores(Scorer.auto, str(head), image_batches=[images])
+    assert not filter_active(0.0, 1.0) and filter_active(0.8, 1.0)

@@ -11,6 +11,7 @@ import yaml
 
 from knn_diffusion.stages import embed, encoder, index, ingest, knn, paths, sample, train_continuous
 from knn_diffusion.cli import main as cli_main
+from knn_diffusion.retrieval.inference import SCORES_FILE
 
 TINY = {
     "data": {"datasets": {"openmoji": {"source": "openmoji", "limit": 120},
@@ -67,7 +68,7 @@ def test_samples_for_own_and_swapped_index(pipeline_dir):
         record = json.loads(sidecars[0].read_text())
         assert record["k"] == 3 and len(record["neighbour_ids"]) == 3
     noto_ids = json.loads(sorted((pipeline_dir / paths.SAMPLES / "noto").glob("0*.json"))[0].read_text())
-    noto_index_ids = np.load(pipeline_dir / paths.index_dir("noto") / paths.SCORES_FILE)["ids"]
+    noto_index_ids = np.load(pipeline_dir / paths.index_dir("noto") / SCORES_FILE)["ids"]
     assert set(noto_ids["neighbour_ids"]) <= set(noto_index_ids.tolist())
 
 
@@ -75,9 +76,9 @@ def test_generate_cli_with_index_swap_and_score_filter(pipeline_dir, monkeypatch
     monkeypatch.chdir(pipeline_dir)
     out = pipeline_dir / "gen"
     cli_main(["generate", "an emoji of a dog", "--index", "noto", "--steps", "2", "--k", "2", "--out", str(out),
-              "--set", "index.score_filter.low=0.5"])
+              "--set", "retrieval.score_filter.low=0.5"])
     record = json.loads(next(out.glob("0000-*.json")).read_text())
-    column = np.load(pipeline_dir / paths.index_dir("noto") / paths.SCORES_FILE)
+    column = np.load(pipeline_dir / paths.index_dir("noto") / SCORES_FILE)
     threshold = np.quantile(column["scores"], 0.5)
     by_id = dict(zip(column["ids"].tolist(), column["scores"].tolist()))
     assert len(record["neighbour_ids"]) == 2

@@ -46,9 +46,10 @@ def _params_command(args: argparse.Namespace) -> None:
 
 def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
+    from knn_diffusion.encoders.factory import load_encoder
+    from knn_diffusion.generation import generate, load_generator, neighbour_search
     from knn_diffusion.sampling import load_image_embeddings
     from knn_diffusion.stages import paths
-    from knn_diffusion.stages.sample import generate_images, load_models
 
     params = load_params(args.params, args.set or [])
     embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
@@ -63,11 +64,16 @@ def _generate_command(args: argparse.Namespace) -> None:
             raise ConfigError(f"--variant {args.variant}: the model at {checkpoint} was trained with variant "
                               f"'{trained}'; pass --checkpoint of a {args.variant} run (e.g. after "
                               f"`dvc exp apply <exp>` of a sweep over train_continuous.variant)")
-    model, encoder = load_models(params, checkpoint)
-    records = generate_images(params, model, encoder, args.prompts or None, args.out, index=args.index,
-                              image_embeddings=embeddings, image_embedding_source=args.image_embedding_from or "",
-                              k=args.k, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
-                              seed=args.seed, batch_size=args.batch_size)
+    s = params.sample
+    generator = load_generator(checkpoint, scheduler=args.scheduler or s.scheduler)
+    encoder = load_encoder(params.encoder, paths.ENCODER)
+    knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
+                                    encoder.fingerprint, encoder.dim, params.retrieval)
+    records = generate(generator, out_dir=args.out, knn=knn, prompts=args.prompts or None,
+                       encoder=encoder if args.prompts else None, image_embeddings=embeddings,
+                       image_embedding_source=args.image_embedding_from or "", k=args.k,
+                       guidance=s.guidance if args.guidance is None else args.guidance,
+                       steps=s.steps if args.steps is None else args.steps, seed=args.seed, batch_size=args.batch_size, index_sidecar=sidecar)
     for record in records:
         print(f"{args.out}/{record['image']}  k={record['k']}  top neighbour score "
               f"{record['neighbour_scores'][0] if record['neighbour_scores'] else '-'}")

@@ -30,7 +30,7 @@ from knn_diffusion.config_fields import ConfigError, between  # noqa: F401 (Conf
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
 from knn_diffusion.models.config import SchedulerName
-from knn_diffusion.retrieval.config import IndexConfig, KnnConfig
+from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
 from knn_diffusion.training.config import ContinuousTrainConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -111,6 +111,7 @@ class Params:
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # inference-time: sample/generate/evaluate
     sample: SampleConfig = field(default_factory=SampleConfig)
     human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)

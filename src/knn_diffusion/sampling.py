@@ -1,4 +1,4 @@
-"""Text (or image embedding) -> kNN condition -> classifier-free guided sampling -> PNGs.
+"""Classifier-free guided sampling of the continuous model from (1+K, d) kNN conditions.
 
 At inference the query is the text embedding f_txt(t) and its neighbours come from whatever index
 is given (a different one than in training swaps the output distribution: the paper's
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from knn_diffusion.images import image_grid, save_png
-from knn_diffusion.io import write_json
 from knn_diffusion.models.conditioning import null_condition
 from knn_diffusion.models.config import BetaSchedule, ConditioningVariant, NoiseConfig, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
@@ -90,16 +87,7 @@ def sample(model: ContinuousDenoiser, cond_embeddings: torch.Tensor | np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------
-# Text prompts -> files
-
-
-class TextEncoder(Protocol):
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """(N, d) float32 embeddings in the joint space."""
-
-
-# query (N, d), k -> ids (N, k), scores (N, k), neighbour embeddings (N, k, d)
-NeighbourSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# Command-line inputs of `knn-diffusion generate` (the wiring is in knn_diffusion.generation)
 
 
 def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
@@ -111,77 +99,6 @@ def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
     if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: expected float embeddings of shape (d,) or (N, d), got {array.dtype} {array.shape}")
     return np.atleast_2d(array).astype(np.float32)
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
-
-
-def generate(model: ContinuousDenoiser, *, out_dir: str | os.PathLike, knn: NeighbourSearch,
-             prompts: Sequence[str] | None = None, encoder: TextEncoder | None = None,
-             image_embeddings: np.ndarray | None = None, k: int | None = None, guidance: float = 3.0,
-             scheduler: SchedulerName | str = SchedulerName.dpm_solver_pp_sde, steps: int = 25, seed: int = 0,
-             batch_size: int = 16, model_run_id: str = "", index_fingerprint: str = "",
-             image_embedding_source: str = "") -> list[dict]:
-    """Generate one image per prompt (or per image embedding) and write PNGs, sidecars and a grid.
-
-    Writes ``<i>-<slug>.png`` + ``<i>-<slug>.json`` (prompt, seed, neighbour ids and scores, model
-    run id, index fingerprint, sampler settings) and ``grid.png`` into ``out_dir``; returns the sidecars.
-    ``k`` defaults to the k the model was trained with; a ``no_knn`` model retrieves nothing.
-    """
-    if (prompts is None) == (image_embeddings is None):
-        raise ValueError("give either prompts (with an encoder) or image_embeddings, not both")
-    if prompts is not None:
-        if encoder is None:
-            raise ValueError("prompts need an encoder with encode_texts()")
-        queries = np.asarray(encoder.encode_texts(list(prompts)), dtype=np.float32)  # (N, d)
-    else:
-        queries = np.atleast_2d(np.asarray(image_embeddings, dtype=np.float32))
-    expected_d = model.config.conditioning.embed_dim
-    if queries.shape[1] != expected_d:
-        raise ValueError(f"query embeddings have d={queries.shape[1]}, the model was trained on d={expected_d}")
-    trained = model.config.conditioning
-    k = trained.k if k is None else k
-    if trained.variant == ConditioningVariant.no_knn:
-        k = 0
-    count = len(queries)
-    if k > 0:
-        ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)
-        cond = np.concatenate([queries[:, None], np.asarray(neighbours, dtype=np.float32)], axis=1)  # (N, 1+k, d)
-    else:
-        ids, scores = np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32)
-        cond = queries[:, None]  # (N, 1, d)
-    images = np.concatenate([
-        sample(model, cond[start:start + batch_size], guidance=guidance, scheduler=scheduler, steps=steps,
-               seed=[seed + i for i in range(start, min(start + batch_size, count))])
-        for start in range(0, count, batch_size)])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(count):
-        prompt = prompts[i] if prompts is not None else None
-        stem = f"{i:04d}-{_slug(prompt or 'image-embedding')}"
-        record = {
-            "prompt": prompt,
-            "image_embedding_from": None if prompts is not None else image_embedding_source,
-            "image_embedding_row": None if prompts is not None else i,
-            "seed": seed + i,
-            "k": k,
-            "neighbour_ids": np.asarray(ids[i]).tolist(),
-            "neighbour_scores": [float(s) for s in np.asarray(scores[i])],
-            "guidance": guidance,
-            "scheduler": SchedulerName(scheduler).value,
-            "steps": steps,
-            "variant": ConditioningVariant(trained.variant).value,
-            "model_run_id": model_run_id,
-            "index_fingerprint": index_fingerprint,
-            "image": f"{stem}.png",
-        }
-        save_png(out_dir / f"{stem}.png", images[i])
-        write_json(out_dir / f"{stem}.json", record)
-        records.append(record)
-    save_png(out_dir / "grid.png", image_grid(images))
-    return records
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

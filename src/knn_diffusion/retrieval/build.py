@@ -1,4 +1,4 @@
-"""One call for the ``index`` stage: subset, build, tune against exact search, save."""
+"""One call for the ``index`` stage: build, tune against exact search, save."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from knn_diffusion.retrieval.config import IndexConfig
 from knn_diffusion.retrieval.index import build_index, save_index, sidecar_from
 from knn_diffusion.retrieval.search import (Searcher, VectorGetter, exact_neighbours, tune_search_params,
                                             vectors_by_id, without_ids)
-from knn_diffusion.retrieval.subsets import subset_mask
 
 
 def is_exact(index: faiss.Index) -> bool:
@@ -23,7 +22,7 @@ def is_exact(index: faiss.Index) -> bool:
 def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, fingerprint: str,
                       directory: str | os.PathLike, *, get_vectors: VectorGetter | None = None,
                       progress: bool = True, **sidecar_extra: Any) -> dict[str, Any]:
-    """Build the index over ``config.subset_fraction`` of (vectors (N, d), ids (N,)), tune nprobe /
+    """Build the index over all of (vectors (N, d), ids (N,)), tune nprobe /
     efSearch to ``config.target_recall`` (self-excluded ``tune_k``-recall on indexed images used as
     queries), save it to ``directory``; returns the sidecar.
 
@@ -31,22 +30,19 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
     ``vectors`` (pass a memory map to keep them out of RAM).
     """
     ids = np.asarray(ids, dtype=np.int64)
-    positions = np.flatnonzero(subset_mask(ids, config.subset_fraction, config.seed))
-    sub_vectors, sub_ids = (vectors, ids) if len(positions) == len(ids) else (vectors[positions], ids[positions])
-    index, info = build_index(sub_vectors, sub_ids, config.factory, train_size=config.train_size,
+    index, info = build_index(vectors, ids, config.factory, train_size=config.train_size,
                               seed=config.seed, batch=config.add_batch, use_gpu=config.use_gpu,
                               bytes_per_vector=config.bytes_per_vector, progress=progress)
     rerank = 1 if is_exact(index) else config.rerank_factor
     searcher = Searcher(index, get_vectors=get_vectors or vectors_by_id(ids, vectors),
                         rerank_factor=rerank)
-    k = min(config.tune_k, len(sub_ids) - 1)
+    k = min(config.tune_k, len(ids) - 1)
     rng = np.random.default_rng(config.seed + 1)
-    query_rows = np.sort(rng.choice(len(sub_ids), size=min(config.tune_queries, len(sub_ids)),
-                                    replace=False))
-    queries, query_ids = np.asarray(sub_vectors[query_rows], np.float32), sub_ids[query_rows]
-    _, truth = exact_neighbours(sub_vectors, sub_ids, queries, k + 1)
+    query_rows = np.sort(rng.choice(len(ids), size=min(config.tune_queries, len(ids)), replace=False))
+    queries, query_ids = np.asarray(vectors[query_rows], np.float32), ids[query_rows]
+    _, truth = exact_neighbours(vectors, ids, queries, k + 1)
     truth = without_ids(truth, query_ids, k)
     params, recall = tune_search_params(searcher, queries, truth, k, config.target_recall, query_ids)
     sidecar = sidecar_from(info, fingerprint, params, recall, config.target_recall, k, searcher.rerank_factor,
-                           subset_fraction=config.subset_fraction, seed=config.seed, **sidecar_extra)
+                           seed=config.seed, **sidecar_extra)
     return save_index(index, directory, sidecar)

@@ -1,4 +1,4 @@
-"""Params sections for the ``index`` and ``knn`` stages."""
+"""Params sections for the ``index`` and ``knn`` stages, and ``retrieval`` (inference-time settings)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,20 @@ class Scorer(str, Enum):
 class ScoreFilterConfig:
     """Restrict retrieval to images whose score quantile lies in [low, high); high=1 keeps the top."""
 
-    scorer: Scorer = Scorer.auto
-    weights: str = ""  # .safetensors / .npz / .pth holding ``weight`` (1, d) and ``bias`` (1,)
     low: float = field(default=0.0, metadata=between(0, 1))
     high: float = field(default=1.0, metadata=between(0, 1))
+
+
+@dataclass
+class RetrievalConfig:
+    """Inference-time retrieval (``sample``, ``generate``, ``evaluate``): which part of the full index
+    neighbours may come from. Applied with a faiss id selector, so neither the index nor the model is
+    rebuilt (paper Sec. 6.5 index-size ablation; Fig. 7-8 score quantiles)."""
+
+    # Deterministic nested subset of the index: the 10% subset lies inside the 30% one (same seed).
+    index_fraction: float = field(default=1.0, metadata=between(0, 1, low_open=True))
+    subset_seed: int = 0
+    score_filter: ScoreFilterConfig = field(default_factory=ScoreFilterConfig)
 
 
 @dataclass
@@ -43,13 +53,13 @@ class IndexConfig:
     # Candidates per result re-scored exactly against the stored (memory-mapped) embeddings; 1 = off.
     rerank_factor: int = field(default=10, metadata=between(1, 1000))
     use_gpu: GpuUse = GpuUse.auto
-    # Index-size ablation: build over this deterministic fraction of the images (paper: .1 .3 .5 .7 1).
-    subset_fraction: float = field(default=1.0, metadata=between(0, 1, low_open=True))
     seed: int = 0
     # Splits of the generator dataset that go into its index (keeps val/test images out of training
     # neighbours and out of retrieval during evaluation); other datasets are indexed whole.
     generator_splits: list[str] = field(default_factory=lambda: ["train"])
-    score_filter: ScoreFilterConfig = field(default_factory=ScoreFilterConfig)
+    # The per-image score column written beside each index (filtered at inference by retrieval.score_filter).
+    scorer: Scorer = Scorer.auto
+    scorer_weights: str = ""  # .safetensors / .npz / .pth holding ``weight`` (1, d) and ``bias`` (1,)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Cosine similarity is inner product on L2-normalised vectors, so every index uses
 and every vector is (re-)normalised on the way in. Ids are the image ids of the embedding store.
 
 An index is saved as a directory holding ``index.faiss`` and ``index.json`` (the sidecar: factory,
-size, encoder fingerprint, tuned search parameters, measured recall, device, build time and the
+size, encoder fingerprint, tuned search parameters, measured recall, device and the
 sha256 of the index bytes). The sidecar is checked before faiss reads a byte, so a truncated or
 foreign file becomes a ``ValueError`` that names it instead of a crash inside faiss.
 """
@@ -245,8 +245,13 @@ def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
 
 def sidecar_from(info: BuildInfo, fingerprint: str, search_params: dict[str, int], recall: float,
                  target_recall: float, k: int, rerank_factor: int, **extra: Any) -> dict[str, Any]:
-    """The sidecar fields every saved index carries (``save_index`` adds size and checksum)."""
-    return {**asdict(info), "fingerprint": fingerprint, "search_params": search_params,
+    """The sidecar fields every saved index carries (``save_index`` adds size and checksum).
+
+    Only facts that a rebuild of the same inputs reproduces: the build time goes to metrics, so a
+    rebuilt index is byte-identical and DVC sees the same hash (no needless retraining downstream).
+    """
+    facts = {k: v for k, v in asdict(info).items() if k != "build_seconds"}
+    return {**facts, "fingerprint": fingerprint, "search_params": search_params,
             "recall": {f"{k}-recall@{k}": round(recall, 4), "target": target_recall,
                        "reached": recall >= target_recall},
             "rerank_factor": rerank_factor, **extra}

@@ -26,7 +26,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 
-from knn_diffusion.retrieval.config import ScoreFilterConfig, Scorer
+from knn_diffusion.retrieval.config import Scorer
 
 
 def colourfulness(images: np.ndarray) -> np.ndarray:
@@ -97,32 +97,33 @@ class LinearAestheticHead:
         return (unit @ self.weight + self.bias).astype(np.float32)
 
 
-def resolve_scorer(config: ScoreFilterConfig) -> Scorer:
+def resolve_scorer(scorer: Scorer | str, weights: str = "") -> Scorer:
     """``auto`` means the aesthetic head when its weights are given, else colourfulness."""
-    if config.scorer is Scorer.auto:
-        return Scorer.laion_aesthetic if config.weights else Scorer.colourfulness
-    if config.scorer is Scorer.laion_aesthetic and not config.weights:
-        raise ValueError("score_filter.scorer='laion_aesthetic' needs score_filter.weights (a .pth, "
+    scorer = Scorer(scorer)
+    if scorer is Scorer.auto:
+        return Scorer.laion_aesthetic if weights else Scorer.colourfulness
+    if scorer is Scorer.laion_aesthetic and not weights:
+        raise ValueError("index.scorer='laion_aesthetic' needs index.scorer_weights (a .pth, "
                          ".npz or .safetensors file with the linear head)")
-    return Scorer(config.scorer)
+    return scorer
 
 
-def filter_active(config: ScoreFilterConfig) -> bool:
-    return config.low > 0 or config.high < 1
+def filter_active(low: float, high: float) -> bool:
+    return low > 0 or high < 1
 
 
-def image_scores(config: ScoreFilterConfig, *, embeddings: np.ndarray | None = None,
+def image_scores(scorer: Scorer | str, weights: str = "", *, embeddings: np.ndarray | None = None,
                  image_batches: Iterable[np.ndarray] | None = None) -> np.ndarray:
     """(N,) float32 score column for the images, by the configured scorer.
 
     ``embeddings`` (N, d) feed the aesthetic head; ``image_batches`` (uint8 (n, H, W, 3) batches, in
     the same image order) feed colourfulness. Pass what the resolved scorer needs.
     """
-    scorer = resolve_scorer(config)
+    scorer = resolve_scorer(scorer, weights)
     if scorer is Scorer.laion_aesthetic:
         if embeddings is None:
             raise ValueError("the laion_aesthetic scorer needs the images' CLIP embeddings")
-        return LinearAestheticHead.load(config.weights, expected_dim=embeddings.shape[1])(embeddings)
+        return LinearAestheticHead.load(weights, expected_dim=embeddings.shape[1])(embeddings)
     if image_batches is None:
         raise ValueError("the colourfulness scorer needs the images (uint8 batches)")
     return np.concatenate([colourfulness(batch) for batch in image_batches])

@@ -1,22 +1,122 @@
-"""What every stage shares: argument parsing, params loading, error reporting, its MLflow run."""
+"""What every stage shares: argument parsing, params loading, error reporting, its MLflow run.
+
+A stage's params sections are declared once, in its ``params:`` list in dvc.yaml. The stage body gets
+a read-only view of the params that refuses any key outside that list (``tracking`` excepted: it
+only says where runs are logged), so a stage cannot depend on a setting DVC does not track.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import logging
 import sys
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from knn_diffusion.config import ConfigError, Params, load_params, to_plain
 from knn_diffusion.tracking import StageRun, repo_root, stage_run
 
+log = logging.getLogger(__name__)
+# Read by every stage without being declared: it changes where runs are logged, never an output.
+UNTRACKED_SECTIONS = ("tracking",)
+# The project's own dvc.yaml, for stages run outside a DVC repo (tests, ad-hoc runs in a scratch dir).
+PROJECT_DVC_YAML = Path(__file__).resolve().parents[3] / "dvc.yaml"
 
-def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None = None,
+
+class UndeclaredParamError(ConfigError):
+    """A stage read a params key that its dvc.yaml entry does not declare."""
+
+
+def dvc_yaml_path() -> Path:
+    here = repo_root() / "dvc.yaml"
+    return here if here.is_file() else PROJECT_DVC_YAML
+
+
+def _stages(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: dvc.yaml not found; stages declare their params there")
+    return _parsed(path, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _parsed(path: Path, mtime_ns: int) -> dict:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+
+
+def declared_params(stage: str, dvc_yaml: Path | None = None) -> list[str]:
+    """The params keys (sections or dotted keys of params.yaml) that dvc.yaml lists for ``stage``."""
+    path = dvc_yaml or dvc_yaml_path()
+    stages = _stages(path)
+    if stage not in stages:
+        raise ConfigError(f"{path}: no stage '{stage}'")
+    keys: list[str] = []
+    for entry in stages[stage].get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        else:  # {params_file: [keys]}: only params.yaml feeds the typed schema
+            keys.extend(key for file, listed in entry.items() if file == "params.yaml" for key in listed or [])
+    return keys
+
+
+class ParamsView:
+    """Read-only access to the declared part of :class:`Params` (or of one of its sections).
+
+    Reading a declared key (or anything below one) gives a copy of its value; reading a section of
+    which only some keys are declared gives a view of it; anything else raises
+    :class:`UndeclaredParamError` naming the stage and the key.
+    """
+
+    def __init__(self, node: Any, stage: str, declared: tuple[str, ...], prefix: str = ""):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_declared", declared)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._node, name)
+        key = f"{self._prefix}{name}"
+        if any(key == d or key.startswith(d + ".") for d in self._declared):
+            return copy.deepcopy(value)
+        if dataclasses.is_dataclass(value) and any(d.startswith(key + ".") for d in self._declared):
+            return ParamsView(value, self._stage, self._declared, key + ".")
+        raise UndeclaredParamError(f"stage '{self._stage}' reads params key '{key}', which dvc.yaml does not "
+                                   f"declare for it (declared: {[d for d in self._declared if d != 'tracking']}); "
+                                   "add it to the stage's params in dvc.yaml")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"params are read-only in a stage (tried to set '{self._prefix}{name}')")
+
+    def declared_plain(self) -> dict[str, Any]:
+        """{declared key: plain value} for logging (the view's own key paths, dotted)."""
+        plain = to_plain(self._node)
+        out = {}
+        for key in self._declared:
+            if key in UNTRACKED_SECTIONS:
+                continue
+            tree = plain
+            for part in key.split("."):
+                tree = tree[part]
+            out[key] = tree
+        return out
+
+
+def stage_params(params: Params, stage: str) -> ParamsView:
+    return ParamsView(params, stage, tuple(declared_params(stage)) + UNTRACKED_SECTIONS)
+
+
+def run_stage(name: str, body: Callable[[Any], None], argv: list[str] | None = None,
               user_errors: tuple[type[Exception], ...] = ()) -> None:
-    """Parse ``[--params FILE] [key=value ...]``, validate, run ``body``; exit 2 on bad config or on one
-    of the stage's ``user_errors`` (bad input files: a one-line ``error:`` instead of a traceback)."""
+    """Parse ``[--params FILE] [key=value ...]``, validate, run ``body`` on the stage's declared params.
+
+    Bad config, and the exception types in ``user_errors`` (input the user can fix), end as one
+    ``error: ...`` line and exit code 2.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m knn_diffusion.stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("overrides", nargs="*", help="ad-hoc overrides as key=value (validated)")
@@ -24,46 +124,47 @@ def run_stage(name: str, body: Callable[[Params], None], argv: list[str] | None 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
     try:
-        params = load_params(args.params, args.overrides)
+        params = stage_params(load_params(args.params, args.overrides), name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
         body(params)
-    except user_errors as err:
+    except (UndeclaredParamError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
-    """md5 of each dep of ``stage`` as DVC recorded it when its producer last ran (from dvc.lock)."""
-    import yaml
+    """The DVC hash of each dep of ``stage`` as it is now (what this run reads), by DVC's own code.
 
-    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
-    if not dvc_yaml.is_file() or not lock.is_file():
+    Computed, not read from dvc.lock: while ``dvc repro`` runs a stage, the lock file still holds
+    the previous run's hashes. Outside a DVC repo (or for a stage it does not define) there are none.
+    """
+    if not (root / ".dvc").is_dir():
         return {}
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    known: dict[str, str] = {}
-    for entry in locked.values():
-        for item in entry.get("outs", []) + entry.get("deps", []):
-            if "md5" in item:
-                known[item["path"]] = item["md5"]
-    deps = stages.get(stage, {}).get("deps", [])
-    return {f"dvc.dep.{dep}": known[dep] for dep in deps if dep in known}
+    from dvc.repo import Repo
 
-
-def _section(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
+    with Repo(str(root)) as repo:
+        try:
+            (spec,) = repo.stage.collect(stage)
+        except Exception as err:  # no such stage in this repo's dvc.yaml
+            log.warning("no DVC input hashes for '%s': %s", stage, str(err).splitlines()[0])
+            return {}
+        return {f"dvc.dep.{dep.def_path}": dep.get_hash().value for dep in spec.deps if dep.exists}
 
 
 @contextlib.contextmanager
-def tracked(stage: str, params: Params, *sections: str) -> Iterator[StageRun]:
-    """The stage's MLflow run, logging the params sections it depends on (as in dvc.yaml) and tagged
-    with the DVC hashes of its inputs."""
-    plain = to_plain(params)
-    with stage_run(stage, {name: _section(plain, name) for name in sections}, params.tracking.experiment,
-                   params.tracking.tracking_uri, tags=dvc_input_hashes(repo_root(), stage)) as run:
+def tracked(stage: str, params: ParamsView, *sections: str) -> Iterator[StageRun]:
+    """The stage's MLflow run, logging the params it declares in dvc.yaml and tagged with the DVC
+    hashes of its inputs as they are at the start of the run.
+
+    ``sections`` (optional, from before dvc.yaml was the single source) must each be declared there.
+    """
+    declared = declared_params(stage)
+    missing = [s for s in sections if not any(s == d or s.startswith(d + ".") for d in declared)]
+    if missing:
+        raise UndeclaredParamError(f"stage '{stage}' logs params {missing} that dvc.yaml does not declare for it")
+    with stage_run(stage, params.declared_plain(), params.tracking.experiment, params.tracking.tracking_uri,
+                   tags=dvc_input_hashes(repo_root(), stage)) as run:
         yield run

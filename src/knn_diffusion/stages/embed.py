@@ -1,8 +1,8 @@
 """DVC stage ``embed``: image embeddings of every ingested dataset + text embeddings of the eval prompts.
 
 Resumable: the out is ``persist``-ed, complete shards of an interrupted run with the same encoder and
-ids are kept, and each shard is written atomically. With ``embed.workers > 0`` shards are embedded in
-parallel on a Dask cluster through Prefect (``flows/embed.py``).
+ids are kept, and each shard is written atomically. With ``embed.workers > 0`` (or a
+``embed.dask_address``) shards are embedded in parallel on a Dask cluster (``encoders/parallel.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import logging
 import shutil
 import time
 
-from knn_diffusion.config import Params, to_plain
+from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
+from knn_diffusion.encoders.parallel import embed_shards_parallel
 from knn_diffusion.encoders.store import (begin_embedding, embed_collection, finish_embedding,
                                           save_text_embeddings)
 from knn_diffusion.io import write_json
@@ -38,7 +39,7 @@ def remove_stale_stores(datasets: list[str]) -> None:
 
 def embed_stage(params: Params) -> None:
     cfg = params.embed
-    with tracked("embed", params, "embed", "encoder.kind") as run:
+    with tracked("embed", params) as run:
         encoder = load_encoder(params.encoder, paths.ENCODER)
         report: dict = {"fingerprint": encoder.fingerprint, "dim": encoder.dim, "datasets": {}}
         remove_stale_stores(ingested_datasets())
@@ -47,12 +48,11 @@ def embed_stage(params: Params) -> None:
             out = paths.embedding_dir(name)
             start = time.perf_counter()
             if cfg.workers > 0 or cfg.dask_address:
-                from flows.embed import embed_shards_parallel
-
                 pending = begin_embedding(out, encoder.fingerprint, encoder.dim, images.rows(), cfg.shard_size,
                                           cfg.dtype.value, encoder.description)
-                embed_shards_parallel(to_plain(params), str(paths.ENCODER), str(images.root), str(out), pending,
-                                      cfg.workers, cfg.dask_address)
+                embed_shards_parallel(params.encoder, paths.ENCODER, images.root, out, pending,
+                                      shard_size=cfg.shard_size, batch_size=cfg.batch_size, dtype=cfg.dtype.value,
+                                      workers=cfg.workers, address=cfg.dask_address)
                 store = finish_embedding(out)
             else:
                 store = embed_collection(encoder, images, images.rows(), out, cfg.shard_size, cfg.batch_size,

@@ -53,7 +53,7 @@ def paired_corpus(params: Params, held_out_names: list[str]) -> tuple[np.ndarray
 
 def encoder_stage(params: Params) -> None:
     cfg = params.encoder
-    with tracked("encoder", params, "encoder") as run:
+    with tracked("encoder", params) as run:
         generator, test_rows, test_names = held_out_eval(params)
         corpus, pairs = "pretrained", 0
         with atomic_dir(paths.ENCODER) as out:

@@ -20,6 +20,7 @@ from knn_diffusion.io import atomic_dir, atomic_path, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, Scorer
 from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
+from knn_diffusion.retrieval.inference import SCORES_FILE
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
@@ -32,23 +33,23 @@ def embedded_datasets() -> list[str]:
 
 
 def write_score_column(cfg: IndexConfig, store: EmbeddingStore, ids: np.ndarray, index_dir: Path) -> None:
-    """Per-image scores beside the index, for the quantile filter at retrieval time (paper Fig. 7-8)."""
-    scorer = resolve_scorer(cfg.score_filter)
+    """Per-image scores beside the index, for ``retrieval.score_filter`` at inference (paper Fig. 7-8)."""
+    scorer = resolve_scorer(cfg.scorer, cfg.scorer_weights)
     embeddings, batches = None, None
     if scorer == Scorer.laion_aesthetic:
         embeddings = store.get(store.positions_of(ids))
     else:
         images = ImageStore.open(paths.dataset_dir(index_dir.name))
         batches = (images[ids[i:i + 1024]] for i in range(0, len(ids), 1024))
-    scores = image_scores(cfg.score_filter, embeddings=embeddings, image_batches=batches)
-    with atomic_path(index_dir / paths.SCORES_FILE) as tmp:
+    scores = image_scores(scorer, cfg.scorer_weights, embeddings=embeddings, image_batches=batches)
+    with atomic_path(index_dir / SCORES_FILE) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, ids=ids, scores=scores, scorer=np.array(scorer.value))
 
 
 def index_stage(params: Params) -> None:
     cfg = params.index
-    with tracked("index", params, "index") as run:
+    with tracked("index", params) as run:
         report: dict = {}
         with atomic_dir(paths.INDEX) as out:
             for name in embedded_datasets():

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def ingest(params: Params) -> dict:
     data = params.data
     report: dict = {"datasets": {}, "unavailable": {}}
-    with tracked("ingest", params, "data") as run:
+    with tracked("ingest", params) as run:
         with atomic_dir(paths.INGEST) as tmp:
             for name, ds in data.datasets.items():
                 try:

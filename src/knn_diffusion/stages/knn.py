@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def knn_stage(params: Params) -> None:
     cfg = params.knn
     name = params.data.generator_dataset
-    with tracked("knn", params, "knn", "data.generator_dataset") as run:
+    with tracked("knn", params) as run:
         images = ImageStore.open(paths.dataset_dir(name))
         store = EmbeddingStore.open(paths.embedding_dir(name))
         searcher = Searcher.open(paths.index_dir(name), store.fingerprint, store.dim,

@@ -20,7 +20,6 @@ EVAL_PROMPTS = EMBED / "eval_prompts.npy"  # text embeddings of the generator's 
 
 INDEX = DATA / "index"
 INDEX_METRICS = METRICS / "index.json"
-SCORES_FILE = "scores.npz"  # beside each index.faiss
 
 KNN = DATA / "knn"
 KNN_METRICS = METRICS / "knn.json"

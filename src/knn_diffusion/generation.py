@@ -1,0 +1,182 @@
+"""Prompt -> kNN condition -> images on disk, for any trained backbone (the wiring of ``sample``,
+``generate`` and ``evaluate``).
+
+A *generator* is whatever turns (B, 1+K, d) conditions into images; each backbone wraps its model in
+one (:class:`ContinuousGenerator` here) and :func:`load_generator` picks the wrapper from the
+checkpoint's ``backbone`` field, so callers never branch on the backbone. The neighbours come from
+:func:`knn_diffusion.retrieval.inference.open_neighbour_search` with the inference-time retrieval
+settings (index subset, score filter).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from knn_diffusion.images import image_grid, save_png
+from knn_diffusion.io import write_json
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, SchedulerName
+from knn_diffusion.retrieval.config import RetrievalConfig
+from knn_diffusion.retrieval.index import read_sidecar
+from knn_diffusion.retrieval.inference import NeighbourSearch, open_neighbour_search
+from knn_diffusion.sampling import sample
+from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
+
+CONTINUOUS = "continuous"
+
+
+class Generator(Protocol):
+    """A trained backbone ready to sample; ``settings`` go into every image's sidecar."""
+
+    conditioning: ConditioningConfig
+    run_id: str  # the MLflow run that trained it ("" when the checkpoint does not say)
+    backbone: str
+    settings: dict[str, Any]
+
+    def sample(self, cond: np.ndarray, *, guidance: float, steps: int, seeds: Sequence[int]) -> np.ndarray:
+        """cond (B, 1+K, d) float32 -> uint8 images (B, H, W, 3); image i from noise seeded seeds[i]."""
+
+
+class TextEncoder(Protocol):
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, d) float32 embeddings in the joint space."""
+
+
+@dataclass
+class ContinuousGenerator:
+    """The pixel-space U-Net DDPM with a diffusers sampler (``scheduler``)."""
+
+    model: Any  # models.unet.ContinuousDenoiser
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
+    run_id: str = ""
+    backbone: str = CONTINUOUS
+    settings: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = SchedulerName(self.scheduler)
+        self.settings = {"scheduler": self.scheduler.value}
+
+    @property
+    def conditioning(self) -> ConditioningConfig:
+        return self.model.config.conditioning
+
+    def sample(self, cond: np.ndarray, *, guidance: float, steps: int, seeds: Sequence[int]) -> np.ndarray:
+        return sample(self.model, cond, guidance=guidance, scheduler=self.scheduler, steps=steps, seed=list(seeds))
+
+
+def _load_continuous(checkpoint_dir: Path, config: dict, scheduler: SchedulerName | str | None) -> Generator:
+    return ContinuousGenerator(load_denoiser(checkpoint_dir), scheduler or SchedulerName.dpm_solver_pp_sde,
+                               run_id=str(config.get("mlflow_run_id", "")))
+
+
+# backbone name -> loader(checkpoint dir, its config.json, sampler override); each backbone adds its entry.
+GENERATOR_LOADERS: dict[str, Callable[[Path, dict, Any], Generator]] = {CONTINUOUS: _load_continuous}
+
+
+def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerName | str | None = None) -> Generator:
+    """The generator saved in ``checkpoint_dir``; checkpoints from before the ``backbone`` field are continuous."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_checkpoint_config(checkpoint_dir)
+    backbone = config.get("backbone", CONTINUOUS)
+    if backbone not in GENERATOR_LOADERS:
+        raise ValueError(f"{checkpoint_dir}: backbone {backbone!r}: expected one of {sorted(GENERATOR_LOADERS)}")
+    return GENERATOR_LOADERS[backbone](checkpoint_dir, config, scheduler)
+
+
+def resolve_index(index: str | os.PathLike, index_root: Path, embed_root: Path) -> tuple[Path, Path]:
+    """(index dir, embeddings dir) for an index directory or the name of a dataset with an index under
+    ``index_root``; the embeddings are those of the dataset the index was built on."""
+    index_dir = Path(index) if Path(index).is_dir() else index_root / str(index)
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"index '{index}': neither a directory nor a dataset with an index under {index_root}")
+    dataset = read_sidecar(index_dir).get("dataset", index_dir.name)
+    return index_dir, embed_root / dataset
+
+
+def neighbour_search(index: str | os.PathLike, index_root: Path, embed_root: Path, fingerprint: str, dim: int,
+                     retrieval: RetrievalConfig) -> tuple[NeighbourSearch, dict[str, Any]]:
+    """``open_neighbour_search`` for an index name or directory, with the params' retrieval settings."""
+    index_dir, embeddings_dir = resolve_index(index, index_root, embed_root)
+    return open_neighbour_search(index_dir, embeddings_dir, fingerprint, dim,
+                                 index_fraction=retrieval.index_fraction, subset_seed=retrieval.subset_seed,
+                                 score_low=retrieval.score_filter.low, score_high=retrieval.score_filter.high)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def generate(generator: Generator, *, out_dir: str | os.PathLike, knn: NeighbourSearch,
+             prompts: Sequence[str] | None = None, encoder: TextEncoder | None = None,
+             image_embeddings: np.ndarray | None = None, k: int | None = None, guidance: float = 3.0,
+             steps: int = 25, seed: int = 0, batch_size: int = 16, index_sidecar: dict | None = None,
+             image_embedding_source: str = "") -> list[dict]:
+    """Generate one image per prompt (or per image embedding) and write PNGs, sidecars and a grid.
+
+    Writes ``<i>-<slug>.png`` + ``<i>-<slug>.json`` (prompt, seed, neighbour ids and scores, model
+    run id, index fingerprint and retrieval settings, sampler settings) and ``grid.png`` into
+    ``out_dir``; returns the sidecars. ``k`` defaults to the k the model was trained with; a
+    ``no_knn`` model retrieves nothing.
+    """
+    if (prompts is None) == (image_embeddings is None):
+        raise ValueError("give either prompts (with an encoder) or image_embeddings, not both")
+    if prompts is not None:
+        if encoder is None:
+            raise ValueError("prompts need an encoder with encode_texts()")
+        queries = np.asarray(encoder.encode_texts(list(prompts)), dtype=np.float32)  # (N, d)
+    else:
+        queries = np.atleast_2d(np.asarray(image_embeddings, dtype=np.float32))
+    trained = generator.conditioning
+    if queries.shape[1] != trained.embed_dim:
+        raise ValueError(f"query embeddings have d={queries.shape[1]}, the model was trained on d={trained.embed_dim}")
+    k = trained.k if k is None else k
+    if trained.variant == ConditioningVariant.no_knn:
+        k = 0
+    count = len(queries)
+    if k > 0:
+        ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)
+        cond = np.concatenate([queries[:, None], np.asarray(neighbours, dtype=np.float32)], axis=1)  # (N, 1+k, d)
+    else:
+        ids, scores = np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32)
+        cond = queries[:, None]  # (N, 1, d)
+    images = np.concatenate([
+        generator.sample(cond[start:start + batch_size], guidance=guidance, steps=steps,
+                         seeds=[seed + i for i in range(start, min(start + batch_size, count))])
+        for start in range(0, count, batch_size)])
+    index_sidecar = index_sidecar or {}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        prompt = prompts[i] if prompts is not None else None
+        stem = f"{i:04d}-{_slug(prompt or 'image-embedding')}"
+        record = {
+            "prompt": prompt,
+            "image_embedding_from": None if prompts is not None else image_embedding_source,
+            "image_embedding_row": None if prompts is not None else i,
+            "seed": seed + i,
+            "k": k,
+            "neighbour_ids": np.asarray(ids[i]).tolist(),
+            "neighbour_scores": [float(s) for s in np.asarray(scores[i])],
+            "guidance": guidance,
+            "steps": steps,
+            **generator.settings,
+            "backbone": generator.backbone,
+            "variant": ConditioningVariant(trained.variant).value,
+            "model_run_id": generator.run_id,
+            "index_fingerprint": index_sidecar.get("sha256", ""),
+            "index_fraction": index_sidecar.get("index_fraction", 1.0),
+            "subset_seed": index_sidecar.get("subset_seed", 0),
+            "score_filter": index_sidecar.get("score_filter", [0.0, 1.0]),
+            "image": f"{stem}.png",
+        }
+        save_png(out_dir / f"{stem}.png", images[i])
+        write_json(out_dir / f"{stem}.json", record)
+        records.append(record)
+    save_png(out_dir / "grid.png", image_grid(images))
+    return records

@@ -1,0 +1,102 @@
+"""Inference-time retrieval: kNN from a part of the full index, chosen without rebuilding anything.
+
+The paper's index-size ablation (Sec. 6.5) keeps one trained model and varies the images it may
+retrieve from; its score-quantile experiment (Fig. 7-8) does the same by image score. Both are one
+faiss id selector over the full index here: the nested ``index_fraction`` subset of
+:mod:`.subsets` intersected with the score-quantile range (quantiles of the whole index's score
+column, so a filter means the same images at every fraction). Training neighbours never use this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from knn_diffusion.encoders.store import EmbeddingStore
+from knn_diffusion.retrieval.index import read_sidecar
+from knn_diffusion.retrieval.scores import filter_active, quantile_ids
+from knn_diffusion.retrieval.search import Searcher, vectors_by_id
+from knn_diffusion.retrieval.subsets import subset_mask
+
+log = logging.getLogger(__name__)
+SCORES_FILE = "scores.npz"  # the index stage writes it beside index.faiss: ids, scores, scorer
+
+# queries (N, d) float32, k -> ids (N, k), scores (N, k), neighbour embeddings (N, k, d)
+NeighbourSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """(ntotal,) int64: every id stored in an index from ``build_index`` (IDMap or inverted file)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise ValueError(f"{type(index).__name__}: cannot list its ids (expected an IDMap or IVF index)")
+    lists = ivf.invlists
+    return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                           for i in range(lists.nlist)] or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+def allowed_ids(ids: np.ndarray, *, index_fraction: float = 1.0, subset_seed: int = 0,
+                score_column: tuple[np.ndarray, np.ndarray] | None = None, score_low: float = 0.0,
+                score_high: float = 1.0) -> np.ndarray:
+    """The ids of ``ids`` that retrieval may return: the ``index_fraction`` subset (nested in larger
+    fractions of the same seed) whose score quantile lies in [score_low, score_high).
+
+    ``score_column``: (score ids, scores) of the whole index, needed only when the filter is active.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    keep = ids[subset_mask(ids, index_fraction, subset_seed)]
+    if filter_active(score_low, score_high):
+        if score_column is None:
+            raise ValueError("retrieval.score_filter is set but the index has no score column "
+                             f"({SCORES_FILE}); rebuild it with the index stage")
+        keep = np.intersect1d(keep, quantile_ids(score_column[1], score_column[0], score_low, score_high))
+    return np.sort(keep)
+
+
+def open_neighbour_search(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike, fingerprint: str,
+                          dim: int, *, index_fraction: float = 1.0, subset_seed: int = 0, score_low: float = 0.0,
+                          score_high: float = 1.0) -> tuple[NeighbourSearch, dict[str, Any]]:
+    """A ``knn(queries, k)`` over the index at ``index_dir`` restricted to the configured part of it.
+
+    Neighbour embeddings are read from the embedding store at ``embeddings_dir`` (the one the index
+    was built from). Every query gets exactly k results from the allowed ids, or a ValueError says
+    how many are allowed. The returned sidecar is the index's, plus the retrieval settings and the
+    number of retrievable images.
+    """
+    index_dir = Path(index_dir)
+    store = EmbeddingStore.open(embeddings_dir)
+    searcher = Searcher.open(index_dir, fingerprint, dim, get_vectors=vectors_by_id(store.ids, store.get))
+    sidecar = read_sidecar(index_dir)
+    selector, allowed = None, searcher.index.ntotal
+    filtering = filter_active(score_low, score_high)
+    if index_fraction < 1 or filtering:
+        column = None
+        if filtering and (index_dir / SCORES_FILE).is_file():
+            with np.load(index_dir / SCORES_FILE) as data:
+                column = (data["ids"], data["scores"])
+        keep = allowed_ids(index_ids(searcher.index), index_fraction=index_fraction, subset_seed=subset_seed,
+                           score_column=column, score_low=score_low, score_high=score_high)
+        if len(keep) == 0:
+            raise ValueError(f"{index_dir}: no image passes index_fraction={index_fraction} and score filter "
+                             f"[{score_low}, {score_high})")
+        selector, allowed = faiss.IDSelectorBatch(keep), len(keep)
+        log.info("retrieval from %d of %d images of %s (index_fraction=%s, score quantiles [%s, %s))", allowed,
+                 searcher.index.ntotal, index_dir, index_fraction, score_low, score_high)
+
+    def knn(queries: np.ndarray, k: int):
+        if k > allowed:
+            raise ValueError(f"k={k} neighbours asked, but only {allowed} images of {index_dir} are retrievable "
+                             f"(index_fraction={index_fraction}, score filter [{score_low}, {score_high}))")
+        found = searcher.search(queries, k, selector=selector, return_vectors=True)
+        return found.ids, found.scores, found.vectors
+
+    return knn, {**sidecar, "index_fraction": index_fraction, "subset_seed": subset_seed,
+                 "score_filter": [score_low, score_high], "retrievable": allowed}
