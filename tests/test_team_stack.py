@@ -58,8 +58,15 @@ def _modules_in(root: Path, package: str) -> set[str]:
 
 
 def _build_wheel(out: Path) -> Path:
+    """The wheel `pip install .` would install, built from a copy (setuptools writes build/ in the source)."""
+    source = out / "source"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("src", "flows"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(REPO)], check=True, capture_output=True)
+                    "-w", str(out), str(source)], check=True, capture_output=True)
     return next(out.glob("knn_diffusion-*.whl"))
 
 
