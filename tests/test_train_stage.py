@@ -113,3 +113,11 @@ def test_old_state_folders_are_pruned(train_dir):
     train_continuous.main(["train_continuous.lr=0.004", "train_continuous.max_steps=1",
                            "train_continuous.keep_runs=1"])
     assert len(list(paths.CONTINUOUS_STATE.iterdir())) == 1
+
+
+def test_cond_dropout_defaults_to_zero_as_in_the_paper():
+    from conftest import REPO
+    from knn_diffusion.training.config import ContinuousTrainConfig
+
+    assert ContinuousTrainConfig().cond_dropout == 0
+    assert load_params(REPO / "params.yaml").train_continuous.cond_dropout == 0
