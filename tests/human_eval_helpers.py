@@ -1,33 +1,61 @@
-"""Generate-style system folders for the human-eval tests: ``<i>-<slug>.png`` + JSON sidecar, as ``generate``
-writes them (PNG through the project's writer; one flat colour per system so a pixel tells A from B)."""
+"""System folders for the human-eval tests, written by the real ``generate`` (PNG + sidecar per prompt,
+``grid.png``). The generator paints one flat colour per system, so a pixel tells A from B; the
+retrieval is an exact search over a few unit vectors."""
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from knn_diffusion.images import save_png
-from knn_diffusion.io import write_json
+from knn_diffusion.generation import generate
+from knn_diffusion.models.config import ConditioningConfig
 
 PROMPTS = ["an emoji of a red heart", "an emoji of a smiling cat face", "an emoji of a green apple",
            "an emoji of a yellow star", "an emoji of a blue car", "an emoji of a pizza"]
 COLOURS = {"A": (220, 40, 40), "B": (40, 40, 220)}
+DIM, SIDE = 8, 16
 
 
-def write_system(folder: Path, prompts: list[str], colour: tuple[int, int, int], run_id: str = "",
-                 side: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, prompt in enumerate(prompts):
-        stem = f"{i:04d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:40]}"
-        image = np.full((side, side, 3), 255, np.uint8)
-        image[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = colour
-        image[0, 0] = (i, i, i)  # every image distinct
-        save_png(folder / f"{stem}.png", image)
-        write_json(folder / f"{stem}.json", {"prompt": prompt, "seed": i, "k": 3, "model_run_id": run_id,
-                                             "image": f"{stem}.png"})
-    save_png(folder / "grid.png", np.zeros((4, 4, 3), np.uint8))
+@dataclass
+class FlatColour:
+    """A Generator (generation.Generator protocol): a square of one colour, a corner pixel from the seed."""
+
+    colour: tuple[int, int, int]
+    run_id: str = ""
+    conditioning: ConditioningConfig = field(default_factory=lambda: ConditioningConfig(embed_dim=DIM, k=2))
+    backbone: str = "flat-colour"
+    settings: dict = field(default_factory=dict)
+
+    def sample(self, cond, *, guidance, steps, seeds):
+        images = np.full((len(cond), SIDE, SIDE, 3), 255, np.uint8)  # (B, H, W, 3)
+        images[:, SIDE // 4: 3 * SIDE // 4, SIDE // 4: 3 * SIDE // 4] = self.colour
+        images[:, 0, 0] = np.asarray(seeds, dtype=np.uint8)[:, None]
+        return images
+
+
+class HashedCharacters:
+    """A deterministic text encoder: bag of hashed characters, normalised."""
+
+    def encode_texts(self, texts):
+        out = np.zeros((len(texts), DIM), np.float32)
+        for i, text in enumerate(texts):
+            for ch in text:
+                out[i, ord(ch) % DIM] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def exact_knn(queries, k):
+    bank = np.eye(DIM, dtype=np.float32)
+    scores = queries @ bank.T  # (N, DIM)
+    ids = np.argsort(-scores, axis=1)[:, :k]
+    return ids, np.take_along_axis(scores, ids, 1), bank[ids]
+
+
+def write_system(folder: Path, prompts: list[str], colour: tuple[int, int, int], run_id: str = "") -> Path:
+    generate(FlatColour(colour, run_id), out_dir=folder, knn=exact_knn, prompts=prompts, encoder=HashedCharacters(),
+             steps=1)
     return folder
 
 
@@ -42,5 +70,5 @@ def system_of(image_path: Path) -> str:
     """Which system drew an image (by its flat colour)."""
     from PIL import Image
 
-    centre = tuple(int(v) for v in np.asarray(Image.open(image_path).convert("RGB"))[8, 8])
+    centre = tuple(int(v) for v in np.asarray(Image.open(image_path).convert("RGB"))[SIDE // 2, SIDE // 2])
     return next(name for name, colour in COLOURS.items() if colour == centre)
