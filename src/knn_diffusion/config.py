@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
+from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
 from knn_diffusion.models.config import SchedulerName
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
@@ -113,6 +114,7 @@ class Params:
     train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # inference-time: sample/generate/evaluate
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

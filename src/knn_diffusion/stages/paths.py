@@ -31,6 +31,9 @@ CONTINUOUS_METRICS = METRICS / "train_continuous.json"
 SAMPLES = Path("outputs") / "samples"
 SAMPLE_METRICS = METRICS / "sample.json"
 
+EVALUATE = Path("outputs") / "evaluate"  # one generate-style folder per grid point + the retrieval baseline
+EVALUATE_METRICS = METRICS / "evaluate.json"
+
 HUMAN_EVAL = Path("outputs") / "human_eval"
 HUMAN_EVAL_PACKAGE = HUMAN_EVAL / "package"  # what raters open / what is uploaded
 HUMAN_EVAL_KEY = HUMAN_EVAL / "key.json"  # which side is A: never inside the package

@@ -145,3 +145,25 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
         raise
     with_retries(lambda: mlflow.end_run(status="FINISHED"))
 
+
+
+@contextlib.contextmanager
+def child_run(name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """A run nested under the active stage run (one per evaluated setting, say), carrying the parent's
+    tags (stage, git commit, DVC input hashes, pipeline run) so it can be traced on its own."""
+    import mlflow
+
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError(f"child_run('{name}') outside a stage run")
+    parent_tags = with_retries(lambda: mlflow.get_run(parent.info.run_id)).data.tags
+    inherited = {k: v for k, v in parent_tags.items() if not k.startswith("mlflow.")}
+    run = with_retries(lambda: mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
+                                                tags={**inherited, **(tags or {})}))
+    try:
+        with_retries(lambda: mlflow.log_params({k: str(v)[:6000] for k, v in params.items()}))
+        yield StageRun(run)
+    except BaseException:
+        with_retries(lambda: mlflow.end_run(status="FAILED"))
+        raise
+    with_retries(lambda: mlflow.end_run(status="FINISHED"))

@@ -1,0 +1,45 @@
+"""Params section of the ``evaluate`` stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from knn_diffusion.config_fields import between
+from knn_diffusion.models.config import SchedulerName
+
+
+@dataclass
+class EvaluateGridConfig:
+    """Inference-time settings scored without retraining; the grid is their product (k=0 once per guidance)."""
+
+    k: list[int] = field(default_factory=lambda: [0, 1, 10], metadata=between(0, 1000))  # 0: no kNN at inference
+    index_fraction: list[float] = field(default_factory=lambda: [0.3, 1.0], metadata=between(0, 1, low_open=True))
+    guidance: list[float] = field(default_factory=lambda: [3.0], metadata=between(0, 50))
+    # Indexes to retrieve from: the generator dataset's own, or a swapped one (e.g. noto).
+    index: list[str] = field(default_factory=lambda: ["openmoji"])
+
+
+@dataclass
+class EvaluateConfig:
+    # One prompt per line. Empty: captions of the generator dataset's test split, with their images as
+    # the paired reference set. The FID/KID reference is the test split's images either way.
+    prompts_file: str = ""
+    count: int = field(default=64, metadata=between(2))  # prompts (= images per grid point) and reference images
+    seed: int = 0  # draws the held-out prompts/images; image i is sampled from noise seed + i
+    steps: int = field(default=25, metadata=between(1, 1000))
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
+    batch_size: int = field(default=32, metadata=between(1))
+    grid: EvaluateGridConfig = field(default_factory=EvaluateGridConfig)
+    retrieval_baseline: bool = True  # score the first retrieved image per prompt (paper Fig. 2) as well
+    # FID/KID features: Inception-v3 from this local file (torch-fidelity's pt_inception-2015-12-05), or,
+    # when empty, the image tower of the evaluation CLIP below.
+    inception_weights: str = ""
+    # Evaluation CLIP (CLIP score, R-precision, default FID features). Empty: the pipeline's own encoder;
+    # else an open_clip name (+ pretrained tag or local weights file), as in the encoder section.
+    clip_model: str = ""
+    clip_pretrained: str = ""
+    kid_subsets: int = field(default=100, metadata=between(1))
+    kid_subset_size: int = field(default=50, metadata=between(2))
+    r_precision_candidates: int = field(default=20, metadata=between(2))  # R: own prompt + R-1 distractors
+    r_precision_seed: int = 0
+    grid_prompts: int = field(default=8, metadata=between(1))  # rows of the prompts x settings image

@@ -1,0 +1,146 @@
+"""The evaluate stage on a real miniature pipeline: grid points, child runs, outputs, the baseline."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from knn_diffusion.encoders.factory import load_open_clip
+from knn_diffusion.retrieval.subsets import subset_mask
+from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
+from continuous_helpers import write_micro_preset
+from test_evaluation_metrics import TINY_CLIP
+
+EXPERIMENT = "evaluate-stage"
+TINY = {
+    "data": {"datasets": {"openmoji": {"source": "openmoji", "limit": 160}}},
+    "embed": {"shard_size": 100},
+    "index": {"tune_queries": 20},
+    "knn": {"k_max": 4},
+    "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                         "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
+    "evaluate": {"count": 8, "steps": 2, "batch_size": 8, "kid_subsets": 5, "kid_subset_size": 4,
+                 "r_precision_candidates": 4, "grid_prompts": 3,
+                 "grid": {"k": [0, 2], "index_fraction": [0.5, 1.0], "guidance": [3.0], "index": ["openmoji"]}},
+    "tracking": {"experiment": EXPERIMENT},
+}
+POINTS = ["k0-g3", "k2-frac0.5-g3-openmoji", "k2-frac1-g3-openmoji"]
+
+
+def tiny_pretrained_clip(folder) -> dict:
+    """A tiny open_clip saved as a local "pretrained" file: the encoder stage then trains nothing."""
+    arch = folder / "tiny-eval-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    torch.save(load_open_clip(str(arch)).model.state_dict(), folder / "tiny-eval-clip.pt")
+    return {"kind": "open_clip", "model_name": str(arch), "pretrained": str(folder / "tiny-eval-clip.pt")}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The stages up to training once, then evaluate; tests below inspect the outputs and runs."""
+    root = tmp_path_factory.mktemp("evaluate")
+    train = {**TINY["train_continuous"], "preset": write_micro_preset(root)}
+    (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "encoder": tiny_pretrained_clip(root),
+                                                      "train_continuous": train}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (ingest, encoder, embed, index, knn, train_continuous, evaluate):
+            stage.main([])
+        yield root
+
+
+def evaluate_runs():
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.stage = 'evaluate'",
+                              output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_metrics_file_holds_only_numbers_per_point_and_baseline(evaluated):
+    report = json.loads((evaluated / paths.EVALUATE_METRICS).read_text())
+    assert set(report) == {*POINTS, "retrieval_baseline", "seconds"}
+    for name in [*POINTS, "retrieval_baseline"]:
+        assert set(report[name]) == {"fid", "kid_mean", "kid_std", "clip_score", "r_precision"}
+        assert all(isinstance(v, float) and np.isfinite(v) for v in report[name].values())
+        assert 0 <= report[name]["r_precision"] <= 1
+
+
+def test_each_point_is_a_generate_folder_with_its_settings(evaluated):
+    out = evaluated / paths.EVALUATE
+    facts = json.loads((out / "evaluate.json").read_text())
+    prompts = facts["prompts"]
+    assert len(prompts) == 8 and all(p.startswith("an emoji of ") for p in prompts)
+    allowed = None
+    for name, k, fraction in [("k0-g3", 0, 1.0), ("k2-frac0.5-g3-openmoji", 2, 0.5), ("k2-frac1-g3-openmoji", 2, 1.0)]:
+        sidecars = [json.loads(p.read_text()) for p in sorted((out / name).glob("0*.json"))]
+        assert [s["prompt"] for s in sidecars] == prompts and (out / name / "grid.png").is_file()
+        assert all(s["k"] == k and len(s["neighbour_ids"]) == k for s in sidecars)
+        if k and fraction < 1:
+            ids = np.array([i for s in sidecars for i in s["neighbour_ids"]])
+            allowed = subset_mask(ids, fraction, seed=0)
+            assert allowed.all() and sidecars[0]["index_fraction"] == 0.5
+    assert allowed is not None
+    baseline = [json.loads(p.read_text()) for p in sorted((out / "retrieval_baseline").glob("0*.json"))]
+    assert [b["prompt"] for b in baseline] == prompts and all(len(b["neighbour_ids"]) == 1 for b in baseline)
+    with open(out / "points.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["point"] for r in rows] == [*POINTS, "retrieval_baseline"]
+    assert rows[0]["index_fraction"] == "-" and rows[1]["index_fraction"] == "0.5"
+
+
+def test_baseline_images_are_the_retrieved_training_images(evaluated):
+    from knn_diffusion.data.store import ImageStore
+    from PIL import Image
+
+    store = ImageStore.open(evaluated / paths.dataset_dir("openmoji"))
+    folder = evaluated / paths.EVALUATE / "retrieval_baseline"
+    first = json.loads(sorted(folder.glob("0*.json"))[0].read_text())
+    image = np.asarray(Image.open(folder / first["image"]).convert("RGB"))
+    assert np.array_equal(image, store[first["neighbour_ids"][0]])
+    train_rows = set(store.rows("train").tolist())
+    assert first["neighbour_ids"][0] in train_rows  # the index holds no test image
+
+
+def test_one_child_run_per_point_under_the_stage_run(evaluated):
+    parents, children = evaluate_runs()
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {*POINTS, "retrieval_baseline"}
+    point = by_name["k2-frac0.5-g3-openmoji"]
+    assert point.data.params["k"] == "2" and point.data.params["index_fraction"] == "0.5"
+    assert point.data.params["guidance"] == "3.0" and point.data.params["index"] == "openmoji"
+    assert point.data.params["fid_feature"].startswith("clip_image:")
+    assert {"fid", "kid_mean", "kid_std", "clip_score", "r_precision", "images_per_s"} <= set(point.data.metrics)
+    assert point.data.tags["git.commit"] == parent.data.tags["git.commit"]
+    report = json.loads((evaluated / paths.EVALUATE_METRICS).read_text())
+    assert point.data.metrics["fid"] == pytest.approx(report["k2-frac0.5-g3-openmoji"]["fid"], abs=1e-6)
+
+
+def test_rerun_writes_identical_outputs(evaluated, monkeypatch):
+    monkeypatch.chdir(evaluated)
+    before = (evaluated / paths.EVALUATE / "points.csv").read_bytes()
+    grid = (evaluated / paths.EVALUATE / "grid.png").read_bytes()
+    evaluate.main(["evaluate.retrieval_baseline=false", "evaluate.grid.k=[2]", "evaluate.grid.index_fraction=[0.5]"])
+    assert (evaluated / paths.EVALUATE / "points.csv").read_text().splitlines()[1] == before.decode().splitlines()[2]
+    evaluate.main([])
+    assert (evaluated / paths.EVALUATE / "points.csv").read_bytes() == before
+    assert (evaluated / paths.EVALUATE / "grid.png").read_bytes() == grid
+
+
+def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):
+    monkeypatch.chdir(evaluated)
+    before = (evaluated / paths.EVALUATE_METRICS).read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["evaluate.prompts_file=nowhere.txt"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: evaluate.prompts_file: nowhere.txt: file not found"
+    assert (evaluated / paths.EVALUATE_METRICS).read_bytes() == before
