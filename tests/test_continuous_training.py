@@ -15,7 +15,8 @@ from knn_diffusion.models.config import ConditioningVariant, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.images import image_grid
 from knn_diffusion.generation import ContinuousGenerator, generate
-from knn_diffusion.sampling import add_generate_arguments, load_image_embeddings, sample
+from knn_diffusion.cli import add_generate_arguments, load_image_embeddings
+from knn_diffusion.sampling import sample
 from knn_diffusion.training.checkpoint import (load_denoiser, read_checkpoint_config, restore_training_state,
                                                save_checkpoint)
 from knn_diffusion.training.config import ContinuousTrainConfig

@@ -85,7 +85,7 @@ def test_generate_cli_with_index_swap_and_score_filter(pipeline_dir, monkeypatch
     assert all(by_id[i] >= threshold for i in record["neighbour_ids"])
 
 
-def test_generate_refuses_an_index_from_another_encoder(pipeline_dir, monkeypatch):
+def test_generate_refuses_an_index_from_another_encoder(pipeline_dir, monkeypatch, capsys):
     """Swapping in an index built in another embedding space fails, naming both fingerprints."""
     import shutil
 
@@ -95,10 +95,12 @@ def test_generate_refuses_an_index_from_another_encoder(pipeline_dir, monkeypatc
     sidecar = json.loads((alien / "index.json").read_text())
     ours, sidecar["fingerprint"] = sidecar["fingerprint"], "f" * 64
     (alien / "index.json").write_text(json.dumps(sidecar))
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["generate", "an emoji of a dog", "--index", str(alien), "--steps", "1",
                   "--out", str(pipeline_dir / "never")])
-    assert "f" * 64 in str(err.value) and ours in str(err.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ")
+    assert "f" * 64 in err and ours in err
     assert not (pipeline_dir / "never").exists()
 
 
@@ -143,6 +145,8 @@ def test_pretrained_open_clip_from_a_local_checkpoint(pipeline_dir, tmp_path, mo
     encoder.main([])
     embed.main([])
     report = json.loads(paths.ENCODER_METRICS.read_text())
-    assert report["trained"] is False and 0 <= report["recall@10"] <= 1 and report["chance@10"] > 0
+    assert report["trained"] == 0 and 0 <= report["recall@10"] <= 1 and report["chance@10"] > 0
+    sidecar = json.loads((paths.ENCODER / "encoder.json").read_text())
+    assert sidecar["kind"] == "open_clip" and sidecar["corpus"] == "pretrained"
     store = EmbeddingStore.open(paths.embedding_dir("openmoji"))
-    assert store.dim == 16 and store.fingerprint == report["fingerprint"]
+    assert store.dim == 16 and store.fingerprint == sidecar["fingerprint"]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
+from pathlib import Path
 
+import numpy as np
 import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
+from knn_diffusion.config_fields import check_field
 
 
 def list_presets() -> list[str]:
@@ -44,17 +48,83 @@ def _params_command(args: argparse.Namespace) -> None:
         print(f"{args.params}: valid")
 
 
+def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """A .npy file with one (d,) or several (N, d) finite image embeddings -> (N, d) float32."""
+    path = Path(path)
+    if path.suffix != ".npy" or not path.is_file():
+        raise FileNotFoundError(f"{path}: expected an existing .npy file of image embeddings, (d,) or (N, d)")
+    array = np.load(path)
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        raise ValueError(f"{path}: expected float embeddings of shape (d,) or (N, d), got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: the embeddings contain NaN or infinite values")
+    return np.atleast_2d(array).astype(np.float32)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``knn-diffusion generate``; ``None`` defaults mean "from params / the trained run"."""
+    from knn_diffusion.models.config import ConditioningVariant, SchedulerName
+
+    parser.add_argument("prompts", nargs="*", help="text prompts, one image each")
+    parser.add_argument("--k", type=int, default=None, help="neighbours to retrieve (default: as trained)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale lambda")
+    parser.add_argument("--index", default=None, help="index directory to retrieve from (any compatible index)")
+    parser.add_argument("--variant", default=None, choices=[v.value for v in ConditioningVariant],
+                        help="which trained conditioning variant's model to load")
+    parser.add_argument("--checkpoint", default=None, help="a model checkpoint directory (overrides --variant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps")
+    parser.add_argument("--scheduler", default=None, choices=[s.value for s in SchedulerName])
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--out", default="outputs/generate",
+                        help="output directory, replaced as a whole when the run succeeds (untouched otherwise)")
+    parser.add_argument("--image-embedding-from", default=None, metavar="FILE",
+                        help=".npy image embedding(s), (d,) or (N, d): condition on an image instead of text")
+    return parser
+
+
+def check_generate_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad options before anything loads; numeric limits are the params schema's own ranges."""
+    from knn_diffusion.config import SampleConfig
+    from knn_diffusion.training.config import ContinuousTrainConfig
+
+    for number, prompt in enumerate(args.prompts, 1):
+        if not prompt.strip():
+            raise ConfigError(f"prompt {number} is empty: give text to generate from (or only --image-embedding-from)")
+    if args.prompts and args.image_embedding_from:
+        raise ConfigError("give prompts or --image-embedding-from FILE, not both")
+    if not args.prompts and not args.image_embedding_from:
+        raise ConfigError("generate: give at least one prompt or --image-embedding-from FILE")
+    for option, owner, name in (("--steps", SampleConfig, "steps"), ("--guidance", SampleConfig, "guidance"),
+                                ("--k", ContinuousTrainConfig, "k")):
+        value = getattr(args, name)
+        if value is not None:
+            check_field(owner, name, value, option)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "grid.png").is_file())):
+        raise ConfigError(f"--out {out}: exists and is not the folder of an earlier generate run (no grid.png); "
+                          "name a new folder")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ConfigError(f"--out {out}: is the working directory or one above it; name a new folder")
+
+
 def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
     from knn_diffusion.encoders.factory import load_encoder
     from knn_diffusion.generation import generate, load_generator, neighbour_search
-    from knn_diffusion.sampling import load_image_embeddings
+    from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths
 
+    check_generate_arguments(args)
     params = load_params(args.params, args.set or [])
     embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
-    if not args.prompts and embeddings is None:
-        raise ConfigError("generate: give at least one prompt or --image-embedding-from FILE")
     checkpoint = args.checkpoint or str(paths.CONTINUOUS_MODEL)
     if args.variant:
         from knn_diffusion.training.checkpoint import read_checkpoint_config
@@ -69,11 +139,13 @@ def _generate_command(args: argparse.Namespace) -> None:
     encoder = load_encoder(params.encoder, paths.ENCODER)
     knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
                                     encoder.fingerprint, encoder.dim, params.retrieval)
-    records = generate(generator, out_dir=args.out, knn=knn, prompts=args.prompts or None,
-                       encoder=encoder if args.prompts else None, image_embeddings=embeddings,
-                       image_embedding_source=args.image_embedding_from or "", k=args.k,
-                       guidance=s.guidance if args.guidance is None else args.guidance,
-                       steps=s.steps if args.steps is None else args.steps, seed=args.seed, batch_size=args.batch_size, index_sidecar=sidecar)
+    with atomic_dir(Path(args.out).resolve()) as out:  # a failed run leaves --out as it was
+        records = generate(generator, out_dir=out, knn=knn, prompts=args.prompts or None,
+                           encoder=encoder if args.prompts else None, image_embeddings=embeddings,
+                           image_embedding_source=args.image_embedding_from or "", k=args.k,
+                           guidance=s.guidance if args.guidance is None else args.guidance,
+                           steps=s.steps if args.steps is None else args.steps, seed=args.seed,
+                           batch_size=args.batch_size, index_sidecar=sidecar)
     for record in records:
         print(f"{args.out}/{record['image']}  k={record['k']}  top neighbour score "
               f"{record['neighbour_scores'][0] if record['neighbour_scores'] else '-'}")
@@ -90,8 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides to validate")
     p.set_defaults(handler=_params_command)
 
-    from knn_diffusion.sampling import add_generate_arguments
-
     g = commands.add_parser("generate", help="text -> kNN -> guided sampling with the trained model")
     add_generate_arguments(g)
     g.add_argument("--params", default="params.yaml")
@@ -104,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # input the user can fix: one line, no traceback
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from knn_diffusion.config_fields import ConfigError, between  # noqa: F401 (ConfigError re-exported)
+from knn_diffusion.config_fields import ConfigError, between, out_of_range  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
@@ -145,18 +145,9 @@ def _check_values(node: Any, prefix: str, where: str) -> None:
                 _check_values(item, f"{key}.{name}.", where)
         elif dataclasses.is_dataclass(value):
             _check_values(value, f"{key}.", where)
-        if "range" in f.metadata and value is not None:
-            values = value if isinstance(value, list) else [value]
-            low, high, low_open, high_open = f.metadata["range"]
-            for v in values:
-                too_low = low is not None and (v <= low if low_open else v < low)
-                too_high = high is not None and (v >= high if high_open else v > high)
-                if too_low or too_high:
-                    lo = "(" if low_open else "["
-                    hi = ")" if high_open else "]"
-                    raise ConfigError(
-                        f"{where}: key '{key}' has bad value {v!r}: expected a number in "
-                        f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}")
+        for v in value if isinstance(value, list) else [value]:
+            if problem := out_of_range(f.metadata, v):
+                raise ConfigError(f"{where}: key '{key}' has bad value {v!r}: {problem}")
 
 
 def _cross_checks(params: Params, where: str) -> None:

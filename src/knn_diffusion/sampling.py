@@ -8,9 +8,6 @@ eps_null) with the all-zero null condition, both halves in one batched forward.
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from knn_diffusion.models.conditioning import null_condition
-from knn_diffusion.models.config import BetaSchedule, ConditioningVariant, NoiseConfig, SchedulerName
+from knn_diffusion.models.config import BetaSchedule, NoiseConfig, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser
 
 
@@ -84,37 +81,3 @@ def sample(model: ContinuousDenoiser, cond_embeddings: torch.Tensor | np.ndarray
             x = noise_scheduler.step(eps, t, x, generator=generators).prev_sample
     model.train(was_training)
     return to_uint8(x)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command-line inputs of `knn-diffusion generate` (the wiring is in knn_diffusion.generation)
-
-
-def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
-    """A .npy file with one (d,) or several (N, d) image embeddings -> (N, d) float32."""
-    path = Path(path)
-    if path.suffix != ".npy" or not path.is_file():
-        raise FileNotFoundError(f"{path}: expected an existing .npy file of image embeddings, (d,) or (N, d)")
-    array = np.load(path)
-    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{path}: expected float embeddings of shape (d,) or (N, d), got {array.dtype} {array.shape}")
-    return np.atleast_2d(array).astype(np.float32)
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``knn-diffusion generate``; ``None`` defaults mean "from params / the trained run"."""
-    parser.add_argument("prompts", nargs="*", help="text prompts, one image each")
-    parser.add_argument("--k", type=int, default=None, help="neighbours to retrieve (default: as trained)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale lambda")
-    parser.add_argument("--index", default=None, help="index directory to retrieve from (any compatible index)")
-    parser.add_argument("--variant", default=None, choices=[v.value for v in ConditioningVariant],
-                        help="which trained conditioning variant's model to load")
-    parser.add_argument("--checkpoint", default=None, help="a model checkpoint directory (overrides --variant)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps")
-    parser.add_argument("--scheduler", default=None, choices=[s.value for s in SchedulerName])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="outputs/generate", help="output directory")
-    parser.add_argument("--image-embedding-from", default=None, metavar="FILE",
-                        help=".npy image embedding(s), (d,) or (N, d): condition on an image instead of text")
-    return parser

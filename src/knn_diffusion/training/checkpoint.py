@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,7 +65,10 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
-    return read_json(path / CONFIG_FILE)
+    config = read_json(path / CONFIG_FILE)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "step" not in config:
+        raise ValueError(f"{path / CONFIG_FILE}: not a knn-diffusion checkpoint config (expected 'model' and 'step')")
+    return config
 
 
 def load_weights(path: str | os.PathLike, model: nn.Module, *, ema: bool = True) -> None:
@@ -73,7 +77,11 @@ def load_weights(path: str | os.PathLike, model: nn.Module, *, ema: bool = True)
     file = path / EMA_FILE if ema and (path / EMA_FILE).is_file() else path / MODEL_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: weights file missing from checkpoint")
-    model.load_state_dict(load_file(file, device="cpu"))
+    try:
+        model.load_state_dict(load_file(file, device="cpu"))
+    except (SafetensorError, RuntimeError) as err:  # unreadable file, or weights of another architecture
+        raise ValueError(f"{file}: cannot load these weights into the model its {CONFIG_FILE} describes "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 def restore_training_state(path: str | os.PathLike, *, model: nn.Module, ema: nn.Module | None,
