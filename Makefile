@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-slow lock gpu-preset clean-outputs
+.PHONY: setup demo test test-slow lock gpu-preset clean-outputs repro dvc
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# DVC runs each stage's `python -m ...` with the first `python` on PATH; this Makefile puts the venv's
+# first (export PATH above). `make repro ARGS=train_continuous`, `make dvc ARGS="exp run -S data.resolution=64"`.
+repro:
+	$(VENV)/bin/dvc repro $(ARGS)
+
+dvc:
+	$(VENV)/bin/dvc $(ARGS)
 
 # Tests marked slow (none yet); pytest's exit 5 means none were collected.
 test-slow: setup

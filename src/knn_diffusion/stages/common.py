@@ -110,6 +110,28 @@ def stage_params(params: Params, stage: str) -> ParamsView:
     return ParamsView(params, stage, tuple(declared_params(stage)) + UNTRACKED_SECTIONS)
 
 
+class WrongInterpreterError(RuntimeError):
+    """A stage started by a Python that is not this checkout's environment."""
+
+
+def check_interpreter(stage: str, root: Path | None = None) -> None:
+    """Refuse to run when the checkout has its own venv but this is another Python running other code.
+
+    DVC runs a stage's ``python -m ...`` with the first ``python`` on PATH; ``.venv/bin/dvc repro``
+    without the venv activated starts the system one, after DVC has already deleted the outputs.
+    """
+    root = root or repo_root()
+    venv, checkout_code = root / ".venv", root / "src" / "knn_diffusion"
+    running_code = Path(__file__).resolve().parents[1]
+    if not venv.is_dir() or Path(sys.prefix).resolve() == venv.resolve() or running_code == checkout_code.resolve():
+        return
+    raise WrongInterpreterError(
+        f"stage '{stage}' was started by {sys.executable} (knn_diffusion from {running_code}), not by this "
+        f"checkout's {venv / 'bin' / 'python'} ({checkout_code}). DVC runs the first `python` on PATH: "
+        f"`source .venv/bin/activate` first, or use `make dvc ARGS=\"repro {stage}\"`. "
+        f"DVC has already removed the stage's outputs: `dvc checkout {stage}` restores the cached ones.")
+
+
 def run_stage(name: str, body: Callable[[Any], None], argv: list[str] | None = None,
               user_errors: tuple[type[Exception], ...] = ()) -> None:
     """Parse ``[--params FILE] [key=value ...]``, validate, run ``body`` on the stage's declared params.
@@ -121,6 +143,11 @@ def run_stage(name: str, body: Callable[[Any], None], argv: list[str] | None = N
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("overrides", nargs="*", help="ad-hoc overrides as key=value (validated)")
     args = parser.parse_args(argv)
+    try:
+        check_interpreter(name)
+    except WrongInterpreterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
     try:
