@@ -43,7 +43,8 @@ def test_each_step_is_a_stochastic_matrix_of_eq7(transition):
         torch.testing.assert_close(q.sum(0), torch.ones(V + 1, dtype=torch.float64), atol=1e-6, rtol=0)
         assert q[V, V] == pytest.approx(1.0, abs=1e-6)  # [MASK] is absorbing
         # codes: alpha + beta on the diagonal, beta off it, gamma to [MASK]
-        alpha, beta, gamma = (getattr(transition, f"log_{k}")[n].double().exp() for k in ("alpha", "beta", "gamma"))
+        alpha, beta, gamma = (c.double().exp().view(()) for c in transition.coefficients(torch.tensor([n - 1]),
+                                                                                      torch.tensor([n])))
         torch.testing.assert_close(q[:V, :V], beta * torch.ones(V, V, dtype=torch.float64)
                                    + alpha * torch.eye(V, dtype=torch.float64), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(q[V, :V], gamma.expand(V), atol=1e-6, rtol=1e-5)
@@ -70,6 +71,19 @@ def test_posterior_equals_bayes_rule(transition):
         got = transition.posterior(one_hot_log(x_0, V), x_n, torch.tensor([n]))[0].double().exp()  # (V+1, T)
         want = expected[:, x_n[0], x_0[0]]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_strided_posterior_equals_bayes_rule_over_several_steps(transition):
+    m, n = 3, 8
+    through = torch.eye(V + 1, dtype=torch.float64)
+    for step in range(m + 1, n + 1):
+        through = dense_step(transition, step) @ through  # q(x_n | x_m): (V+1, V+1)
+    prev, now = dense_cumulative(transition, m), dense_cumulative(transition, n)
+    expected = through.T[:, :, None] * prev[:, None, :] / now[None, :, :]
+    x_n = torch.arange(V + 1).repeat_interleave(V)[None]
+    x_0 = torch.arange(V).repeat(V + 1)[None]
+    got = transition.posterior(one_hot_log(x_0, V), x_n, torch.tensor([n]), torch.tensor([m]))[0].double().exp()
+    torch.testing.assert_close(got, expected[:, x_n[0], x_0[0]], atol=1e-5, rtol=1e-4)
 
 
 def test_posterior_of_a_predicted_distribution_is_the_mixture(transition):

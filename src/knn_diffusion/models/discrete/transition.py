@@ -39,38 +39,38 @@ class MaskUniformTransition(nn.Module):
         if config.alpha_bar_start + config.gamma_bar_start > 1 or config.alpha_bar_end + config.gamma_bar_end > 1:
             raise ConfigError("transition schedule: alpha_bar + gamma_bar must stay <= 1 (the rest is uniform noise)")
         self.num_codes, self.steps = num_codes, n
-        v = float(num_codes)
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64),
                                config.alpha_bar_start + ramp * (config.alpha_bar_end - config.alpha_bar_start)])
         gamma_bar = torch.cat([torch.zeros(1, dtype=torch.float64),
                                config.gamma_bar_start + ramp * (config.gamma_bar_end - config.gamma_bar_start)])
-        beta_bar = (1 - alpha_bar - gamma_bar) / v
-        alpha = torch.ones_like(alpha_bar)
-        alpha[1:] = alpha_bar[1:] / alpha_bar[:-1]
-        gamma = torch.zeros_like(gamma_bar)
-        gamma[1:] = 1 - (1 - gamma_bar[1:]) / (1 - gamma_bar[:-1])
-        beta = (1 - alpha - gamma) / v
-        if (beta < -1e-12).any() or (beta_bar < -1e-12).any():
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)  # (N+1,), index 0 = identity
+        self.register_buffer("gamma_bar", gamma_bar, persistent=False)
+        step_alpha = alpha_bar[1:] / alpha_bar[:-1]
+        step_gamma = 1 - (1 - gamma_bar[1:]) / (1 - gamma_bar[:-1])
+        if (1 - step_alpha - step_gamma < -1e-12).any():
             raise ConfigError("transition schedule gives negative uniform-noise probabilities; check the ends")
-        for name, value in dict(alpha=alpha, beta=beta.clamp_min(0), gamma=gamma, alpha_bar=alpha_bar,
-                                beta_bar=beta_bar.clamp_min(0), gamma_bar=gamma_bar).items():
-            self.register_buffer(f"log_{name}", _log(value).float(), persistent=False)
-        # A kept code's own probability: unchanged, or resampled onto itself.
-        self.register_buffer("log_alpha_plus_beta", _log(alpha + beta.clamp_min(0)).float(), persistent=False)
-        self.register_buffer("log_alpha_bar_plus_beta_bar", _log(alpha_bar + beta_bar.clamp_min(0)).float(),
-                             persistent=False)
 
     @property
     def mask_id(self) -> int:
         return self.num_codes
 
-    def _apply(self, log_p: torch.Tensor, log_alpha: torch.Tensor, log_beta: torch.Tensor,
-               log_gamma: torch.Tensor) -> torch.Tensor:
-        """One mask+uniform map applied to (unnormalised) log masses over codes (+ optional [MASK] row).
+    def coefficients(self, m: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log (alpha, beta, gamma) of q(x_n | x_m), m < n (B,): one map of the same mask+uniform form.
 
-        log_p (B, V, L) or (B, V+1, L); the coefficients are (B, 1, 1). Returns (B, V+1, L).
+        Each (B, 1, 1). m = n - 1 is one step of eq. 7; m = 0 is the closed-form cumulative q(x_n | x_0).
         """
+        alpha = self.alpha_bar[n] / self.alpha_bar[m]
+        gamma = 1 - (1 - self.gamma_bar[n]) / (1 - self.gamma_bar[m])
+        beta = ((1 - alpha - gamma) / self.num_codes).clamp_min(0)
+        return tuple(_log(c).float().view(-1, 1, 1) for c in (alpha, beta, gamma))
+
+    def _apply(self, log_p: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The map x_m -> x_n applied to (unnormalised) log masses over codes (+ optional [MASK] row).
+
+        log_p (B, V, L) or (B, V+1, L) -> (B, V+1, L).
+        """
+        log_alpha, log_beta, log_gamma = self.coefficients(m, n)
         codes = log_p[:, :self.num_codes]                            # (B, V, L)
         code_mass = torch.logsumexp(codes, dim=1, keepdim=True)      # (B, 1, L)
         out_codes = torch.logaddexp(codes + log_alpha, code_mass + log_beta)  # (B, V, L)
@@ -79,55 +79,42 @@ class MaskUniformTransition(nn.Module):
             out_mask = torch.logaddexp(out_mask, log_p[:, self.num_codes:])
         return torch.cat([out_codes, out_mask], dim=1)
 
-    @staticmethod
-    def _at(table: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return table[n].view(-1, 1, 1)  # (B, 1, 1)
-
     def step(self, log_prev: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """log q(x_n) from log q(x_{n-1}) (B, V+1, L) for one step n (B,) in 1..N."""
-        return self._apply(log_prev, self._at(self.log_alpha, n), self._at(self.log_beta, n),
-                           self._at(self.log_gamma, n))
+        return self._apply(log_prev, n - 1, n)
 
     def cumulative(self, log_x0: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """log q(x_n | x_0) (B, V+1, L) from a distribution over x_0 (B, V, L), n (B,) in 0..N."""
-        return self._apply(log_x0, self._at(self.log_alpha_bar, n), self._at(self.log_beta_bar, n),
-                           self._at(self.log_gamma_bar, n))
+        return self._apply(log_x0, torch.zeros_like(n), n)
 
-    def step_likelihood(self, x_n: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """log q(x_n | x_{n-1} = j) for every j (B, V+1, L), given observed tokens x_n (B, L)."""
+    def likelihood(self, x_n: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """log q(x_n | x_m = j) for every state j (B, V+1, L), given observed tokens x_n (B, L)."""
         v = self.num_codes
-        masked = (x_n == v).unsqueeze(1)                                           # (B, 1, L)
+        log_alpha, log_beta, log_gamma = self.coefficients(m, n)
         same = nn.functional.one_hot(x_n, v + 1).permute(0, 2, 1).bool()           # (B, V+1, L)
-        log_beta, log_kept = self._at(self.log_beta, n), self._at(self.log_alpha_plus_beta, n)
-        log_gamma = self._at(self.log_gamma, n)
         # x_n a code i: alpha+beta from j=i, beta from other codes, 0 from [MASK].
-        from_code = torch.where(same, log_kept, log_beta)                          # (B, V+1, L)
+        from_code = torch.where(same, torch.logaddexp(log_alpha, log_beta), log_beta)  # (B, V+1, L)
         from_code[:, v] = LOG_ZERO
         # x_n = [MASK]: gamma from any code, 1 from [MASK].
         from_mask = torch.cat([log_gamma.expand(x_n.shape[0], v, x_n.shape[1]),
                                torch.zeros_like(log_gamma).expand(x_n.shape[0], 1, x_n.shape[1])], dim=1)
-        return torch.where(masked, from_mask, from_code)
+        return torch.where((x_n == v).unsqueeze(1), from_mask, from_code)
 
-    def cumulative_likelihood(self, x_n: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """log q(x_n | x_0 = c) for every code c (B, V, L), given observed tokens x_n (B, L)."""
-        v = self.num_codes
-        same = nn.functional.one_hot(x_n, v + 1).permute(0, 2, 1)[:, :v].bool()   # (B, V, L)
-        log_kept = self._at(self.log_alpha_bar_plus_beta_bar, n)
-        from_code = torch.where(same, log_kept, self._at(self.log_beta_bar, n))
-        masked = (x_n == v).unsqueeze(1)
-        return torch.where(masked, self._at(self.log_gamma_bar, n).expand_as(from_code), from_code)
+    def posterior(self, log_x0: torch.Tensor, x_n: torch.Tensor, n: torch.Tensor,
+                  m: torch.Tensor | None = None) -> torch.Tensor:
+        """log sum_{x_0} q(x_m | x_n, x_0) p(x_0) (B, V+1, L) for m < n (B,); m defaults to n - 1.
 
-    def posterior(self, log_x0: torch.Tensor, x_n: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """log sum_{x_0} q(x_{n-1} | x_n, x_0) p(x_0) (B, V+1, L), for n (B,) in 1..N.
-
-        q(x_{n-1} | x_n, x_0) = q(x_n | x_{n-1}) q(x_{n-1} | x_0) / q(x_n | x_0). Because q(x_{n-1} | x_0)
-        is linear in x_0, the mixture over a predicted p(x_0) is the cumulative map applied to the
-        weights p(x_0) / q(x_n | x_0), times q(x_n | x_{n-1}), normalised over x_{n-1}. With a one-hot
-        x_0 this is exactly Bayes' rule; with the network's p(x_0 | x_n) it is p_theta(x_{n-1} | x_n).
+        q(x_m | x_n, x_0) = q(x_n | x_m) q(x_m | x_0) / q(x_n | x_0). Because q(x_m | x_0) is linear in
+        x_0, the mixture over a predicted p(x_0) is the cumulative map applied to the weights
+        p(x_0) / q(x_n | x_0), times q(x_n | x_m), normalised over x_m. With a one-hot x_0 this is
+        exactly Bayes' rule; with the network's p(x_0 | x_n) it is p_theta(x_m | x_n). m < n - 1 is
+        the strided (fast) reverse step.
         """
-        weights = log_x0 - self.cumulative_likelihood(x_n, n)                   # (B, V, L)
-        prior = self.cumulative(weights, n - 1)                                  # (B, V+1, L) unnormalised
-        joint = prior + self.step_likelihood(x_n, n)                             # (B, V+1, L)
+        m = n - 1 if m is None else m
+        zero = torch.zeros_like(n)
+        weights = log_x0 - self.likelihood(x_n, zero, n)[:, :self.num_codes]    # (B, V, L)
+        prior = self._apply(weights, zero, m)                                   # (B, V+1, L) unnormalised
+        joint = prior + self.likelihood(x_n, m, n)                              # (B, V+1, L)
         return (joint - torch.logsumexp(joint, dim=1, keepdim=True)).clamp_min(LOG_ZERO)
 
     def sample(self, log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
