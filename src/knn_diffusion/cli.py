@@ -152,6 +152,18 @@ def _generate_command(args: argparse.Namespace) -> None:
     print(f"{args.out}/grid.png")
 
 
+def _report_command(args: argparse.Namespace) -> None:
+    """Ablation tables and plots from the evaluate runs of an experiment, logged to a `report` run."""
+    from knn_diffusion.evaluation.report import publish_report
+    from knn_diffusion.tracking import tracking_uri
+
+    run_id, files = publish_report(args.experiment, args.out, pipeline_runs=args.pipeline_run or None,
+                                   feature=args.feature, tracking_uri=tracking_uri())
+    for path in files:
+        print(path)
+    print(f"logged to MLflow run {run_id} (experiment '{args.experiment}')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knn-diffusion")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", default="params.yaml")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="params override (repeatable)")
     g.set_defaults(handler=_generate_command)
+
+    r = commands.add_parser("report", help="ablation tables (markdown + CSV) and plots from the evaluate runs")
+    r.add_argument("--experiment", default="knn-diffusion", help="MLflow experiment (tracking.experiment)")
+    r.add_argument("--pipeline-run", action="append", metavar="NAME",
+                   help="only runs of this pipeline run / sweep experiment (repeatable; default: all)")
+    r.add_argument("--feature", default=None, help="the FID/KID feature to report when runs used several")
+    r.add_argument("--out", default="outputs/report", help="output directory")
+    r.set_defaults(handler=_report_command)
     return parser
 
 

@@ -28,7 +28,7 @@ class EvaluateConfig:
     seed: int = 0  # draws the held-out prompts/images; image i is sampled from noise seed + i
     steps: int = field(default=25, metadata=between(1, 1000))
     scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
-    batch_size: int = field(default=32, metadata=between(1))
+    batch_size: int = field(default=64, metadata=between(1))
     grid: EvaluateGridConfig = field(default_factory=EvaluateGridConfig)
     retrieval_baseline: bool = True  # score the first retrieved image per prompt (paper Fig. 2) as well
     # FID/KID features: Inception-v3 from this local file (torch-fidelity's pt_inception-2015-12-05), or,

@@ -1,0 +1,113 @@
+"""Ablation report from a real MLflow store of evaluate runs: table contents, sources, features, determinism."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from knn_diffusion.cli import main as cli_main
+from knn_diffusion.evaluation.report import MixedFeaturesError, evaluate_runs, write_report
+from knn_diffusion.tracking import child_run, stage_run
+
+FEATURE = "clip_image:0123456789abcdef"
+
+
+def log_model(experiment: str, variant: str, preset: str, k: int, fids: dict, pipeline_run: str,
+              feature: str = FEATURE) -> None:
+    """A training run and one evaluate run with a child per point, as the stages log them."""
+    with stage_run("train_continuous", {"train_continuous": {"preset": preset, "variant": variant, "k": k}},
+                   experiment, tags={"pipeline_run": pipeline_run}) as train:
+        pass
+    common = {"fid_feature": feature, "variant": variant, "trained_k": k, "model_run_id": train.id,
+              "backbone": "continuous"}
+    with stage_run("evaluate", {}, experiment, tags={"pipeline_run": pipeline_run, "dvc.dep.data/index": "abc"}):
+        for (point_k, fraction, guidance), fid in fids.items():
+            if point_k == "baseline":
+                name, params, kind = "retrieval_baseline", {"k": 1, "guidance": "-", "index_fraction": 1.0}, \
+                    "retrieval_baseline"
+            elif point_k == 0:
+                name, params, kind = f"k0-g{guidance:g}", {"k": 0, "guidance": guidance, "index_fraction": "-",
+                                                           "index": "-"}, "grid_point"
+            else:
+                name = f"k{point_k}-frac{fraction:g}-g{guidance:g}-openmoji"
+                params = {"k": point_k, "guidance": guidance, "index_fraction": fraction, "index": "openmoji"}
+                kind = "grid_point"
+            with child_run(name, {**common, **params}, {"evaluate.kind": kind}) as run:
+                run.metrics({"fid": fid, "kid_mean": fid / 100, "kid_std": 0.001, "clip_score": 0.3,
+                             "r_precision": 0.5})
+
+
+GRID = {(0, None, 3.0): 30.0, (1, 0.3, 3.0): 26.0, (1, 1.0, 3.0): 25.0, (10, 0.3, 3.0): 21.0,
+        (10, 1.0, 3.0): 20.0, (10, 1.0, 1.0): 23.0, ("baseline", None, None): 28.0}
+
+
+@pytest.fixture(scope="module")
+def store():
+    log_model("report-test", "tokens", "tiny", 10, GRID, "sweep-a")
+    log_model("report-test", "no_knn", "tiny", 0, {(0, None, 3.0): 35.0, ("baseline", None, None): 28.0}, "sweep-b")
+    log_model("report-test", "tokens", "35M", 10, {(0, None, 3.0): 25.0, (10, 1.0, 3.0): 15.0}, "sweep-c")
+    return "report-test"
+
+
+def test_tables_hold_the_logged_numbers_with_their_sources(store, tmp_path):
+    runs = evaluate_runs(MlflowClient(), store)
+    assert len(runs) == 7 + 2 + 2
+    write_report(runs, tmp_path, title="t")
+    by_k = pd.read_csv(tmp_path / "by_k.csv")
+    tiny = by_k[(by_k["variant"] == "tokens") & (by_k["model_size"] == "tiny")]
+    assert tiny["k"].tolist() == [0, 1, 10] and tiny["fid"].tolist() == [30.0, 25.0, 20.0]  # full index, g=3
+    assert tiny["run_id"].str.len().eq(32).all() and tiny["git_commit"].str.len().gt(6).all()
+    assert (tiny["data_version"].str.len() == 12).all() and tiny["dvc_deps"].str.contains("data/index").all()
+    fractions = pd.read_csv(tmp_path / "by_index_fraction.csv")
+    assert fractions[(fractions["k"] == 10) & (fractions["model_size"] == "tiny")]["fid"].tolist() == [21.0, 20.0]
+    guidance = pd.read_csv(tmp_path / "by_guidance.csv")
+    tiny_tokens = guidance[(guidance["model_size"] == "tiny") & (guidance["variant"] == "tokens")]
+    assert tiny_tokens["guidance"].tolist() == [1.0, 3.0] and tiny_tokens["fid"].tolist() == [23.0, 20.0]
+    sizes = pd.read_csv(tmp_path / "by_model_size.csv")
+    assert set(zip(sizes["model_size"], sizes["variant"], sizes["fid"])) == {
+        ("35M", "tokens", 15.0), ("tiny", "no_knn", 35.0), ("tiny", "tokens", 20.0)}
+    knn = pd.read_csv(tmp_path / "knn_vs_no_knn.csv")
+    tiny_knn = knn[(knn["variant"] == "tokens") & (knn["model_size"] == "tiny")].set_index("knn")["fid"]
+    assert tiny_knn.to_dict() == {"kNN (k as trained)": 20.0, "no kNN at inference": 30.0}
+    baseline = pd.read_csv(tmp_path / "model_vs_baseline.csv")
+    assert set(baseline["system"]) == {"model", "retrieval baseline (1st neighbour)"}
+    markdown = (tmp_path / "tables.md").read_text()
+    assert f"`{FEATURE}`" in markdown and "## By k" in markdown and tiny["run_id"].iloc[0][:8] in markdown
+    for plot in ("fid_vs_k.png", "fid_vs_index_fraction.png", "fid_vs_model_size.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_pipeline_run_filter_selects_one_sweep_experiment(store):
+    runs = evaluate_runs(MlflowClient(), store, ["sweep-b"])
+    assert set(runs["variant"]) == {"no_knn"} and len(runs) == 2
+
+
+def test_report_regenerates_identical_files_and_logs_a_run(store, tmp_path, capsys):
+    for out in ("first", "second"):
+        cli_main(["report", "--experiment", store, "--out", str(tmp_path / out)])
+    first = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert "tables.md" in first and "by_k.csv" in first
+    for name in first:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(store).experiment_id
+    reports = client.search_runs([experiment], "tags.stage = 'report'")
+    assert len(reports) == 2
+    logged = {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
+    assert "report/tables.md" in logged and "report/fid_vs_k.png" in logged
+    assert "logged to MLflow run" in capsys.readouterr().out
+
+
+def test_mixing_fid_features_in_one_table_is_refused(store, tmp_path, capsys):
+    log_model("report-mixed", "tokens", "tiny", 10, {(10, 1.0, 3.0): 20.0}, "a")
+    log_model("report-mixed", "tokens", "tiny", 10, {(10, 1.0, 3.0): 12.0}, "b", feature="inception_v3_pool3:ff")
+    runs = evaluate_runs(MlflowClient(), "report-mixed")
+    with pytest.raises(MixedFeaturesError, match="2 feature networks.*cannot share a column"):
+        write_report(runs, tmp_path, title="t")
+    write_report(runs, tmp_path, title="t", feature="inception_v3_pool3:ff")
+    assert pd.read_csv(tmp_path / "by_k.csv")["fid"].tolist() == [12.0]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", "--experiment", "report-mixed", "--out", str(tmp_path / "cli")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: the selected runs computed FID/KID on 2 feature networks")
