@@ -77,8 +77,13 @@ def run_stage(stage: str, repo: str, pipeline_run: str, force: bool = False) -> 
 
 
 @flow(name="knn-diffusion-pipeline", log_prints=True)
-def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = False) -> list[str]:
-    """Run the dvc.yaml stages (all, or the named ones and what they need) in dependency order."""
+def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = False, pools: bool = False,
+             repo_url: str = "", publish_branch: str = "") -> list[str]:
+    """Run the dvc.yaml stages (all, or the named ones and what they need) in dependency order.
+
+    ``pools``: run each stage on its work pool (``meta.pool`` in dvc.yaml) through the deployments in
+    prefect.yaml, data passing through the DVC remote (:mod:`flows.remote`); otherwise run them here.
+    """
     from prefect.runtime import flow_run
 
     repo_path = Path(repo).resolve()
@@ -97,6 +102,11 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
                 pending.extend(graph[name])
         order = [s for s in order if s in wanted]
     run_id = str(flow_run.get_id() or "")
+    if pools:
+        from flows.remote import run_on_pools
+
+        run_on_pools(order, repo_path, run_id, force, repo_url, publish_branch)
+        return order
     futures: dict[str, PrefectFuture] = {}
     for name in order:
         upstream = [futures[u] for u in graph[name] if u in futures]
@@ -111,8 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stages", nargs="*", help="stages to run with their upstream (default: all)")
     parser.add_argument("--repo", default=".", help="repository root holding dvc.yaml")
     parser.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
+    parser.add_argument("--pools", action="store_true",
+                        help="run each stage on its Prefect work pool (dvc.yaml meta.pool) via the DVC remote")
+    parser.add_argument("--repo-url", default="", help="with --pools: the git URL workers clone (default: --repo)")
+    parser.add_argument("--publish-branch", default="", help="with --pools: push the final dvc.lock to this branch")
     args = parser.parse_args(argv)
-    pipeline(repo=args.repo, stages=args.stages or None, force=args.force)
+    pipeline(repo=args.repo, stages=args.stages or None, force=args.force, pools=args.pools,
+             repo_url=args.repo_url, publish_branch=args.publish_branch)
 
 
 if __name__ == "__main__":

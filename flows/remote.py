@@ -1,0 +1,132 @@
+"""Run DVC stages on Prefect work pools: the team-scale path (workers share no disk, only a DVC remote).
+
+A workspace is (git revision, params.yaml, dvc.lock). For each stage the pipeline starts the deployment
+of :func:`remote_stage` on the stage's pool (``meta.pool`` in dvc.yaml; ``cpu`` when unset). The worker
+clones the revision, writes the two files, pulls what the stage needs from the DVC remote, reproduces
+it (``dvc repro`` skips it when it is up to date), pushes its outputs and publishes the dvc.lock that
+DVC wrote as an artifact of its flow run; the pipeline adopts that lock before the next stage. Stages
+run one after another, so no lock update is lost; the parallel work happens inside a stage (GPU, DDP)
+and across sweep trials.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.dag import stage_graph
+from flows.pipeline import run_stage, stage_env
+
+STAGE_FLOW = "knn-diffusion-stage"
+DEFAULT_POOL = "cpu"
+LOCK_ARTIFACT = "dvc-lock"
+
+
+def stage_pools(dvc_yaml: str | Path) -> dict[str, str]:
+    """{stage: work pool} from each stage's ``meta.pool`` in dvc.yaml (one place for routing)."""
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    return {name: str((spec.get("meta") or {}).get("pool", DEFAULT_POOL)) for name, spec in stages.items()}
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=stage_env(""), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}) in {cwd}:\n"
+                           f"{(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
+
+
+def _lock_markdown(lock: str) -> str:
+    return f"```yaml\n{lock}```\n"
+
+
+def lock_from_markdown(markdown: str) -> str:
+    """The dvc.lock text inside a lock artifact (see :func:`_lock_markdown`)."""
+    body = markdown.strip()
+    if not (body.startswith("```yaml\n") and body.endswith("```")):
+        raise ValueError("a dvc-lock artifact must hold one ```yaml block")
+    return body[len("```yaml\n"):-3]
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def remote_stage(stage: str, repo_url: str, rev: str, params_yaml: str, dvc_lock: str = "",
+                 force: bool = False, pipeline_run: str = "") -> str:
+    """Reproduce ``stage`` of ``repo_url`` at ``rev`` with the given params and lock; returns the new lock."""
+    logger = get_run_logger()
+    dvc = str(Path(sys.executable).parent / "dvc")
+    # (a DVC daemon may still be writing .dvc/tmp as the checkout is removed)
+    with tempfile.TemporaryDirectory(prefix=f"knn-diffusion-{stage}-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp) / "repo"
+        _run(["git", "clone", "--quiet", repo_url, str(work)], Path(tmp))
+        _run(["git", "checkout", "--quiet", rev], work)
+        (work / "params.yaml").write_text(params_yaml)
+        if dvc_lock:
+            (work / "dvc.lock").write_text(dvc_lock)
+        # Inputs from the stages upstream, and the stage's own outputs when they exist: with both,
+        # an up-to-date stage is skipped instead of recomputed.
+        needed = sorted(stage_graph(work / "dvc.yaml")[stage]) + [stage]
+        logger.info("pulling %s from the DVC remote", needed)
+        _run([dvc, "pull", "--allow-missing", *needed], work)
+        run_stage.fn(stage, str(work), pipeline_run, force)
+        _run([dvc, "push", stage], work)
+        lock = (work / "dvc.lock").read_text()
+    create_markdown_artifact(_lock_markdown(lock), key=LOCK_ARTIFACT,
+                             description=f"dvc.lock after stage '{stage}' at {rev[:12]}")
+    return lock
+
+
+def read_lock_artifact(flow_run_id) -> str:
+    """The dvc.lock a finished :func:`remote_stage` run published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[LOCK_ARTIFACT])))
+    if not found:
+        raise RuntimeError(f"flow run {flow_run_id} published no {LOCK_ARTIFACT} artifact")
+    return lock_from_markdown(str(found[0].data))
+
+
+def run_on_pools(order: list[str], repo: Path, pipeline_run: str, force: bool = False, repo_url: str = "",
+                 publish_branch: str = "") -> None:
+    """Run ``order`` stage by stage, each as a flow run of its pool's :func:`remote_stage` deployment.
+
+    Workers clone ``repo_url`` (default: ``repo`` itself, for workers on this machine) at this checkout's
+    HEAD, so code changes must be committed (and pushed) first. With ``publish_branch`` the final
+    params.yaml + dvc.lock are committed to that branch and pushed to ``repo_url``: any machine then gets
+    the run's data with ``git checkout <branch> && dvc pull``.
+    """
+    from prefect.deployments import run_deployment
+
+    from knn_diffusion.io import write_text
+
+    rev = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", "dvc.yaml", "src", "flows"], repo)
+    if dirty.strip():
+        raise RuntimeError(f"{repo}: uncommitted changes to the pipeline code ({dirty.split()[1:3]}...); workers "
+                           f"run the committed revision {rev[:12]}: commit and push first")
+    url = repo_url or str(repo)
+    pools = stage_pools(repo / "dvc.yaml")
+    lock_path = repo / "dvc.lock"
+    for stage in order:
+        run = run_deployment(f"{STAGE_FLOW}/{pools[stage]}", timeout=None, poll_interval=2, parameters={
+            "stage": stage, "repo_url": url, "rev": rev, "params_yaml": (repo / "params.yaml").read_text(),
+            "dvc_lock": lock_path.read_text() if lock_path.is_file() else "", "force": force,
+            "pipeline_run": pipeline_run})
+        if not run.state.is_completed():
+            raise RuntimeError(f"stage '{stage}' on pool '{pools[stage]}': flow run '{run.name}' ended "
+                               f"{run.state.name}: {run.state.message}")
+        write_text(lock_path, read_lock_artifact(run.id))
+    if publish_branch:
+        git = ["git", "-c", "user.name=knn-diffusion", "-c", "user.email=pipeline@knn-diffusion"]
+        _run(git + ["checkout", "-q", "-B", publish_branch], repo)
+        _run(git + ["add", "params.yaml", "dvc.lock"], repo)
+        _run(git + ["commit", "-q", "--allow-empty", "-m", f"pipeline run {pipeline_run}: {', '.join(order)}"], repo)
+        _run(git + ["push", "-q", "--force", url, f"HEAD:refs/heads/{publish_branch}"], repo)

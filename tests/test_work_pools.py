@@ -1,0 +1,131 @@
+"""Team scale for real: a Prefect server, two process work pools with a worker each, the deployments of
+prefect.yaml, stages routed by dvc.yaml's ``meta.pool``, data through a DVC remote only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+# Two stand-in stages (the real ones are tested elsewhere): routing, data hand-over and the lock matter here.
+STAGES = {
+    "prepare": {"cmd": "python -c \"import pathlib; pathlib.Path('data').mkdir(exist_ok=True); "
+                       "pathlib.Path('data/prepared.txt').write_text('prepared\\n')\"",
+                "outs": ["data/prepared.txt"]},
+    "train": {"cmd": "python -c \"import pathlib, yaml; p = pathlib.Path('models'); p.mkdir(exist_ok=True); "
+                     "seed = yaml.safe_load(open('params.yaml'))['seed']; "
+                     "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained {seed}\\n')\"",
+              "deps": ["data/prepared.txt"], "params": ["seed"], "outs": ["models/model.txt"],
+              "meta": {"pool": "gpu"}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on loopback with its own home (sqlite), stopped at the end."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def origin(tmp_path):
+    """The team's git repository (workers clone it) with a DVC remote in a directory."""
+    repo = tmp_path / "origin"
+    repo.mkdir()
+    shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", repo / "prefect.yaml")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": STAGES}))
+    (repo / "params.yaml").write_text("seed: 7\n")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], repo, env)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], repo, env)
+    return repo
+
+
+def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path, prefect_server, origin):
+    env = {**prefect_server, "KNN_DIFFUSION_GIT_URL": str(origin)}
+    prefect = str(BIN / "prefect")
+    for pool in ("cpu", "gpu"):
+        run([prefect, "work-pool", "create", pool, "--type", "process"], origin, env)
+    run([prefect, "--no-prompt", "deploy", "--all"], origin, env)
+    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--type", "process"], cwd=tmp_path,
+                                env=env, stdout=open(tmp_path / f"worker-{pool}.log", "w"), stderr=subprocess.STDOUT)
+               for pool in ("cpu", "gpu")]
+    try:
+        out = run([prefect, "deployment", "run", "knn-diffusion-pipeline/pools", "--watch",
+                   "--watch-timeout", "400"], origin, env, timeout=450)
+    except AssertionError:
+        for pool in ("cpu", "gpu"):
+            print(f"--- worker {pool}:\n" + (tmp_path / f"worker-{pool}.log").read_text()[-6000:])
+        raise
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=30)
+    assert "Completed" in out, out[-2000:]
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        by_deployment: dict[str, list] = {}
+        for flow_run in client.read_flow_runs():
+            name = client.read_deployment(flow_run.deployment_id).name if flow_run.deployment_id else "-"
+            by_deployment.setdefault(name, []).append((flow_run.parameters.get("stage"), flow_run.state.type.value))
+    assert by_deployment["cpu"] == [("prepare", "COMPLETED")]
+    assert by_deployment["gpu"] == [("train", "COMPLETED")]  # meta.pool: gpu in dvc.yaml
+
+    # The outputs are in the remote and the run's lock on its branch: any machine can check it out and pull.
+    clone = tmp_path / "elsewhere"
+    plain = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    run(["git", "clone", "-q", "-b", "runs/latest", str(origin), str(clone)], tmp_path, plain)
+    run([str(BIN / "dvc"), "pull"], clone, plain)
+    assert (clone / "models" / "model.txt").read_text() == "prepared\ntrained 7\n"
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], clone, plain)) == {}
