@@ -1,12 +1,19 @@
-"""Ablation sweeps: one DVC experiment per parameter combination, scheduled by Prefect.
+"""Ablation sweeps: one DVC experiment per parameter combination, run by DVC's experiment queue.
 
-Each combination runs as ``dvc exp run --temp -n <name> -S key=value ...`` in its own temporary copy of
-the workspace, so DVC caches and versions every experiment (``dvc exp show``, ``dvc exp apply``) and
-Prefect schedules them (``--parallel N`` at once, retries, a record per experiment). Every stage's
-MLflow run lands in this repo's store and is tagged with the experiment's Prefect task run.
+Each combination is queued with ``dvc exp run --queue -n <name> -S key=value ...``; ``dvc queue start
+-j N`` then runs N at a time, each in its own copy of the workspace, all sharing the DVC cache. DVC
+versions every experiment (``dvc exp show``, ``dvc exp apply``); Prefect records the sweep, one task per
+step, and fails the flow run when any experiment fails (with that experiment's log tail).
 
-    python -m flows.sweep index.subset_fraction=0.1,0.3,0.5,0.7,1.0          # the index-size ablation
-    python -m flows.sweep train_continuous.variant=tokens,no_knn --parallel 1
+Every stage logs to one MLflow store: an exported ``MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``
+in params.yaml, else this repo's ``mlflow.db`` - pinned for the queued runs, whose working copies live
+under ``.dvc/tmp``. The store and the experiment are created once, before the runs start (concurrent
+first use of a sqlite store races on its schema). Rerunning a sweep replaces the experiments of the
+same names; unchanged stages come back from DVC's run cache. A stage's MLflow run is tagged with its
+experiment's name (``pipeline_run``, from DVC's ``DVC_EXP_NAME``).
+
+    python -m flows.sweep retrieval.index_fraction=0.1,0.3,0.5,0.7,1.0
+    python -m flows.sweep train_continuous.variant=tokens,no_knn --parallel 2
     python -m flows.sweep train_continuous.k=1,5,10 sample.guidance=1,3
 """
 
@@ -17,15 +24,18 @@ import itertools
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import stage_env
 from knn_diffusion.config import ConfigError, load_params
-from knn_diffusion.tracking import tracking_uri
+from knn_diffusion.tracking import tracking_uri, with_retries
+
+POLL_SECONDS = 3
+FINISHED = {"Success", "Failed"}
 
 
 def expand_grid(axes: list[str]) -> list[list[str]]:
@@ -44,34 +54,90 @@ def experiment_name(prefix: str, overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{prefix}-{body}")[:90]
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, task_run_name="{name}")
-def run_experiment(repo: str, name: str, overrides: list[str]) -> str:
+def sweep_tracking_uri(repo: Path) -> str:
+    """The store every queued stage logs to: exported URI, then params' tracking.tracking_uri, then the repo's."""
+    configured = load_params(repo / "params.yaml").tracking.tracking_uri
+    return tracking_uri(configured, root=repo)
+
+
+def _dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return done
+
+
+def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from ``dvc queue status``."""
+    rows = _dvc(repo, env, "queue", "status").stdout.splitlines()
+    status = {}
+    for row in rows[1:]:
+        fields = row.split()
+        if len(fields) >= 4 and not row.startswith("Worker"):
+            status[fields[1]] = fields[-1]
+    return status
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_store(uri: str, experiment: str) -> str:
+    """Create the MLflow store's schema and the experiment once, before runs write to it concurrently."""
+    import mlflow
+
+    from knn_diffusion.tracking import experiment_id_for
+
+    mlflow.set_tracking_uri(uri)
+    return with_retries(lambda: experiment_id_for(experiment))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="queue {name}")
+def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list[str]) -> str:
+    """Queue one combination; an experiment (or finished queue task) of the same name is replaced."""
     logger = get_run_logger()
-    dvc = str(Path(sys.executable).parent / "dvc")
-    cmd = [dvc, "exp", "run", "--temp", "-n", name, *itertools.chain.from_iterable(("-S", o) for o in overrides)]
-    env = stage_env(pipeline_run=name)
-    # Temporary workspaces live under .dvc/tmp: point every stage at this repo's tracking store.
-    env["MLFLOW_TRACKING_URI"] = tracking_uri()
-    logger.info("%s", " ".join(cmd[1:]))
-    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"experiment '{name}' failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    if name in _dvc(repo, env, "exp", "list", "--name-only").stdout.split():
+        logger.info("replacing the existing experiment '%s'", name)
+        _dvc(repo, env, "exp", "remove", name)
+    _dvc(repo, env, "queue", "remove", name, check=False)  # a finished task of an earlier sweep
+    _dvc(repo, env, "exp", "run", "--queue", "-n", name, *itertools.chain.from_iterable(("-S", o) for o in overrides))
     return name
 
 
-@flow(name="knn-diffusion-sweep")
-def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep") -> list[str]:
-    """Run one DVC experiment per combination of ``axes``; fails if any experiment fails.
+@task(cache_policy=NO_CACHE)
+def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int) -> dict[str, str]:
+    """Start ``jobs`` queue workers and wait until every experiment in ``names`` has finished."""
+    logger = get_run_logger()
+    _dvc(repo, env, "queue", "start", "-j", str(jobs))
+    reported: dict[str, str] = {}
+    while True:
+        status = queue_status(repo, env)
+        for name in names:
+            if status.get(name) != reported.get(name):
+                logger.info("%s: %s", name, status.get(name, "?"))
+        reported = {name: status.get(name, "?") for name in names}
+        if all(state in FINISHED for state in reported.values()):
+            return reported
+        if not any(state in ("Queued", "Running") for state in reported.values()):
+            raise RuntimeError(f"experiments neither queued, running nor finished: {reported}")
+        time.sleep(POLL_SECONDS)
 
-    Concurrency comes from the task runner (``main`` sets ``--parallel`` workers).
-    """
+
+@flow(name="knn-diffusion-sweep")
+def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int = 1) -> list[str]:
+    """Run one DVC experiment per combination of ``axes``, ``parallel`` at once; fails if any fails."""
+    repo_path = Path(repo).resolve()
     combos = expand_grid(axes)
     for combo in combos:  # refuse a bad value before anything runs
-        load_params(Path(repo) / "params.yaml", combo)
-    results = []
-    for combo in combos:
-        results.append(run_experiment.submit(str(Path(repo).resolve()), experiment_name(prefix, combo), combo))
-    return [f.result() for f in results]
+        load_params(repo_path / "params.yaml", combo)
+    uri = sweep_tracking_uri(repo_path)
+    env = {**stage_env(pipeline_run=""), "MLFLOW_TRACKING_URI": uri}
+    prepare_store(uri, load_params(repo_path / "params.yaml").tracking.experiment)
+    names = [queue_experiment(repo_path, env, experiment_name(prefix, combo), combo) for combo in combos]
+    states = run_queue(repo_path, env, names, parallel)
+    failed = [name for name, state in states.items() if state != "Success"]
+    if failed:
+        logs = {name: _dvc(repo_path, env, "queue", "logs", name, check=False).stdout[-3000:] for name in failed}
+        raise RuntimeError(f"experiments failed: {failed}\n" + "\n".join(f"--- {n}:\n{t}" for n, t in logs.items()))
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,12 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=1, help="experiments at once (each is a full pipeline)")
     args = parser.parse_args(argv)
     try:
-        names = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.parallel))(
-            axes=args.axes, repo=args.repo, prefix=args.prefix)
+        names = sweep(axes=args.axes, repo=args.repo, prefix=args.prefix, parallel=args.parallel)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     print("experiments:", ", ".join(names), "\ncompare: dvc exp show  |  mlflow ui --backend-store-uri",
-          tracking_uri())
+          sweep_tracking_uri(Path(args.repo).resolve()))
 
 
 if __name__ == "__main__":

@@ -97,32 +97,3 @@ def test_repo_dvc_yaml_matches_stage_paths():
     assert str(paths.INGEST) in spec["ingest"]["outs"]
     assert str(paths.INGEST_METRICS) in [next(iter(m)) for m in spec["ingest"]["metrics"]]
     assert stage_order(REPO / "dvc.yaml")[0] == "ingest"
-
-
-def test_sweep_runs_one_dvc_experiment_per_combination(harness, repo_copy):
-    from flows.sweep import expand_grid, sweep
-
-    assert expand_grid(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
-    spec = yaml.safe_load((repo_copy / "dvc.yaml").read_text())
-    spec["stages"] = {"ingest": spec["stages"]["ingest"]}  # the sweep machinery, not the whole pipeline
-    (repo_copy / "dvc.yaml").write_text(yaml.safe_dump(spec))
-    subprocess.run(["git", "add", "-A"], cwd=repo_copy, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], cwd=repo_copy,
-                   check=True)
-    names = sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res")
-    assert names == ["res-resolution-16", "res-resolution-24"]
-    shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=repo_copy, capture_output=True, text=True, check=True)
-    for name in names:
-        assert name in shown.stdout
-    runs = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
-                              filter_string="tags.pipeline_run = 'res-resolution-16'")
-    assert len(runs) == 1 and runs[0].data.params["data.resolution"] == "16"
-
-
-def test_sweep_refuses_bad_values_before_running(harness, repo_copy):
-    from flows.sweep import sweep
-
-    state = sweep(axes=["data.resolution=16,2"], repo=str(repo_copy), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(Exception, match="data.resolution"):
-        state.result()

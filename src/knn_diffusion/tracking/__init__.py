@@ -19,6 +19,7 @@ import numpy as np
 T = TypeVar("T")
 
 PIPELINE_RUN_ENV = "KNN_DIFFUSION_PIPELINE_RUN"  # set by the Prefect flow to group a run's stages
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by DVC in a queued experiment: groups its stages otherwise
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -30,12 +31,13 @@ def repo_root(start: Path | None = None) -> Path:
     return here
 
 
-def tracking_uri(configured: str = "") -> str:
+def tracking_uri(configured: str = "", root: Path | None = None) -> str:
+    """An exported ``MLFLOW_TRACKING_URI``, else ``configured`` (tracking.tracking_uri), else the repo's sqlite store."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if configured:
         return configured
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
 
 
 def with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
@@ -132,7 +134,8 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
     experiment_id = with_retries(lambda: experiment_id_for(experiment))
     sha, dirty = git_commit(root)
     run_tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
-                "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, ""), **(tags or {})}
+                "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or os.environ.get(DVC_EXP_NAME_ENV, ""),
+                **(tags or {})}
     run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags))
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}

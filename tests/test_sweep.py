@@ -1,0 +1,68 @@
+"""Sweeps through DVC's experiment queue: parallel runs keep the DVC cache and the MLflow store intact,
+a rerun with the same names succeeds, and runs log where the team's tracking settings say."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from flows.sweep import expand_grid, sweep, sweep_tracking_uri
+from test_pipeline_flow import DVC, harness, repo_copy  # noqa: F401 (fixtures)
+
+
+def _commit(repo: Path) -> None:
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    spec["stages"] = {"ingest": spec["stages"]["ingest"]}  # the sweep machinery, not the whole pipeline
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], cwd=repo, check=True)
+
+
+def _cache_is_intact(repo: Path) -> int:
+    """Every object in the DVC cache hashes to its own name; returns how many files were checked."""
+    checked = 0
+    for path in (repo / ".dvc" / "cache" / "files" / "md5").rglob("*"):
+        if path.is_file() and not path.name.endswith(".dir"):
+            assert hashlib.md5(path.read_bytes()).hexdigest() == path.parent.name + path.name, path
+            checked += 1
+    return checked
+
+
+def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # noqa: F811
+    assert expand_grid(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
+    _commit(repo_copy)
+    names = sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res", parallel=2)
+    assert names == ["res-resolution-16", "res-resolution-24"]
+    assert sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res", parallel=2) == names  # rerun
+
+    shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=repo_copy, capture_output=True, text=True, check=True)
+    for name in names:
+        assert shown.stdout.count(f'"{name}"') >= 1
+    assert _cache_is_intact(repo_copy) > 4
+    for name, resolution in zip(names, ("16", "24")):
+        runs = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
+                                  filter_string=f"tags.pipeline_run = '{name}'")
+        assert [r.info.status for r in runs] == ["FINISHED"], name  # the rerun came from DVC's run cache
+        assert runs[0].data.params["data.resolution"] == resolution
+
+
+def test_sweep_logs_to_the_exported_then_the_configured_store(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": "http://mlflow.team:5000"}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://exported:5000")
+    assert sweep_tracking_uri(tmp_path) == "http://exported:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert sweep_tracking_uri(tmp_path) == "http://mlflow.team:5000"
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert sweep_tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_sweep_refuses_bad_values_before_running(harness, repo_copy):  # noqa: F811
+    state = sweep(axes=["data.resolution=16,2"], repo=str(repo_copy), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="data.resolution"):
+        state.result()
