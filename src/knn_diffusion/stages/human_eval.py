@@ -47,11 +47,15 @@ def screenshot(page: Path, out: Path) -> bool:
         log.warning("no chromium on PATH: no task-screen screenshot (apt-get install chromium)")
         return False
     with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                               f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1100,720",
-                               "--virtual-time-budget=5000", f"{page.resolve().as_uri()}?rater=rater-01"],
-                              capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                   f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1100,720",
+                                   "--virtual-time-budget=5000", f"{page.resolve().as_uri()}?rater=rater-01"],
+                                  capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            log.warning("chromium took over 120 s to render %s: no screenshot", page)
+            return False
     if done.returncode != 0 or not out.is_file():
         log.warning("chromium could not render %s (exit %s): no screenshot", page, done.returncode)
         return False
