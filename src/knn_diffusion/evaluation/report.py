@@ -189,9 +189,10 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, feature: str | None = None
-                 ) -> list[Path]:
-    """tables.md + one CSV per table + PNG plots into ``out_dir``; returns the files written."""
+def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, feature: str | None = None,
+                 appendix: str = "") -> list[Path]:
+    """tables.md (+ ``appendix``, e.g. the human evaluation) + one CSV per table + PNG plots into
+    ``out_dir``; returns the files written."""
     runs, feature = single_feature(runs, feature)
     tables = build_tables(runs)
     out_dir = Path(out_dir)
@@ -206,7 +207,7 @@ def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, 
         path = out_dir / f"{name}.csv"
         frame.to_csv(path, index=False, float_format="%.6f")
         written.append(path)
-    (out_dir / "tables.md").write_text("\n".join(sections))
+    (out_dir / "tables.md").write_text("\n".join(sections + [appendix] if appendix else sections))
     written.append(out_dir / "tables.md")
     return written + plot_tables(tables, out_dir)
 
@@ -253,10 +254,13 @@ def publish_report(experiment: str, out_dir: str | os.PathLike, *, pipeline_runs
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
+    from knn_diffusion.human_eval.report import report_section
+
     runs = evaluate_runs(client, experiment, pipeline_runs)
     scope = ", ".join(pipeline_runs) if pipeline_runs else "all runs"
-    files = write_report(runs, out_dir, title=f"Ablations: experiment '{experiment}' ({scope})", feature=feature)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    files = write_report(runs, out_dir, title=f"Ablations: experiment '{experiment}' ({scope})", feature=feature,
+                         appendix=report_section(client, experiment_id))
     tags = {"stage": "report", "git.commit": git_commit(repo_root())[0], "report.pipeline_runs": scope,
             "report.evaluate_runs": str(len(runs))}
     with with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name="report", tags=tags)) as run:
