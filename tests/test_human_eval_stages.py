@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from human_eval_helpers import write_systems
+from knn_diffusion.human_eval.report import report_section
 from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
 
 EXPERIMENT = "human-eval-stages"
@@ -69,6 +70,8 @@ def test_aggregate_before_answers_succeeds_without_metrics(packaged, caplog):
     assert json.loads((root / paths.HUMAN_EVAL_AGGREGATE_METRICS).read_text()) == {}
     assert _run("human_eval_aggregate").data.metrics == {}
     assert mlflow.get_run(producer).data.metrics == {}
+    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert report_section(mlflow.MlflowClient(), experiment_id) == ""  # the ablation report leaves it out
 
 
 def test_aggregate_logs_on_its_run_and_on_system_as_run(packaged):
@@ -90,6 +93,9 @@ def test_aggregate_logs_on_its_run_and_on_system_as_run(packaged):
         "human_eval/vs_retrieval_baseline.md"]
     table = (root / paths.HUMAN_EVAL_TABLE).read_text()
     assert "| retrieval_baseline | 100.0% [61.0, 100.0] | no answers yet |" in table
+    section = report_section(mlflow.MlflowClient(), mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+    run_id = _run("human_eval_aggregate").info.run_id
+    assert f"| A | retrieval_baseline | 100.0% [61.0, 100.0] | no answers yet | 6 | {run_id[:8]} |" in section
 
 
 def test_bad_results_end_in_one_error_line(packaged, capsys):

@@ -259,12 +259,18 @@ def aggregate(results_dir: str | os.PathLike, key: dict, *, strict: bool = True)
     return Report([str(p) for p in files], {q: tally(kept, key, q) for q in key["questions"]}, problems, rejected)
 
 
-def _cell(result: QuestionResult | None) -> str:
-    if result is None:
+def preference_cell(pct: float | None, low: float | None, high: float | None) -> str:
+    """'62.5% [40.9, 80.0]'; 'no answers yet' without a result, 'all pairs tied' when nothing was decided."""
+    if pct is None:
         return "no answers yet"
-    if np.isnan(result.pct_prefer_a):
+    if np.isnan(pct):
         return "all pairs tied"
-    return f"{result.pct_prefer_a:.1f}% [{result.ci_low:.1f}, {result.ci_high:.1f}]"
+    return f"{pct:.1f}% [{low:.1f}, {high:.1f}]"
+
+
+def _cell(result: QuestionResult | None) -> str:
+    return preference_cell(None, None, None) if result is None else preference_cell(
+        result.pct_prefer_a, result.ci_low, result.ci_high)
 
 
 def markdown_table(report: Report, key: dict) -> str:
