@@ -22,7 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from flows.dag import stage_graph, stage_order
-from knn_diffusion.tracking import PIPELINE_RUN_ENV
+from knn_diffusion.config import load_params
+from knn_diffusion.tracking import (FLOW_RUN_URL_ENV, PARENT_RUN_ENV, PIPELINE_RUN_ENV, git_commit, group_run,
+                                    tracking_uri)
+
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
 
 
@@ -44,19 +47,19 @@ def _retry_only_transient(task, task_run, state) -> bool:
     return False
 
 
-def stage_env(pipeline_run: str) -> dict[str, str]:
-    """Environment for a DVC subprocess: this venv's ``python`` first, the run id for MLflow tags."""
-    env = dict(os.environ)
+def stage_env(run_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a DVC subprocess: this venv's ``python`` first, and ``run_env``: what the stages'
+    MLflow runs are grouped and nested by (tracking.PIPELINE_RUN_ENV, PARENT_RUN_ENV, FLOW_RUN_URL_ENV)."""
+    env = {**os.environ, **(run_env or {})}
     # DVC stages call `python`; make that the interpreter running this flow (the project venv).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env[PIPELINE_RUN_ENV] = pipeline_run
     env.setdefault("TQDM_MININTERVAL", "10")  # output is piped: fewer, longer-spaced progress lines
     return env
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_transient,
       task_run_name="dvc repro {stage}")
-def run_stage(stage: str, repo: str, pipeline_run: str, force: bool = False) -> str:
+def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = False) -> str:
     """Reproduce one stage through DVC, streaming its output; returns the tail of that output."""
     logger = get_run_logger()
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
@@ -64,7 +67,7 @@ def run_stage(stage: str, repo: str, pipeline_run: str, force: bool = False) -> 
         cmd.append("--force")
     logger.info("%s (in %s)", " ".join(cmd[1:]), repo)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=repo, env=stage_env(pipeline_run), stdout=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -101,18 +104,25 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
                 wanted.add(name)
                 pending.extend(graph[name])
         order = [s for s in order if s in wanted]
-    run_id = str(flow_run.get_id() or "")
-    if pools:
-        from flows.remote import run_on_pools
+    run_id, url = str(flow_run.get_id() or ""), flow_run.ui_url or ""
+    params = load_params(repo_path / "params.yaml")
+    # One MLflow parent run per pipeline run; every stage's run is its child.
+    with group_run(f"pipeline {flow_run.name or ''}".strip(), params.tracking.experiment,
+                   tracking_uri(params.tracking.tracking_uri, root=repo_path), params=params,
+                   tags={"kind": "pipeline", "git.commit": git_commit(repo_path)[0], "prefect.flow_run_url": url,
+                         "pipeline_run": run_id, "stages": ",".join(order)}) as parent:
+        run_env = {PIPELINE_RUN_ENV: run_id, PARENT_RUN_ENV: parent.id, FLOW_RUN_URL_ENV: url}
+        if pools:
+            from flows.remote import run_on_pools
 
-        run_on_pools(order, repo_path, run_id, force, repo_url, publish_branch)
-        return order
-    futures: dict[str, PrefectFuture] = {}
-    for name in order:
-        upstream = [futures[u] for u in graph[name] if u in futures]
-        futures[name] = run_stage.submit(name, str(repo_path), run_id, force, wait_for=upstream)
-    for name in order:
-        futures[name].result()  # raises -> the flow run ends Failed, never Completed
+            run_on_pools(order, repo_path, run_env, force, repo_url, publish_branch)
+            return order
+        futures: dict[str, PrefectFuture] = {}
+        for name in order:
+            upstream = [futures[u] for u in graph[name] if u in futures]
+            futures[name] = run_stage.submit(name, str(repo_path), run_env, force, wait_for=upstream)
+        for name in order:
+            futures[name].result()  # raises -> the flow run ends Failed, never Completed
     return order
 
 

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.dag import stage_graph
 from flows.pipeline import run_stage, stage_env
+from knn_diffusion.tracking import PIPELINE_RUN_ENV
 
 STAGE_FLOW = "knn-diffusion-stage"
 DEFAULT_POOL = "cpu"
@@ -35,7 +36,7 @@ def stage_pools(dvc_yaml: str | Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=stage_env(""), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}) in {cwd}:\n"
                            f"{(done.stdout + done.stderr)[-3000:]}")
@@ -56,7 +57,7 @@ def lock_from_markdown(markdown: str) -> str:
 
 @flow(name=STAGE_FLOW, log_prints=True)
 def remote_stage(stage: str, repo_url: str, rev: str, params_yaml: str, dvc_lock: str = "",
-                 force: bool = False, pipeline_run: str = "") -> str:
+                 force: bool = False, run_env: dict[str, str] | None = None) -> str:
     """Reproduce ``stage`` of ``repo_url`` at ``rev`` with the given params and lock; returns the new lock."""
     logger = get_run_logger()
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -73,7 +74,7 @@ def remote_stage(stage: str, repo_url: str, rev: str, params_yaml: str, dvc_lock
         needed = sorted(stage_graph(work / "dvc.yaml")[stage]) + [stage]
         logger.info("pulling %s from the DVC remote", needed)
         _run([dvc, "pull", "--allow-missing", *needed], work)
-        run_stage.fn(stage, str(work), pipeline_run, force)
+        run_stage.fn(stage, str(work), run_env or {}, force)
         _run([dvc, "push", stage], work)
         lock = (work / "dvc.lock").read_text()
     create_markdown_artifact(_lock_markdown(lock), key=LOCK_ARTIFACT,
@@ -94,7 +95,7 @@ def read_lock_artifact(flow_run_id) -> str:
     return lock_from_markdown(str(found[0].data))
 
 
-def run_on_pools(order: list[str], repo: Path, pipeline_run: str, force: bool = False, repo_url: str = "",
+def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: bool = False, repo_url: str = "",
                  publish_branch: str = "") -> None:
     """Run ``order`` stage by stage, each as a flow run of its pool's :func:`remote_stage` deployment.
 
@@ -119,7 +120,7 @@ def run_on_pools(order: list[str], repo: Path, pipeline_run: str, force: bool = 
         run = run_deployment(f"{STAGE_FLOW}/{pools[stage]}", timeout=None, poll_interval=2, parameters={
             "stage": stage, "repo_url": url, "rev": rev, "params_yaml": (repo / "params.yaml").read_text(),
             "dvc_lock": lock_path.read_text() if lock_path.is_file() else "", "force": force,
-            "pipeline_run": pipeline_run})
+            "run_env": run_env})
         if not run.state.is_completed():
             raise RuntimeError(f"stage '{stage}' on pool '{pools[stage]}': flow run '{run.name}' ended "
                                f"{run.state.name}: {run.state.message}")
@@ -128,5 +129,5 @@ def run_on_pools(order: list[str], repo: Path, pipeline_run: str, force: bool = 
         git = ["git", "-c", "user.name=knn-diffusion", "-c", "user.email=pipeline@knn-diffusion"]
         _run(git + ["checkout", "-q", "-B", publish_branch], repo)
         _run(git + ["add", "params.yaml", "dvc.lock"], repo)
-        _run(git + ["commit", "-q", "--allow-empty", "-m", f"pipeline run {pipeline_run}: {', '.join(order)}"], repo)
+        _run(git + ["commit", "-q", "--allow-empty", "-m", f"pipeline run {run_env.get(PIPELINE_RUN_ENV, '')}: {', '.join(order)}"], repo)
         _run(git + ["push", "-q", "--force", url, f"HEAD:refs/heads/{publish_branch}"], repo)

@@ -20,7 +20,9 @@ experiment's name (``pipeline_run``, from DVC's ``DVC_EXP_NAME``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import stage_env
 from knn_diffusion.config import ConfigError, load_params
-from knn_diffusion.tracking import tracking_uri, with_retries
+from knn_diffusion.tracking import TRIAL_RUNS_ENV, git_commit, group_run, tracking_uri, with_retries
 
 POLL_SECONDS = 3
 FINISHED = {"Success", "Failed"}
@@ -122,22 +124,47 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int) -> d
 
 
 @flow(name="knn-diffusion-sweep")
-def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int = 1) -> list[str]:
-    """Run one DVC experiment per combination of ``axes``, ``parallel`` at once; fails if any fails."""
+def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int = 1, retries: int = 1) -> list[str]:
+    """Run one DVC experiment per combination of ``axes``, ``parallel`` at once; a failed experiment is
+    queued again up to ``retries`` times; the flow fails if any still fails.
+
+    MLflow: one parent run for the sweep, one child per trial carrying all of that trial's params
+    (flattened, so the compare view lines up k / index fraction / variant / size with the metrics),
+    and the trial's stage runs under it.
+    """
+    from prefect.runtime import flow_run
+
     repo_path = Path(repo).resolve()
     combos = expand_grid(axes)
-    for combo in combos:  # refuse a bad value before anything runs
-        load_params(repo_path / "params.yaml", combo)
+    trial_params = [load_params(repo_path / "params.yaml", combo) for combo in combos]  # bad values fail here
+    names = [experiment_name(prefix, combo) for combo in combos]
     uri = sweep_tracking_uri(repo_path)
-    env = {**stage_env(pipeline_run=""), "MLFLOW_TRACKING_URI": uri}
-    prepare_store(uri, load_params(repo_path / "params.yaml").tracking.experiment)
-    names = [queue_experiment(repo_path, env, experiment_name(prefix, combo), combo) for combo in combos]
-    states = run_queue(repo_path, env, names, parallel)
-    failed = [name for name, state in states.items() if state != "Success"]
-    if failed:
-        logs = {name: _dvc(repo_path, env, "queue", "logs", name, check=False).stdout[-3000:] for name in failed}
-        raise RuntimeError(f"experiments failed: {failed}\n" + "\n".join(f"--- {n}:\n{t}" for n, t in logs.items()))
-    return names
+    experiment = trial_params[0].tracking.experiment
+    prepare_store(uri, experiment)
+    tags = {"git.commit": git_commit(repo_path)[0], "prefect.flow_run_url": flow_run.ui_url or ""}
+    with contextlib.ExitStack() as stack:
+        parent = stack.enter_context(group_run(f"sweep {prefix}", experiment, uri, params={"axes": axes},
+                                               tags={**tags, "kind": "sweep"}))
+        trials = {name: stack.enter_context(group_run(name, experiment, uri, params=params, parent=parent.id,
+                                                      tags={**tags, "kind": "trial", "dvc.experiment": name}))
+                  for name, params in zip(names, trial_params)}
+        env = {**stage_env({TRIAL_RUNS_ENV: json.dumps({name: run.id for name, run in trials.items()})}),
+               "MLFLOW_TRACKING_URI": uri}
+        pending = dict(zip(names, combos))
+        for attempt in range(retries + 1):
+            for name, combo in pending.items():
+                queue_experiment(repo_path, env, name, combo)
+            states = run_queue(repo_path, env, list(pending), parallel)
+            pending = {name: pending[name] for name, state in states.items() if state != "Success"}
+            if not pending:
+                return names
+            get_run_logger().warning("failed (attempt %d of %d): %s", attempt + 1, retries + 1, sorted(pending))
+        logs = {name: _dvc(repo_path, env, "queue", "logs", name, check=False).stdout[-3000:] for name in pending}
+        for name in pending:
+            trials[name].fail(f"experiment failed {retries + 1} times")
+        parent.fail(f"trials failed: {sorted(pending)}")
+        raise RuntimeError(f"experiments failed: {sorted(pending)}\n" +
+                           "\n".join(f"--- {n}:\n{t}" for n, t in logs.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

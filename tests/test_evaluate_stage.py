@@ -144,3 +144,21 @@ def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: evaluate.prompts_file: nowhere.txt: file not found"
     assert (evaluated / paths.EVALUATE_METRICS).read_bytes() == before
+
+
+def test_human_eval_packages_a_grid_point_against_the_retrieval_baseline(evaluated, monkeypatch):
+    """The demo's human-evaluation wiring in miniature: an evaluate grid point (A) paired by prompt with the
+    retrieval baseline (B); A's sidecars name the training run, where the aggregate will log."""
+    from knn_diffusion.stages import human_eval
+
+    monkeypatch.chdir(evaluated)
+    human_eval.main(["human_eval.system_a=outputs/evaluate/k2-frac1-g3-openmoji", "human_eval.screenshot=false"])
+    key = json.loads((evaluated / paths.HUMAN_EVAL_KEY).read_text())
+    prompts = json.loads((evaluated / paths.EVALUATE / "evaluate.json").read_text())["prompts"]
+    assert sorted(p["prompt"] for p in key["pairs"]) == sorted(prompts)
+    assert key["system_b"]["name"] == "retrieval_baseline"
+    trained = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.stage = 'train_continuous'",
+                                 output_format="list")
+    assert key["system_a"]["model_run_id"] == trained[0].info.run_id
+    images = sorted((evaluated / paths.HUMAN_EVAL_PACKAGE / "images").glob("*.png"))
+    assert len(images) == 2 * len(prompts)

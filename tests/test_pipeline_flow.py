@@ -57,6 +57,11 @@ def test_flow_runs_stage_through_dvc_then_skips_it(harness, repo_copy):
     flow_run_id = str(state.state_details.flow_run_id)
     runs = _ingest_runs(flow_run_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # One MLflow parent run per pipeline run, the stage's run its child, both tagged with the flow run.
+    parent = mlflow.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["kind"] == "pipeline" and parent.data.tags["pipeline_run"] == flow_run_id
+    assert parent.info.status == "FINISHED" and parent.data.params["data.resolution"] == "32"
+    assert runs[0].data.tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run_id}")
     assert runs[0].data.metrics["openmoji.images"] == 12
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "samples")]
     assert "samples/openmoji.png" in artifacts
@@ -91,9 +96,26 @@ def test_dag_is_derived_from_dvc_yaml(tmp_path):
 
 
 def test_repo_dvc_yaml_matches_stage_paths():
+    """Every data path in dvc.yaml is a constant of stages/paths.py, and every constant there is in dvc.yaml
+    (or inside / above a path there, or resumable state under checkpoints/, outside DVC by design)."""
+    from pathlib import PurePath
+
     from knn_diffusion.stages import paths
 
+    constants = {str(value) for value in vars(paths).values() if isinstance(value, PurePath)}
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert str(paths.INGEST) in spec["ingest"]["outs"]
-    assert str(paths.INGEST_METRICS) in [next(iter(m)) for m in spec["ingest"]["metrics"]]
+    in_dvc = set()
+    for stage in spec.values():
+        for kind in ("deps", "outs", "metrics"):
+            in_dvc |= {entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind) or []}
+    data_paths = {p for p in in_dvc if not p.startswith("src/")}
+    unknown = {p for p in data_paths if not any(p == c or p.startswith(c + "/") for c in constants)}
+    assert unknown == set(), "dvc.yaml paths that are not (inside) a path of stages/paths.py"
+
+    def accounted(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") or p.startswith(path + "/") for p in data_paths)
+
+    unaccounted = {c for c in constants if not accounted(c) and not c.startswith(str(paths.CHECKPOINTS))}
+    assert unaccounted == set(), "stages/paths.py paths that no stage in dvc.yaml declares"
+    assert len(data_paths) >= 14
     assert stage_order(REPO / "dvc.yaml")[0] == "ingest"

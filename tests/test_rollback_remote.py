@@ -20,7 +20,7 @@ INDEX_FILE = Path("data/index/openmoji/index.faiss")
 
 
 def run(repo: Path, *cmd: str) -> str:
-    done = subprocess.run(list(cmd), cwd=repo, env=stage_env(""), capture_output=True, text=True)
+    done = subprocess.run(list(cmd), cwd=repo, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 

@@ -8,6 +8,7 @@ here; sqlite's "database is locked" under concurrent stages is retried.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -20,6 +21,11 @@ T = TypeVar("T")
 
 PIPELINE_RUN_ENV = "KNN_DIFFUSION_PIPELINE_RUN"  # set by the Prefect flow to group a run's stages
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by DVC in a queued experiment: groups its stages otherwise
+# Nesting, set by the flows: a stage's run is the child of its sweep trial's run (looked up by the DVC
+# experiment it runs in), else of the pipeline run's. The Prefect flow run's URL tags every run.
+PARENT_RUN_ENV = "KNN_DIFFUSION_PARENT_RUN"
+TRIAL_RUNS_ENV = "KNN_DIFFUSION_TRIAL_RUNS"  # JSON {DVC experiment name: MLflow trial run id}
+FLOW_RUN_URL_ENV = "KNN_DIFFUSION_FLOW_RUN_URL"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -64,11 +70,11 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return "unknown", False
 
 
-def experiment_id_for(name: str) -> str:
+def experiment_id_for(name: str, client: Any = None) -> str:
     """Get or create an experiment; two stages creating it at once must land in the same one."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = client or MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -121,6 +127,58 @@ class StageRun:
         with_retries(lambda: mlflow.log_text(text, name))
 
 
+def parent_run_id() -> str | None:
+    """The run a stage's run nests under: its sweep trial's (by DVC experiment name), else the pipeline's."""
+    trials = json.loads(os.environ.get(TRIAL_RUNS_ENV) or "{}")
+    return trials.get(os.environ.get(DVC_EXP_NAME_ENV, "")) or os.environ.get(PARENT_RUN_ENV) or None
+
+
+class GroupRun:
+    """A grouping run made by :func:`group_run`: ``id``, and :meth:`fail` to end it FAILED with a reason."""
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.id, self.failure = client, run_id, ""
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        with_retries(lambda: self.client.set_tag(self.id, "failure", reason[:5000]))
+
+
+@contextlib.contextmanager
+def group_run(name: str, experiment: str, uri: str, *, params: Any = None, tags: dict[str, str] | None = None,
+              parent: str | None = None) -> Iterator[GroupRun]:
+    """A run that groups others (a pipeline run, a sweep, a sweep trial).
+
+    Made with ``MlflowClient`` against ``uri`` (no active fluent run: flows are threaded), nested under
+    ``parent`` when given; ends FINISHED, or FAILED when the block raises or calls ``fail``. ``params``
+    (a mapping or the Params dataclass) are logged flattened, so the UI's compare view shows them beside
+    the children's metrics.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from knn_diffusion.config import flatten
+
+    client = MlflowClient(uri)
+    experiment_id = with_retries(lambda: experiment_id_for(experiment, client))
+    run_tags = {k: v for k, v in (tags or {}).items() if v}
+    if parent:
+        run_tags["mlflow.parentRunId"] = parent
+    run = GroupRun(client, with_retries(lambda: client.create_run(experiment_id, run_name=name,
+                                                                  tags=run_tags)).info.run_id)
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
+    for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+        with_retries(lambda chunk=flat[i:i + 100]: client.log_batch(run.id, params=chunk))
+    try:
+        yield run
+    except BaseException as err:
+        if not run.failure:
+            run.fail(f"{type(err).__name__}: {err}")
+        with_retries(lambda: client.set_terminated(run.id, "FAILED"))
+        raise
+    with_retries(lambda: client.set_terminated(run.id, "FAILED" if run.failure else "FINISHED"))
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusion",
               configured_uri: str = "", tags: dict[str, str] | None = None) -> Iterator[StageRun]:
@@ -135,8 +193,10 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
     sha, dirty = git_commit(root)
     run_tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
                 "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or os.environ.get(DVC_EXP_NAME_ENV, ""),
-                **(tags or {})}
-    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags))
+                "dvc.experiment": os.environ.get(DVC_EXP_NAME_ENV, ""),
+                "prefect.flow_run_url": os.environ.get(FLOW_RUN_URL_ENV, ""), **(tags or {})}
+    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
+                                                parent_run_id=parent_run_id()))
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
