@@ -43,7 +43,15 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="data.generator_dataset"):
         build_params({"data": {"generator_dataset": "missing"}})
     with pytest.raises(ConfigError, match="data.datasets.mine.path"):
-        build_params({"data": {"datasets": {"mine": {"source": "folder"}}}})
+        build_params({"data": {"datasets": {"mine": {"source": "folder"}}, "generator_dataset": "mine"}})
+
+
+def test_listed_datasets_replace_the_default_ones():
+    """A params file naming its datasets gets exactly those (a merge would also ingest openmoji and noto)."""
+    params = build_params({"data": {"datasets": {"mine": {"source": "folder", "path": "/x"}},
+                                    "generator_dataset": "mine"}})
+    assert list(params.data.datasets) == ["mine"]
+    assert list(build_params({}).data.datasets) == ["openmoji", "noto"]
 
 
 def test_overrides_go_through_the_same_validation():

@@ -97,6 +97,9 @@ class SampleConfig:
         "an emoji of a red heart", "an emoji of a smiling cat face", "an emoji of a green apple",
         "an emoji of a yellow star", "an emoji of a blue car", "an emoji of a pizza",
         "an emoji of a dog face", "an emoji of a flag of Japan"])
+    # A text file of prompts, one per line, used instead of ``prompts`` when set. It must lie under
+    # prompts/, which dvc.yaml declares as a dep of the stage, so editing it reruns sampling.
+    prompts_file: str = ""
     indexes: list[str] = field(default_factory=lambda: ["openmoji", "noto"])
     guidance: float = field(default=3.0, metadata=between(0, 50))
     scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde  # cleanest on small models (see sampling.py)
@@ -177,6 +180,8 @@ def _cross_checks(params: Params, where: str) -> None:
 def build_params(raw: dict | None, overrides: Iterable[str] = (), where: str = "params") -> Params:
     """Merge ``raw`` (a parsed params mapping) and ``key=value`` overrides onto the schema."""
     schema = OmegaConf.structured(Params)
+    if isinstance((raw or {}).get("data"), dict) and "datasets" in raw["data"]:
+        schema.data.datasets = {}  # a listed collection replaces the default one (a merge would keep openmoji)
     try:
         merged = OmegaConf.merge(schema, raw or {})
     except OmegaConfBaseException as err:

@@ -107,6 +107,23 @@ def neighbour_search(index: str | os.PathLike, index_root: Path, embed_root: Pat
                                  score_low=retrieval.score_filter.low, score_high=retrieval.score_filter.high)
 
 
+def read_prompts(path: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped).
+
+    ``within``: the folder the file must lie in (the one a DVC stage declares as its dep).
+    """
+    path = Path(path)
+    if within is not None and not path.resolve().is_relative_to(Path(within).resolve()):
+        raise ValueError(f"prompts file {path}: expected a file under {within}/ (the folder the stage declares "
+                         "as its input in dvc.yaml)")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path}: not found")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path}: no prompts (expected one per line)")
+    return prompts
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 

@@ -12,6 +12,7 @@ Layout of one dataset directory::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,14 @@ class ImageStore:
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
         return self.manifest.loc[self.manifest["split"] == split, "row"].to_numpy(np.int64)
+
+    def content_digest(self, rows: np.ndarray) -> str:
+        """sha256 over the pixel content hashes of ``rows``, in order: what derived data (embeddings) is of.
+
+        Re-ingesting at another resolution or background keeps the row ids but changes this.
+        """
+        hashes = self.manifest.set_index("row")["content_hash"].loc[np.asarray(rows, dtype=np.int64)]
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
     def subset(self, rows: np.ndarray) -> "RowSubset":
         """A view whose item i is row ``rows[i]`` (e.g. the train split, for a torch Dataset)."""

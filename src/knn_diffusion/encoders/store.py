@@ -4,12 +4,12 @@ Layout of one store directory::
 
     emb-00000.npy     float16 | float32 (n, d), rows L2-normalised, memory-mappable
     ids-00000.npy     int64 (n,), rows into the image collection (ImageStore row ids)
-    meta.json         fingerprint, dim, dtype, count, shard_size, num_shards, ids_sha256, encoder
+    meta.json         fingerprint, dim, dtype, count, shard_size, num_shards, ids_sha256, content_sha256, encoder
     metadata.parquet  (imports only) the source's per-row metadata, in store order
 
 ``meta.json`` is written last: a directory without it is an unfinished run. While a run is in
 progress, ``progress.json`` records what it is computing, so a resumed run keeps only shards that
-belong to the same encoder, ids and layout, and produces byte-identical files.
+belong to the same encoder, ids, image content and layout, and produces byte-identical files.
 """
 
 from __future__ import annotations
@@ -159,12 +159,15 @@ def _remove_shards(root: Path) -> None:
 
 
 def begin_embedding(out_dir: str | os.PathLike, fingerprint: str, dim: int, ids: np.ndarray, shard_size: int,
-                    dtype: str, encoder: dict | None = None) -> list[int]:
+                    dtype: str, encoder: dict | None = None, content: str = "") -> list[int]:
     """Prepare ``out_dir`` for a run and return the shard indices still to compute.
 
     A finished store of the same run needs nothing; shards of an interrupted run of the same
-    (fingerprint, dim, dtype, shard_size, ids) are kept when they are complete; anything else is
-    removed first. Shards may then be computed in any order or in parallel (:func:`write_shard`).
+    (fingerprint, dim, dtype, shard_size, ids, content) are kept when they are complete; anything
+    else is removed first. ``content`` is a digest of the images themselves (e.g.
+    ``ImageStore.content_digest``): with a fixed pretrained encoder, re-ingested images keep their
+    ids and the fingerprint, and only this tells that the old vectors are stale. Shards may then be
+    computed in any order or in parallel (:func:`write_shard`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"embed dtype {dtype!r}: expected one of {list(DTYPES)}")
@@ -175,7 +178,7 @@ def begin_embedding(out_dir: str | os.PathLike, fingerprint: str, dim: int, ids:
     ids = np.asarray(ids, dtype=np.int64)
     run = {"fingerprint": fingerprint, "dim": int(dim), "dtype": dtype, "count": len(ids),
            "shard_size": int(shard_size), "num_shards": -(-len(ids) // shard_size), "ids_sha256": _ids_digest(ids),
-           "encoder": encoder or {}}
+           "content_sha256": content, "encoder": encoder or {}}
     run = json.loads(json.dumps(run, default=str))  # as it reads back from disk
     previous = None
     for name in (PROGRESS_FILE, META_FILE):
@@ -222,15 +225,16 @@ def finish_embedding(out_dir: str | os.PathLike) -> "EmbeddingStore":
 
 def embed_collection(encoder: Encoder, images: Any, ids: np.ndarray, out_dir: str | os.PathLike,
                      shard_size: int = 4096, batch_size: int = 256, dtype: str = "float16",
-                     on_progress: Callable[[int, int], None] | None = None) -> EmbeddingStore:
+                     on_progress: Callable[[int, int], None] | None = None, content: str = "") -> EmbeddingStore:
     """Embed ``images[ids]`` into a store at ``out_dir``, resuming from complete shards.
 
     ``images`` is anything indexable by an int64 array returning uint8 (n, H, W, 3) (an ImageStore,
-    a numpy array). ``on_progress(done, total)`` is called after each batch with image counts.
+    a numpy array). ``on_progress(done, total)`` is called after each batch with image counts;
+    ``content`` keys shard reuse on the images' content (see :func:`begin_embedding`).
     """
     ids = np.asarray(ids, dtype=np.int64)
     fingerprint = encoder.fingerprint
-    pending = begin_embedding(out_dir, fingerprint, encoder.dim, ids, shard_size, dtype, encoder.description)
+    pending = begin_embedding(out_dir, fingerprint, encoder.dim, ids, shard_size, dtype, encoder.description, content)
     done = len(ids) - sum(len(ids[s * shard_size:(s + 1) * shard_size]) for s in pending)
     with tqdm(total=len(ids), initial=done, desc="embed", unit="img") as bar:
         def advance(n: int) -> None:
@@ -321,7 +325,7 @@ def save_text_embeddings(encoder: Encoder, texts: Sequence[str], path: str | os.
     if path.suffix != ".npy":
         raise ValueError(f"{path}: text embeddings are written as .npy")
     texts = list(texts)
-    vectors = encoder.encode_texts(texts, batch_size=batch_size)
+    vectors = encoder.encode_texts(texts, batch_size=batch_size) if texts else np.zeros((0, encoder.dim), np.float32)
     save_npy(path, vectors)
     write_json(path.with_suffix(".json"), {"fingerprint": encoder.fingerprint, "dim": encoder.dim,
                                            "count": len(texts), "texts": texts})

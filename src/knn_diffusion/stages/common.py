@@ -170,6 +170,7 @@ def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
     """
     if not (root / ".dvc").is_dir():
         return {}
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -178,7 +179,9 @@ def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
         except Exception as err:  # no such stage in this repo's dvc.yaml
             log.warning("no DVC input hashes for '%s': %s", stage, str(err).splitlines()[0])
             return {}
-        return {f"dvc.dep.{dep.def_path}": dep.get_hash().value for dep in spec.deps if dep.exists}
+        hashes = {f"dvc.dep.{dep.def_path}": dep.get_hash().value for dep in spec.deps
+                  if not isinstance(dep, ParamsDependency) and dep.exists}
+    return hashes
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """DVC stage ``embed``: image embeddings of every ingested dataset + text embeddings of the eval prompts.
 
-Resumable: the out is ``persist``-ed, complete shards of an interrupted run with the same encoder and
-ids are kept, and each shard is written atomically. With ``embed.workers > 0`` (or a
+Resumable: the out is ``persist``-ed, complete shards of an interrupted run with the same encoder,
+ids and image content are kept, and each shard is written atomically. With ``embed.workers > 0`` (or a
 ``embed.dask_address``) shards are embedded in parallel on a Dask cluster (``encoders/parallel.py``).
 """
 
@@ -41,22 +41,23 @@ def embed_stage(params: Params) -> None:
     cfg = params.embed
     with tracked("embed", params) as run:
         encoder = load_encoder(params.encoder, paths.ENCODER)
-        report: dict = {"fingerprint": encoder.fingerprint, "dim": encoder.dim, "datasets": {}}
+        report: dict = {"dim": encoder.dim, "datasets": {}}  # the fingerprint is in each store's meta.json
         remove_stale_stores(ingested_datasets())
         for name in ingested_datasets():
             images = ImageStore.open(paths.dataset_dir(name))
             out = paths.embedding_dir(name)
+            content = images.content_digest(images.rows())  # re-ingested pixels never reuse old vectors
             start = time.perf_counter()
             if cfg.workers > 0 or cfg.dask_address:
                 pending = begin_embedding(out, encoder.fingerprint, encoder.dim, images.rows(), cfg.shard_size,
-                                          cfg.dtype.value, encoder.description)
+                                          cfg.dtype.value, encoder.description, content)
                 embed_shards_parallel(params.encoder, paths.ENCODER, images.root, out, pending,
                                       shard_size=cfg.shard_size, batch_size=cfg.batch_size, dtype=cfg.dtype.value,
                                       workers=cfg.workers, address=cfg.dask_address)
                 store = finish_embedding(out)
             else:
                 store = embed_collection(encoder, images, images.rows(), out, cfg.shard_size, cfg.batch_size,
-                                         cfg.dtype.value)
+                                         cfg.dtype.value, content=content)
             seconds = time.perf_counter() - start
             report["datasets"][name] = {"images": len(store), "seconds": round(seconds, 2),
                                         "images_per_s": round(len(store) / max(seconds, 1e-9), 1)}
@@ -67,6 +68,9 @@ def embed_stage(params: Params) -> None:
         generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
         test_names = generator.read_captions().loc[generator.rows("test")].dropna()
         prompts = sorted({EVAL_TEMPLATE.format(name=n) for n in test_names if n.strip()})
+        if not prompts:
+            log.info("no eval prompts: the test split of '%s' has no captions (an image-only dataset)",
+                     params.data.generator_dataset)
         save_text_embeddings(encoder, prompts, paths.EVAL_PROMPTS)
         report["eval_prompts"] = len(prompts)
         write_json(paths.EMBED_METRICS, report)

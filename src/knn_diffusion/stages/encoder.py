@@ -4,8 +4,9 @@ With ``encoder.kind: open_clip`` nothing is trained: the stage records the pretr
 measures its recall. With ``encoder.kind: aligned`` the image tower is trained contrastively against
 the locked MiniLM text tower on a paired corpus disjoint from the generator's training images: the
 Noto emoji with their names, or - when Noto is not installed - the generator dataset's *val* split.
-Recall of text->image retrieval is measured on the generator dataset's test split; pairs whose name
-occurs there are dropped from training, so every evaluated name is unseen.
+Recall of text->image retrieval is measured on the generator dataset's test split when it has
+captions (an image-only dataset skips it, with a log note); pairs whose name occurs there are dropped
+from training, so every evaluated name is unseen.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from knn_diffusion.stages.common import run_stage, tracked
 log = logging.getLogger(__name__)
 PAIRED_DATASET = "noto"
 LOG_EVERY = 10
+SIDECAR = "encoder.json"  # in the out: kind, weights, alignment corpus, fingerprint
 
 
 def held_out_eval(params: Params) -> tuple[ImageStore, np.ndarray, list[str]]:
@@ -55,34 +57,42 @@ def encoder_stage(params: Params) -> None:
     cfg = params.encoder
     with tracked("encoder", params) as run:
         generator, test_rows, test_names = held_out_eval(params)
-        corpus, pairs = "pretrained", 0
         with atomic_dir(paths.ENCODER) as out:
+            facts = {"kind": cfg.kind.value, "eval_split": f"{params.data.generator_dataset}/test"}
             if cfg.kind == EncoderKind.open_clip:
                 encoder = load_encoder(cfg)  # downloads the weights on first use unless pretrained is a file
-                write_json(out / "encoder.json", {"kind": cfg.kind.value, "model_name": cfg.model_name,
-                                                  "pretrained": cfg.pretrained, "fingerprint": encoder.fingerprint})
+                facts.update(model_name=cfg.model_name, pretrained=cfg.pretrained, corpus="pretrained", pairs=0)
                 log.info("pretrained open_clip %s/%s selected: nothing to train", cfg.model_name, cfg.pretrained)
             else:
                 images, names, corpus = paired_corpus(params, test_names)
-                pairs = len(images)
+                if len(images) == 0:
+                    raise ValueError(f"encoder.kind=aligned needs named images to align on, and {corpus} has none; "
+                                     "for an image-only dataset set encoder.kind=open_clip (a pretrained CLIP)")
+                facts.update(corpus=corpus, pairs=len(images))
                 run.tags({"alignment.corpus": corpus})
-                log.info("aligning on %d pairs from %s", pairs, corpus)
+                log.info("aligning on %d pairs from %s", len(images), corpus)
 
                 def on_log(step: int, metrics: dict) -> None:
                     if step % LOG_EVERY == 0 or step == cfg.alignment.steps:
                         run.metrics({f"align.{k}": v for k, v in metrics.items()}, step=step)
 
                 encoder = train_alignment(images, names, cfg, out, on_log=on_log, state_dir=paths.ENCODER_STATE)
+            write_json(out / SIDECAR, {**facts, "fingerprint": encoder.fingerprint})
 
-        recall = text_to_image_recall(encoder, generator[test_rows], test_names, ks=tuple(cfg.alignment.eval_ks),
-                                      templates=tuple(cfg.alignment.templates))
-        report = {"kind": cfg.kind.value, "trained": cfg.kind == EncoderKind.aligned, "corpus": corpus, "pairs": pairs,
-                  "eval_split": f"{params.data.generator_dataset}/test", "eval_images": len(test_rows),
-                  "fingerprint": encoder.fingerprint, **recall}
-        run.metrics({k.replace("@", "_at_"): v for k, v in recall.items() if isinstance(v, (int, float))})
+        # metrics: numbers only (what the encoder is and was trained on is in the out's sidecar)
+        report: dict = {"trained": int(cfg.kind == EncoderKind.aligned), "pairs": facts["pairs"],
+                        "eval_images": len(test_rows)}
+        if any(isinstance(n, str) and n.strip() for n in test_names):
+            recall = text_to_image_recall(encoder, generator[test_rows], test_names,
+                                          ks=tuple(cfg.alignment.eval_ks), templates=tuple(cfg.alignment.templates))
+            report.update(recall)
+            log.info("text->image recall on %s test: %s", params.data.generator_dataset,
+                     {k: round(v, 3) for k, v in recall.items() if isinstance(v, float)})
+        else:
+            log.info("recall not measured: the test split of '%s' has no captions (an image-only dataset); "
+                     "the encoder's text->image retrieval is untested here", params.data.generator_dataset)
+        run.metrics({k.replace("@", "_at_"): v for k, v in report.items()})
         write_json(paths.ENCODER_METRICS, report)
-        log.info("text->image recall on %s test: %s", params.data.generator_dataset,
-                 {k: round(v, 3) for k, v in recall.items() if isinstance(v, float)})
 
 
 def main(argv: list[str] | None = None) -> None:

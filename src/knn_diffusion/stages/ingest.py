@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def ingest(params: Params) -> dict:
     data = params.data
-    report: dict = {"datasets": {}, "unavailable": {}}
+    report: dict = {"datasets": {}}  # numbers only; why a dataset was skipped goes to the log and MLflow
+    unavailable: dict[str, str] = {}
     with tracked("ingest", params) as run:
         with atomic_dir(paths.INGEST) as tmp:
             for name, ds in data.datasets.items():
@@ -28,11 +29,13 @@ def ingest(params: Params) -> dict:
                     if not ds.optional:
                         raise
                     log.warning("dataset '%s' skipped: %s", name, err)
-                    report["unavailable"][name] = str(err)
+                    unavailable[name] = str(err)
+                    report["datasets"][name] = {"available": 0}
                     run.metrics({f"{name}.available": 0})
+                    run.tags({f"{name}.unavailable": str(err)[:5000]})
                     continue
                 report["datasets"][name] = {
-                    "images": summary.images, "duplicates": summary.duplicates,
+                    "available": 1, "images": summary.images, "duplicates": summary.duplicates,
                     "skipped": summary.skipped, "named_fraction": round(summary.named_fraction, 4),
                     "splits": summary.splits, "seconds": summary.seconds}
                 run.metrics({f"{name}.images": summary.images, f"{name}.duplicates": summary.duplicates,
@@ -48,9 +51,9 @@ def ingest(params: Params) -> dict:
                 log.info("%s: %d images (%d duplicates, skipped %s, %.0f%% named) in %.1fs", name,
                          summary.images, summary.duplicates, summary.skipped,
                          100 * summary.named_fraction, summary.seconds)
-        if data.generator_dataset not in report["datasets"]:
+        if data.generator_dataset in unavailable:
             raise RuntimeError(f"data.generator_dataset '{data.generator_dataset}' was not ingested: "
-                               f"{report['unavailable'].get(data.generator_dataset, 'unknown reason')}")
+                               f"{unavailable[data.generator_dataset]}")
         write_json(paths.INGEST_METRICS, report)
         run.artifact(paths.INGEST_METRICS)
     return report

@@ -40,7 +40,7 @@ def knn_stage(params: Params) -> None:
         with atomic_path(paths.neighbours_file(name)) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, rows=rows, ids=ids, scores=scores)
-        report = {"dataset": name, "images": len(rows), "k_max": cfg.k_max, "self_matches": self_matches,
+        report = {"images": len(rows), "k_max": cfg.k_max, "self_matches": self_matches,
                   "duplicate_ids": duplicate_ids, "same_content_hash": same_hash,
                   "score_top1_mean": float(scores[:, 0].mean()), "score_kmax_mean": float(scores[:, -1].mean())}
         run.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})

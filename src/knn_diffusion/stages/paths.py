@@ -28,6 +28,7 @@ CONTINUOUS_MODEL = Path("models") / "continuous"
 CONTINUOUS_STATE = CHECKPOINTS / "train_continuous"
 CONTINUOUS_METRICS = METRICS / "train_continuous.json"
 
+PROMPTS = Path("prompts")  # prompt files (sample.prompts_file): a declared dep of the stages that read them
 SAMPLES = Path("outputs") / "samples"
 SAMPLE_METRICS = METRICS / "sample.json"
 
@@ -37,6 +38,7 @@ EVALUATE_METRICS = METRICS / "evaluate.json"
 HUMAN_EVAL = Path("outputs") / "human_eval"
 HUMAN_EVAL_PACKAGE = HUMAN_EVAL / "package"  # what raters open / what is uploaded
 HUMAN_EVAL_KEY = HUMAN_EVAL / "key.json"  # which side is A: never inside the package
+HUMAN_EVAL_RESULTS = Path("results") / "human_eval"  # raters' CSVs (human_eval_aggregate.results_dir)
 HUMAN_EVAL_METRICS = METRICS / "human_eval.json"
 HUMAN_EVAL_TABLE = HUMAN_EVAL / "results.md"
 HUMAN_EVAL_AGGREGATE_METRICS = METRICS / "human_eval_aggregate.json"

@@ -15,7 +15,7 @@ import numpy as np
 
 from knn_diffusion.config import Params
 from knn_diffusion.encoders.factory import load_encoder
-from knn_diffusion.generation import generate, load_generator, neighbour_search
+from knn_diffusion.generation import generate, load_generator, neighbour_search, read_prompts
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
@@ -27,6 +27,7 @@ def sample_stage(params: Params) -> None:
     s = params.sample
     with tracked("sample", params) as run:
         report = {}
+        prompts = read_prompts(s.prompts_file, within=paths.PROMPTS) if s.prompts_file else s.prompts
         generator = load_generator(paths.CONTINUOUS_MODEL, scheduler=s.scheduler)
         encoder = load_encoder(params.encoder, paths.ENCODER)
         with atomic_dir(paths.SAMPLES) as out:
@@ -36,7 +37,7 @@ def sample_stage(params: Params) -> None:
                     continue
                 knn, sidecar = neighbour_search(index, paths.INDEX, paths.EMBED, encoder.fingerprint, encoder.dim,
                                                 params.retrieval)
-                records = generate(generator, out_dir=out / index, knn=knn, prompts=s.prompts, encoder=encoder,
+                records = generate(generator, out_dir=out / index, knn=knn, prompts=prompts, encoder=encoder,
                                    guidance=s.guidance, steps=s.steps, seed=s.seed, index_sidecar=sidecar)
                 run.artifact(out / index / "grid.png", f"samples/{index}")
                 report[index] = {"images": len(records), "mean_top1_score": float(np.mean(
@@ -46,7 +47,7 @@ def sample_stage(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("sample", sample_stage, argv)
+    run_stage("sample", sample_stage, argv, user_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -60,11 +60,14 @@ def run_key(cfg, images: ImageStore, train_rows: np.ndarray, store: EmbeddingSto
     return digest.hexdigest()[:16]
 
 
-def eval_conditions(store: EmbeddingStore, train_rows: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
+def eval_conditions(store: EmbeddingStore, train_rows: np.ndarray, k: int) -> tuple[np.ndarray | None, list[str]]:
     """(E, 1+k, d) conditions for fixed held-out text prompts, neighbours found by exact search among
     the training images (the knn table's rows), so the previews need no index: rebuilding or rolling
-    back the index never reruns training."""
+    back the index never reruns training. None when there are no prompts (an image-only dataset)."""
     vectors, prompts = load_text_embeddings(paths.EVAL_PROMPTS, store.fingerprint, store.dim)
+    if not prompts:
+        log.info("no preview grids: the generator dataset has no held-out captions to prompt with")
+        return None, []
     pick = np.linspace(0, len(prompts) - 1, min(EVAL_GRID, len(prompts))).astype(int)
     queries = vectors[pick]  # (E, d)
     if k == 0:
