@@ -97,3 +97,5 @@ def test_bad_inputs_are_named(tmp_path):
     other = read_system(write_system(tmp_path / "other", ["a rocket"], (0, 0, 0)))
     with pytest.raises(ValueError, match="no prompt in common"):
         make_pairs(read_system(a), other, 10, 0)
+    with pytest.raises(ValueError, match=r"questions \['quality', 'quality'\]: expected a non-empty subset"):
+        package(tmp_path / "q", questions=("quality", "quality"))

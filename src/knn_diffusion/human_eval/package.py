@@ -171,8 +171,8 @@ def write_package(pairs: list[Pair], package_dir: str | os.PathLike, key_path: s
     written in every task row and CSV line, so results can be checked against the key they belong to.
     """
     unknown = sorted(set(questions) - set(QUESTIONS))
-    if unknown or not questions:
-        raise ValueError(f"questions {list(questions)}: expected a non-empty subset of {sorted(QUESTIONS)}")
+    if unknown or not questions or len(set(questions)) != len(questions):
+        raise ValueError(f"questions {list(questions)}: expected a non-empty subset of {sorted(QUESTIONS)}, each once")
     if raters < 1:
         raise ValueError(f"raters={raters}: expected at least 1")
     if base_url and not base_url.endswith("/"):
