@@ -11,11 +11,12 @@ import numpy as np
 
 from knn_diffusion.generation import generate
 from knn_diffusion.models.config import ConditioningConfig
+from test_continuous_training import D as DIM, WordEncoder
 
 PROMPTS = ["an emoji of a red heart", "an emoji of a smiling cat face", "an emoji of a green apple",
            "an emoji of a yellow star", "an emoji of a blue car", "an emoji of a pizza"]
 COLOURS = {"A": (220, 40, 40), "B": (40, 40, 220)}
-DIM, SIDE = 8, 16
+SIDE = 16
 
 
 @dataclass
@@ -35,17 +36,6 @@ class FlatColour:
         return images
 
 
-class HashedCharacters:
-    """A deterministic text encoder: bag of hashed characters, normalised."""
-
-    def encode_texts(self, texts):
-        out = np.zeros((len(texts), DIM), np.float32)
-        for i, text in enumerate(texts):
-            for ch in text:
-                out[i, ord(ch) % DIM] += 1
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
 def exact_knn(queries, k):
     bank = np.eye(DIM, dtype=np.float32)
     scores = queries @ bank.T  # (N, DIM)
@@ -54,7 +44,7 @@ def exact_knn(queries, k):
 
 
 def write_system(folder: Path, prompts: list[str], colour: tuple[int, int, int], run_id: str = "") -> Path:
-    generate(FlatColour(colour, run_id), out_dir=folder, knn=exact_knn, prompts=prompts, encoder=HashedCharacters(),
+    generate(FlatColour(colour, run_id), out_dir=folder, knn=exact_knn, prompts=prompts, encoder=WordEncoder(),
              steps=1)
     return folder
 
