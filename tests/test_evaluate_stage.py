@@ -192,9 +192,9 @@ def test_mlflow_ui_lists_the_grid_points_with_their_params(mlflow_ui, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page(viewport={"width": 2000, "height": 900})
+            page = browser.new_page(viewport={"width": 2600, "height": 900})
             page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
-            parent = page.get_by_role("row").filter(has_text=re.compile(r"^\s*evaluate\b"))
+            parent = page.get_by_role("row").filter(has=page.get_by_role("link", name="evaluate", exact=True))
             parent.first.wait_for(timeout=90_000)
             parent.first.locator("button").first.click()  # expand: the child runs are nested under it
             page.get_by_role("row").filter(has_text="k0-g3").first.wait_for(timeout=30_000)
@@ -211,8 +211,10 @@ def test_mlflow_ui_lists_the_grid_points_with_their_params(mlflow_ui, tmp_path):
             page.screenshot(path=tmp_path / "mlflow-runs.png")
             cells = {}
             for point in [*POINTS, "retrieval_baseline"]:
-                row = page.get_by_role("row").filter(has_text=point).first
-                cells[point] = row.inner_text().split()
+                named = page.get_by_role("row").filter(has=page.get_by_role("link", name=point, exact=True)).first
+                # the grid renders a row as several containers (pinned name, scrolling columns): join them
+                parts = page.locator(f'[role=row][row-index="{named.get_attribute("row-index")}"]')
+                cells[point] = " ".join(parts.all_inner_texts()).split()
         finally:
             browser.close()
     assert {"3.0", "0.5", "2"} <= set(cells["k2-frac0.5-g3-openmoji"])
