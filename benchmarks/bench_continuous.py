@@ -28,8 +28,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from knn_diffusion.io import atomic_path
 from knn_diffusion.sampling import sample
 from knn_diffusion.training.config import ContinuousTrainConfig, Precision
-from knn_diffusion.training.continuous import (autocast_dtype, denoiser_config, diffusion_loss, optimizer_step,
-                                               step_generator)
+from knn_diffusion.training.continuous import denoiser_config, diffusion_loss
+from knn_diffusion.training.loop import autocast_dtype, optimizer_step, step_generator
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
 from knn_diffusion.models.unet import ContinuousDenoiser
 

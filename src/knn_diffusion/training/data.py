@@ -1,6 +1,6 @@
 """Training pairs (x0, y) for the generators, read from memory-mapped stores.
 
-x0 is an image in [-1, 1] and y = (f_img(x0), knn_img(x0, k)): the image's own embedding followed by
+x0 is an image in [-1, 1] (continuous backbone) or its VQ token map (discrete backbone) and y = (f_img(x0), knn_img(x0, k)): the image's own embedding followed by
 the embeddings of its k precomputed neighbours (the ``knn`` stage's table, self excluded). Captions
 are never read.
 
@@ -50,15 +50,27 @@ class ConditionedImages(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in one read of each store (DataLoader calls this instead of __getitem__)."""
         indices = np.asarray(indices, dtype=np.int64)
-        pixels = np.asarray(self.images[indices])  # (B, H, W, 3) uint8
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
         rows = np.concatenate([self.self_rows[indices, None],
                                np.asarray(self.neighbours[indices, :self.k], dtype=np.int64)], axis=1)  # (B, 1+k)
         flat = np.asarray(self.embeddings.get(rows.reshape(-1)), dtype=np.float32)  # (B*(1+k), d)
         cond = torch.from_numpy(flat.reshape(len(indices), 1 + self.k, -1))  # (B, 1+k, d)
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (B, 3, H, W)
-        return images, cond
+        return self.targets(indices), cond
+
+    def targets(self, indices: np.ndarray) -> torch.Tensor:
+        """What the generator learns to produce for items ``indices``: images (B, 3, H, W) in [-1, 1]."""
+        pixels = np.asarray(self.images[indices])  # (B, H, W, 3) uint8
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (B, 3, H, W)
+
+
+class ConditionedTokens(ConditionedImages):
+    """Item i -> (VQ token map flattened (h*w,) int64, condition (1+k, d) float32); ``images`` holds
+    the token maps (N, h, w)."""
+
+    def targets(self, indices: np.ndarray) -> torch.Tensor:
+        maps = np.asarray(self.images[indices])  # (B, h, w)
+        return torch.from_numpy(maps.reshape(len(indices), -1).astype(np.int64))  # (B, h*w)
 
 
 def _already_batched(batch):

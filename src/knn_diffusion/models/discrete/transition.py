@@ -65,7 +65,7 @@ class MaskUniformTransition(nn.Module):
         beta = ((1 - alpha - gamma) / self.num_codes).clamp_min(0)
         return tuple(_log(c).float().view(-1, 1, 1) for c in (alpha, beta, gamma))
 
-    def _apply(self, log_p: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def _map(self, log_p: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The map x_m -> x_n applied to (unnormalised) log masses over codes (+ optional [MASK] row).
 
         log_p (B, V, L) or (B, V+1, L) -> (B, V+1, L).
@@ -81,11 +81,11 @@ class MaskUniformTransition(nn.Module):
 
     def step(self, log_prev: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """log q(x_n) from log q(x_{n-1}) (B, V+1, L) for one step n (B,) in 1..N."""
-        return self._apply(log_prev, n - 1, n)
+        return self._map(log_prev, n - 1, n)
 
     def cumulative(self, log_x0: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """log q(x_n | x_0) (B, V+1, L) from a distribution over x_0 (B, V, L), n (B,) in 0..N."""
-        return self._apply(log_x0, torch.zeros_like(n), n)
+        return self._map(log_x0, torch.zeros_like(n), n)
 
     def likelihood(self, x_n: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """log q(x_n | x_m = j) for every state j (B, V+1, L), given observed tokens x_n (B, L)."""
@@ -113,7 +113,7 @@ class MaskUniformTransition(nn.Module):
         m = n - 1 if m is None else m
         zero = torch.zeros_like(n)
         weights = log_x0 - self.likelihood(x_n, zero, n)[:, :self.num_codes]    # (B, V, L)
-        prior = self._apply(weights, zero, m)                                   # (B, V+1, L) unnormalised
+        prior = self._map(weights, zero, m)                                   # (B, V+1, L) unnormalised
         joint = prior + self.likelihood(x_n, m, n)                              # (B, V+1, L)
         return (joint - torch.logsumexp(joint, dim=1, keepdim=True)).clamp_min(LOG_ZERO)
 

@@ -1,0 +1,114 @@
+"""The image tokenizer: a diffusers ``VQModel`` plus the list of codebook entries actually used.
+
+A trained VQ codebook leaves many entries dead (the paper's VQGAN uses 2,887 of its codes). The
+transformer's vocabulary is only the used ones: :class:`Tokenizer` encodes to *remapped* ids
+0..U-1 (nearest used entry) and decodes them back through the original codebook.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import VQModel
+from torch import nn
+
+from knn_diffusion.config_fields import ConfigError, between
+from knn_diffusion.io import atomic_dir, save_npy
+
+CODES_FILE = "used_codes.npy"
+
+
+@dataclass
+class VQConfig:
+    """Architecture: each entry of ``block_out_channels`` after the first halves the side."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # 32 px -> 8x8 tokens
+    layers_per_block: int = field(default=1, metadata=between(1, 8))
+    mid_attention: bool = False  # self-attention in the bottleneck (VQGAN has it; costly on a CPU)
+    codebook_size: int = field(default=256, metadata=between(2, 65536))
+    embed_dim: int = field(default=16, metadata=between(1, 1024))  # codebook vector size
+    norm_num_groups: int = field(default=8, metadata=between(1, 64))
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def build_vq(config: VQConfig, resolution: int) -> VQModel:
+    if resolution % config.downsampling:
+        raise ConfigError(f"tokenizer: resolution {resolution} is not divisible by the downsampling "
+                          f"{config.downsampling} of block_out_channels {config.block_out_channels}")
+    for channels in config.block_out_channels:
+        if channels % config.norm_num_groups:
+            raise ConfigError(f"tokenizer: block_out_channels entry {channels} is not divisible by "
+                              f"norm_num_groups={config.norm_num_groups}")
+    levels = len(config.block_out_channels)
+    return VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                   up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(config.block_out_channels),
+                   layers_per_block=config.layers_per_block, latent_channels=config.embed_dim,
+                   num_vq_embeddings=config.codebook_size, vq_embed_dim=config.embed_dim,
+                   norm_num_groups=config.norm_num_groups, sample_size=resolution,
+                   mid_block_add_attention=config.mid_attention)
+
+
+def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Tokenizer(nn.Module):
+    """Images <-> remapped token maps (B, h, w) with ids in [0, num_codes)."""
+
+    def __init__(self, vq: VQModel, used_codes: np.ndarray | torch.Tensor):
+        super().__init__()
+        self.vq = vq.eval().requires_grad_(False)
+        self.register_buffer("used", torch.as_tensor(np.asarray(used_codes), dtype=torch.long), persistent=False)
+
+    @property
+    def num_codes(self) -> int:
+        return len(self.used)
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> token ids (B, h, w): the nearest *used* codebook entry per cell."""
+        device = self.used.device
+        latents = self.vq.encode(to_unit_range(images).to(device)).latents  # (B, e, h, w)
+        b, e, h, w = latents.shape
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, e)  # (B*h*w, e)
+        codebook = self.vq.quantize.embedding.weight[self.used]  # (U, e)
+        return torch.cdist(flat, codebook).argmin(dim=1).view(b, h, w)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """token ids (B, h, w) -> uint8 images (B, H, W, 3)."""
+        quant = self.vq.quantize.embedding(self.used[tokens.to(self.used.device)])  # (B, h, w, e)
+        decoded = self.vq.decode(quant.permute(0, 3, 1, 2).contiguous(), force_not_quantize=True).sample
+        return to_uint8(decoded)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """A directory readable by :meth:`load`: diffusers' ``save_pretrained`` files + the used codes."""
+        with atomic_dir(path) as tmp:
+            self.vq.save_pretrained(tmp, safe_serialization=True)
+            save_npy(tmp / CODES_FILE, self.used.cpu().numpy())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = Path(path)
+        if not (path / CODES_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a tokenizer directory (no {CODES_FILE})")
+        return cls(VQModel.from_pretrained(path), np.load(path / CODES_FILE))
+
+
+def used_codes(counts: np.ndarray) -> np.ndarray:
+    """Original codebook ids with at least one use, ascending (the remapped id is the position here)."""
+    return np.flatnonzero(counts).astype(np.int64)
