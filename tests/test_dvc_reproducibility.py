@@ -188,3 +188,12 @@ def test_background_change_re_embeds_under_a_fixed_encoder(repo):
     after = EmbeddingStore.open(repo / "data/embed/openmoji")
     assert after.fingerprint == old_fingerprint and np.array_equal(after.ids, before.ids)
     assert not np.allclose(after.vectors(), old_vectors, atol=1e-3)
+
+
+@pytest.mark.parametrize("stage", PIPELINE)
+def test_metrics_hold_only_numbers(repo, stage):
+    """``dvc metrics diff`` material: no fingerprints, names or paths (those live in sidecars in the outs)."""
+    from knn_diffusion.config import flatten
+
+    values = flatten(json.loads((repo / "metrics" / f"{stage}.json").read_text()))
+    assert values and all(isinstance(v, (int, float)) for v in values.values()), values
