@@ -123,6 +123,21 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int) -> d
         time.sleep(POLL_SECONDS)
 
 
+@task(cache_policy=NO_CACHE)
+def write_sweep_report(repo: Path, uri: str, experiment: str, names: list[str], prefix: str, run_id: str) -> str:
+    """The ablation tables and plots over this sweep's experiments, logged to the sweep's parent run."""
+    from knn_diffusion.evaluation.report import publish_report
+
+    out = repo / "outputs" / "report" / prefix
+    try:
+        publish_report(experiment, out, pipeline_runs=names, tracking_uri=uri, run_id=run_id)
+    except ValueError as err:  # no evaluate runs, or mixed FID features: the experiments themselves succeeded
+        get_run_logger().warning("no ablation report: %s", err)
+        return ""
+    get_run_logger().info("ablation report: %s", out / "tables.md")
+    return str(out / "tables.md")
+
+
 @flow(name="knn-diffusion-sweep")
 def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int = 1, retries: int = 1) -> list[str]:
     """Run one DVC experiment per combination of ``axes``, ``parallel`` at once; a failed experiment is
@@ -130,7 +145,8 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
 
     MLflow: one parent run for the sweep, one child per trial carrying all of that trial's params
     (flattened, so the compare view lines up k / index fraction / variant / size with the metrics),
-    and the trial's stage runs under it.
+    and the trial's stage runs under it. It ends with the ablation report over the trials' evaluate
+    runs (``outputs/report/<prefix>/``, also logged to the parent run).
     """
     from prefect.runtime import flow_run
 
@@ -142,26 +158,25 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
     experiment = trial_params[0].tracking.experiment
     prepare_store(uri, experiment)
     tags = {"git.commit": git_commit(repo_path)[0], "prefect.flow_run_url": flow_run.ui_url or ""}
-    with contextlib.ExitStack() as stack:
-        parent = stack.enter_context(group_run(f"sweep {prefix}", experiment, uri, params={"axes": axes},
-                                               tags={**tags, "kind": "sweep"}))
-        trials = {name: stack.enter_context(group_run(name, experiment, uri, params=params, parent=parent.id,
-                                                      tags={**tags, "kind": "trial", "dvc.experiment": name}))
-                  for name, params in zip(names, trial_params)}
-        env = {**stage_env({TRIAL_RUNS_ENV: json.dumps({name: run.id for name, run in trials.items()})}),
-               "MLFLOW_TRACKING_URI": uri}
-        pending = dict(zip(names, combos))
-        for attempt in range(retries + 1):
-            for name, combo in pending.items():
-                queue_experiment(repo_path, env, name, combo)
-            states = run_queue(repo_path, env, list(pending), parallel)
-            pending = {name: pending[name] for name, state in states.items() if state != "Success"}
-            if not pending:
-                return names
-            get_run_logger().warning("failed (attempt %d of %d): %s", attempt + 1, retries + 1, sorted(pending))
+    with group_run(f"sweep {prefix}", experiment, uri, params={"axes": axes}, tags={**tags, "kind": "sweep"}) as parent:
+        with contextlib.ExitStack() as stack:  # the trials end (FINISHED or FAILED) before the sweep does
+            trials = {name: stack.enter_context(group_run(name, experiment, uri, params=params, parent=parent.id,
+                                                          tags={**tags, "kind": "trial", "dvc.experiment": name}))
+                      for name, params in zip(names, trial_params)}
+            env = {**stage_env({TRIAL_RUNS_ENV: json.dumps({name: run.id for name, run in trials.items()})}),
+                   "MLFLOW_TRACKING_URI": uri}
+            pending = dict(zip(names, combos))
+            for attempt in range(retries + 1):
+                for name, combo in pending.items():
+                    queue_experiment(repo_path, env, name, combo)
+                states = run_queue(repo_path, env, list(pending), parallel)
+                pending = {name: pending[name] for name, state in states.items() if state != "Success"}
+                if not pending:
+                    return names
+                get_run_logger().warning("failed (attempt %d of %d): %s", attempt + 1, retries + 1, sorted(pending))
+            for name in pending:
+                trials[name].fail(f"experiment failed {retries + 1} times")
         logs = {name: _dvc(repo_path, env, "queue", "logs", name, check=False).stdout[-3000:] for name in pending}
-        for name in pending:
-            trials[name].fail(f"experiment failed {retries + 1} times")
         parent.fail(f"trials failed: {sorted(pending)}")
         raise RuntimeError(f"experiments failed: {sorted(pending)}\n" +
                            "\n".join(f"--- {n}:\n{t}" for n, t in logs.items()))

@@ -111,3 +111,20 @@ def test_mixing_fid_features_in_one_table_is_refused(store, tmp_path, capsys):
         cli_main(["report", "--experiment", "report-mixed", "--out", str(tmp_path / "cli")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: the selected runs computed FID/KID on 2 feature networks")
+
+
+def test_sweep_ends_with_the_report_logged_to_its_parent_run(store, tmp_path):
+    import mlflow
+    from prefect.logging import disable_run_logger
+
+    from flows.sweep import write_sweep_report
+
+    client = MlflowClient()
+    parent = client.create_run(client.get_experiment_by_name(store).experiment_id, run_name="sweep s").info.run_id
+    with disable_run_logger():
+        tables = write_sweep_report.fn(tmp_path, mlflow.get_tracking_uri(), store, ["sweep-a", "sweep-cached"], "s",
+                                       parent)
+    text = (tmp_path / "outputs" / "report" / "s" / "tables.md").read_text()
+    assert tables.endswith("tables.md") and "No evaluate run logged by sweep-cached" in text
+    assert "sweep-b" not in text and "sweep-a" in text
+    assert "report/by_k.csv" in {a.path for a in client.list_artifacts(parent, "report")}

@@ -190,9 +190,9 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, feature: str | None = None,
-                 appendix: str = "") -> list[Path]:
-    """tables.md (+ ``appendix``, e.g. the human evaluation) + one CSV per table + PNG plots into
-    ``out_dir``; returns the files written."""
+                 appendix: str = "", notes: list[str] = ()) -> list[Path]:
+    """tables.md (``notes`` under the title; + ``appendix``, e.g. the human evaluation) + one CSV per
+    table + PNG plots into ``out_dir``; returns the files written."""
     runs, feature = single_feature(runs, feature)
     tables = build_tables(runs)
     out_dir = Path(out_dir)
@@ -200,7 +200,8 @@ def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, 
     written = []
     sections = [f"# {title}", "", f"FID/KID features: `{feature}` (every table; values of other features are "
                 "not comparable). Each row names its MLflow run, git commit and data version (a hash of the DVC "
-                "input hashes of the evaluate stage, listed per run in the CSV's `dvc_deps`).", ""]
+                "input hashes of the evaluate stage, listed per run in the CSV's `dvc_deps`).", "",
+                *(f"> {note}\n" for note in notes)]
     by_name = {t.name: t for t in TABLES}
     for name, frame in tables.items():
         sections += [f"## {by_name[name].title}", "", _markdown(frame), ""]
@@ -243,27 +244,35 @@ def plot_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
 
 
 def publish_report(experiment: str, out_dir: str | os.PathLike, *, pipeline_runs: list[str] | None = None,
-                   feature: str | None = None, tracking_uri: str | None = None) -> tuple[str, list[Path]]:
-    """Write the report for ``experiment`` (optionally some pipeline runs / sweep experiments) and log
-    it to a new ``report`` run of that experiment; returns (run id, files)."""
-    import mlflow
+                   feature: str | None = None, tracking_uri: str | None = None, run_id: str | None = None
+                   ) -> tuple[str, list[Path]]:
+    """Write the report for ``experiment`` (optionally some pipeline runs / sweep experiments) and log it
+    to the run ``run_id`` (e.g. a sweep's parent), else to a new ``report`` run; returns (run id, files).
+
+    Uses ``MlflowClient`` only (no active run), so a threaded flow can call it.
+    """
     from mlflow import MlflowClient
 
+    from knn_diffusion.human_eval.report import report_section
     from knn_diffusion.tracking import git_commit, repo_root, with_retries
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    from knn_diffusion.human_eval.report import report_section
-
+    client = MlflowClient(tracking_uri)
     runs = evaluate_runs(client, experiment, pipeline_runs)
     scope = ", ".join(pipeline_runs) if pipeline_runs else "all runs"
+    missing = sorted(set(pipeline_runs or ()) - set(runs["pipeline_run"]))
+    notes = [f"No evaluate run logged by {', '.join(missing)}: its evaluate stage did not run (DVC restored it "
+             "from the run cache, or it failed); its numbers are those of the identical earlier evaluation."
+             ] if missing else []
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     files = write_report(runs, out_dir, title=f"Ablations: experiment '{experiment}' ({scope})", feature=feature,
-                         appendix=report_section(client, experiment_id))
-    tags = {"stage": "report", "git.commit": git_commit(repo_root())[0], "report.pipeline_runs": scope,
-            "report.evaluate_runs": str(len(runs))}
-    with with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name="report", tags=tags)) as run:
-        for path in files:
-            with_retries(lambda path=path: mlflow.log_artifact(str(path), "report"))
-    return run.info.run_id, files
+                         appendix=report_section(client, experiment_id), notes=notes)
+    created = run_id is None
+    if created:
+        tags = {"stage": "report", "git.commit": git_commit(repo_root())[0], "report.pipeline_runs": scope,
+                "report.evaluate_runs": str(len(runs))}
+        run_id = with_retries(lambda: client.create_run(experiment_id, run_name="report", tags=tags)).info.run_id
+    for path in files:
+        with_retries(lambda path=path: client.log_artifact(run_id, str(path), "report"))
+    if created:
+        with_retries(lambda: client.set_terminated(run_id, "FINISHED"))
+    return run_id, files
