@@ -64,6 +64,8 @@ def test_load_generator_reads_old_checkpoints_as_continuous(tmp_path):
     save_checkpoint(tmp_path / "old", model=model, model_config=dataclasses.asdict(micro_config()), step=1)
     generator = load_generator(tmp_path / "old")
     assert isinstance(generator, ContinuousGenerator) and generator.run_id == ""
+    with pytest.raises(ValueError, match="a continuous checkpoint, but the discrete model was asked for"):
+        load_generator(tmp_path / "old", backbone="discrete")
     save_checkpoint(tmp_path / "alien", model=model, model_config=dataclasses.asdict(micro_config()), step=1,
                     metadata={"backbone": "gan"})
     with pytest.raises(ValueError, match="backbone 'gan'"):

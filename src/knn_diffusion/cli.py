@@ -78,6 +78,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--index", default=None, help="index directory to retrieve from (any compatible index)")
     parser.add_argument("--variant", default=None, choices=[v.value for v in ConditioningVariant],
                         help="which trained conditioning variant's model to load")
+    parser.add_argument("--model", default=None, choices=["continuous", "discrete"],
+                        help="which backbone generates: models/<model> (default: continuous, or whatever "
+                             "--checkpoint holds)")
     parser.add_argument("--checkpoint", default=None, help="a model checkpoint directory (overrides --variant)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps")
@@ -125,7 +128,7 @@ def _generate_command(args: argparse.Namespace) -> None:
     check_generate_arguments(args)
     params = load_params(args.params, args.set or [])
     embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
-    checkpoint = args.checkpoint or str(paths.CONTINUOUS_MODEL)
+    checkpoint = args.checkpoint or str(paths.model_dir(args.model or "continuous"))
     if args.variant:
         from knn_diffusion.training.checkpoint import read_checkpoint_config
 
@@ -135,7 +138,7 @@ def _generate_command(args: argparse.Namespace) -> None:
                               f"'{trained}'; pass --checkpoint of a {args.variant} run (e.g. after "
                               f"`dvc exp apply <exp>` of a sweep over train_continuous.variant)")
     s = params.sample
-    generator = load_generator(checkpoint, scheduler=args.scheduler or s.scheduler)
+    generator = load_generator(checkpoint, scheduler=args.scheduler or s.scheduler, backbone=args.model)
     encoder = load_encoder(params.encoder, paths.ENCODER)
     knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
                                     encoder.fingerprint, encoder.dim, params.retrieval)

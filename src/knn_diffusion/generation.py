@@ -78,13 +78,20 @@ def _load_continuous(checkpoint_dir: Path, config: dict, scheduler: SchedulerNam
 GENERATOR_LOADERS: dict[str, Callable[[Path, dict, Any], Generator]] = {CONTINUOUS: _load_continuous}
 
 
-def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerName | str | None = None) -> Generator:
-    """The generator saved in ``checkpoint_dir``; checkpoints from before the ``backbone`` field are continuous."""
+def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerName | str | None = None,
+                   backbone: str | None = None) -> Generator:
+    """The generator saved in ``checkpoint_dir``; checkpoints from before the ``backbone`` field are continuous.
+
+    ``backbone``: the one the caller asked for (``--model``); a checkpoint of another is refused.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config = read_checkpoint_config(checkpoint_dir)
-    backbone = config.get("backbone", CONTINUOUS)
-    if backbone not in GENERATOR_LOADERS:
-        raise ValueError(f"{checkpoint_dir}: backbone {backbone!r}: expected one of {sorted(GENERATOR_LOADERS)}")
+    found = config.get("backbone", CONTINUOUS)
+    if backbone is not None and found != backbone:
+        raise ValueError(f"{checkpoint_dir}: a {found} checkpoint, but the {backbone} model was asked for")
+    if found not in GENERATOR_LOADERS:
+        raise ValueError(f"{checkpoint_dir}: backbone {found!r}: expected one of {sorted(GENERATOR_LOADERS)}")
+    backbone = found
     return GENERATOR_LOADERS[backbone](checkpoint_dir, config, scheduler)
 
 

@@ -150,6 +150,7 @@ def run_stage(name: str, body: Callable[[Any], None], argv: list[str] | None = N
         raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a Dask cluster's start/stop chatter (embed)
     try:
         params = stage_params(load_params(args.params, args.overrides), name)
     except ConfigError as err:

@@ -28,6 +28,14 @@ CONTINUOUS_MODEL = Path("models") / "continuous"
 CONTINUOUS_STATE = CHECKPOINTS / "train_continuous"
 CONTINUOUS_METRICS = METRICS / "train_continuous.json"
 
+TOKENIZER = Path("models") / "tokenizer"  # the VQ model + its used codes
+TOKENS = DATA / "tokens"  # <dataset>.npy: the remapped token map of every image, in image-row order
+TOKENIZER_METRICS = METRICS / "tokenizer.json"
+
+DISCRETE_MODEL = Path("models") / "discrete"  # the transformer's EMA checkpoint + a copy of the tokenizer
+DISCRETE_STATE = CHECKPOINTS / "train_discrete"
+DISCRETE_METRICS = METRICS / "train_discrete.json"
+
 PROMPTS = Path("prompts")  # prompt files (sample.prompts_file): a declared dep of the stages that read them
 SAMPLES = Path("outputs") / "samples"
 SAMPLE_METRICS = METRICS / "sample.json"
@@ -56,5 +64,14 @@ def index_dir(name: str) -> Path:
     return INDEX / name
 
 
+def model_dir(backbone: str) -> Path:
+    """The final checkpoint of a backbone's training stage (``models/continuous``, ``models/discrete``)."""
+    return CONTINUOUS_MODEL.parent / backbone
+
+
 def neighbours_file(name: str) -> Path:
     return KNN / f"{name}.npz"
+
+
+def tokens_file(name: str) -> Path:
+    return TOKENS / f"{name}.npy"
