@@ -172,6 +172,7 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
                 states = run_queue(repo_path, env, list(pending), parallel)
                 pending = {name: pending[name] for name, state in states.items() if state != "Success"}
                 if not pending:
+                    write_sweep_report(repo_path, uri, experiment, names, prefix, parent.id)
                     return names
                 get_run_logger().warning("failed (attempt %d of %d): %s", attempt + 1, retries + 1, sorted(pending))
             for name in pending:
