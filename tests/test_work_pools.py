@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.team_servers import answers, background, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 # Two stand-in stages (the real ones are tested elsewhere): routing, data hand-over and the lock matter here.
@@ -25,17 +23,11 @@ STAGES = {
                        "pathlib.Path('data/prepared.txt').write_text('prepared\\n')\"",
                 "outs": ["data/prepared.txt"]},
     "train": {"cmd": "python -c \"import pathlib, yaml; p = pathlib.Path('models'); p.mkdir(exist_ok=True); "
-                     "seed = yaml.safe_load(open('params.yaml'))['seed']; "
-                     "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained {seed}\\n')\"",
-              "deps": ["data/prepared.txt"], "params": ["seed"], "outs": ["models/model.txt"],
+                     "side = yaml.safe_load(open('params.yaml'))['data']['resolution']; "
+                     "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained at {side} px\\n')\"",
+              "deps": ["data/prepared.txt"], "params": ["data.resolution"], "outs": ["models/model.txt"],
               "meta": {"pool": "gpu"}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
@@ -51,23 +43,10 @@ def prefect_server(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(cmd, tmp_path / "server.log", env=env) as server:
+        wait_until(answers(f"http://127.0.0.1:{port}/api/health"), server, tmp_path / "server.log", "prefect server")
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
@@ -78,7 +57,7 @@ def origin(tmp_path):
     shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", repo / "prefect.yaml")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": STAGES}))
-    (repo / "params.yaml").write_text("seed: 7\n")
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")  # valid params: the flow logs them to MLflow
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run([str(BIN / "dvc"), "init", "-q"], repo, env)
@@ -127,5 +106,5 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
     plain = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     run(["git", "clone", "-q", "-b", "runs/latest", str(origin), str(clone)], tmp_path, plain)
     run([str(BIN / "dvc"), "pull"], clone, plain)
-    assert (clone / "models" / "model.txt").read_text() == "prepared\ntrained 7\n"
+    assert (clone / "models" / "model.txt").read_text() == "prepared\ntrained at 32 px\n"
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], clone, plain)) == {}
