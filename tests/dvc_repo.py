@@ -42,7 +42,10 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params["embed"]["shard_size"] = 25
     params["index"]["tune_queries"] = 20
     params["knn"]["k_max"] = 4
-    params["train_continuous"].update({"k": 3, "batch_size": 4, "max_steps": 2, "warmup_steps": 1,
+    for backbone in ("train_continuous", "train_discrete"):  # every backbone's k must fit in k_max
+        if backbone in params:
+            params[backbone]["k"] = 3
+    params["train_continuous"].update({"batch_size": 4, "max_steps": 2, "warmup_steps": 1,
                                        "checkpoint_every": 2, "sample_every": 0, "log_every": 1})
     params["train_continuous"]["sampling"]["steps"] = 2
     params["sample"].update({"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2,

@@ -20,7 +20,7 @@ TINY = {
                 "alignment": {"steps": 6, "batch_size": 16, "warmup": 1, "checkpoint_every": 3}},
     "embed": {"shard_size": 50},
     "index": {"tune_queries": 20},
-    "knn": {"k_max": 4},
+    "knn": {"k_max": 10},  # the largest k any backbone trains with by default
     "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 3, "warmup_steps": 1, "checkpoint_every": 2,
                          "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
     "sample": {"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2},
@@ -56,7 +56,7 @@ def test_neighbour_table_has_no_self_or_duplicates(pipeline_dir):
     report = json.loads((pipeline_dir / paths.KNN_METRICS).read_text())
     assert report["self_matches"] == 0 and report["duplicate_ids"] == 0 and report["same_content_hash"] == 0
     table = np.load(pipeline_dir / paths.neighbours_file("openmoji"))
-    assert table["ids"].shape == (len(table["rows"]), 4)
+    assert table["ids"].shape == (len(table["rows"]), 10)
     assert (table["ids"] != table["rows"][:, None]).all()
 
 
