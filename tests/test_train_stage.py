@@ -9,8 +9,10 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 from conftest import copy_outputs
+from continuous_helpers import write_micro_preset
 from knn_diffusion.config import load_params
 from knn_diffusion.stages import paths, train_continuous
 from knn_diffusion.training.checkpoint import read_checkpoint_config
@@ -20,8 +22,11 @@ TRAIN_INPUTS = (str(paths.INGEST), str(paths.EMBED), str(paths.KNN))  # no data/
 
 @pytest.fixture
 def train_dir(tiny_pipeline, tmp_path, monkeypatch):
-    """The training stage's declared inputs only: ingest, embed, knn (and params.yaml)."""
+    """The training stage's declared inputs only: ingest, embed, knn (and params.yaml, with the micro U-Net)."""
     root = copy_outputs(tiny_pipeline, tmp_path / "repo", *TRAIN_INPUTS)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train_continuous"]["preset"] = write_micro_preset(tmp_path)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(root)
     return root
 
