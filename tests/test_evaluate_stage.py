@@ -22,7 +22,7 @@ TINY = {
     "data": {"datasets": {"openmoji": {"source": "openmoji", "limit": 160}}},
     "embed": {"shard_size": 100},
     "index": {"tune_queries": 20},
-    "knn": {"k_max": 4},
+    "knn": {"k_max": 10},  # >= every default k (train_discrete.k) the params cross-check compares with it
     "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                          "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
     "evaluate": {"count": 8, "steps": 2, "batch_size": 8, "kid_subsets": 5, "kid_subset_size": 4,
@@ -140,9 +140,9 @@ def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):
     monkeypatch.chdir(evaluated)
     before = (evaluated / paths.EVALUATE_METRICS).read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["evaluate.prompts_file=nowhere.txt"])
+        evaluate.main(["evaluate.prompts_file=prompts/nowhere.txt"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: evaluate.prompts_file: nowhere.txt: file not found"
+    assert capsys.readouterr().err.strip() == "error: prompts file prompts/nowhere.txt: not found"
     assert (evaluated / paths.EVALUATE_METRICS).read_bytes() == before
 
 

@@ -21,8 +21,9 @@ class EvaluateGridConfig:
 
 @dataclass
 class EvaluateConfig:
-    # One prompt per line. Empty: captions of the generator dataset's test split, with their images as
-    # the paired reference set. The FID/KID reference is the test split's images either way.
+    # One prompt per line, a file under prompts/ (a declared dep). Empty: captions of the generator
+    # dataset's test split, with their images as the paired reference set. The FID/KID reference is the
+    # test split's images either way.
     prompts_file: str = ""
     count: int = field(default=64, metadata=between(2))  # prompts (= images per grid point) and reference images
     seed: int = 0  # draws the held-out prompts/images; image i is sampled from noise seed + i

@@ -68,17 +68,6 @@ def test_split_prompts(store: ImageStore, count: int, seed: int, template: str) 
     return [template.format(name=captions[row]) for row in rows], rows
 
 
-def read_prompts_file(path: str | os.PathLike, count: int) -> list[str]:
-    """The first ``count`` non-empty lines of a prompts file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluate.prompts_file: {path}: file not found")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:count]
-    if len(prompts) < 2:
-        raise ValueError(f"evaluate.prompts_file: {path}: expected at least 2 prompts, one per line")
-    return prompts
-
-
 def draw(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
     """min(count, len(rows)) of ``rows``, sorted, chosen by ``seed`` (the same rows on every machine)."""
     rng = np.random.default_rng(seed)

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
-from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, read_prompts_file, retrieval_baseline,
-                                           settings_grid, test_split_prompts)
+from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, retrieval_baseline, settings_grid,
+                                           test_split_prompts)
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features
-from knn_diffusion.generation import generate, load_generator, neighbour_search
+from knn_diffusion.generation import generate, load_generator, neighbour_search, read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.models.config import ConditioningVariant
@@ -48,7 +48,10 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
     """(prompts, reference image rows, whether prompt i describes reference image i)."""
     cfg = params.evaluate
     if cfg.prompts_file:
-        return read_prompts_file(cfg.prompts_file, cfg.count), draw(store.rows("test"), cfg.count, cfg.seed), False
+        prompts = read_prompts(cfg.prompts_file, within=paths.PROMPTS)[:cfg.count]
+        if len(prompts) < 2:
+            raise ValueError(f"evaluate.prompts_file {cfg.prompts_file}: expected at least 2 prompts, one per line")
+        return prompts, draw(store.rows("test"), cfg.count, cfg.seed), False
     prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, EVAL_TEMPLATE)
     return prompts, rows, True
 
