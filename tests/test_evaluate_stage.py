@@ -15,7 +15,7 @@ from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
 from continuous_helpers import write_micro_preset
-from test_evaluation_metrics import TINY_CLIP
+from test_encoders import TINY_CLIP
 
 EXPERIMENT = "evaluate-stage"
 TINY = {

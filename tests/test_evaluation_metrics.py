@@ -10,15 +10,11 @@ import torch
 from scipy import linalg
 
 from continuous_helpers import square_images
+from test_encoders import TINY_CLIP
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.evaluation.metrics import (EncoderImageFeatures, ImageScorer, KidSettings, clip_score,
                                               extract_features, fid, inception_features, kid, r_precision)
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
