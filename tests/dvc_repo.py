@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "sample")
+PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete", "sample")
 
 
 def tiny_open_clip(folder: Path) -> tuple[str, str]:
@@ -48,6 +48,11 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params["train_continuous"].update({"batch_size": 4, "max_steps": 2, "warmup_steps": 1,
                                        "checkpoint_every": 2, "sample_every": 0, "log_every": 1})
     params["train_continuous"]["sampling"]["steps"] = 2
+    params["tokenizer"].update({"steps": 2, "batch_size": 8, "log_every": 1})
+    params["tokenizer"]["vq"].update({"block_out_channels": [8, 16, 16], "codebook_size": 32, "embed_dim": 4})
+    params["train_discrete"].update({"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                                     "log_every": 1})
+    params["train_discrete"]["sampling"]["steps"] = 2
     params["sample"].update({"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2,
                              "indexes": ["openmoji"]})
     params["tracking"]["experiment"] = experiment

@@ -108,3 +108,12 @@ def test_last_step_is_all_mask_up_to_the_schedule_epsilon():
     assert torch.all(sampled == 64)
     kept = transition.q_sample(x0, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
     assert torch.equal(kept, x0)
+
+
+def test_q_sample_draws_from_the_closed_form_cumulative(transition):
+    n = 6
+    x0 = torch.arange(V).repeat(4000)[None]  # every code 4000 times
+    drawn = transition.q_sample(x0, torch.tensor([n]), torch.Generator().manual_seed(0))[0]
+    counts = torch.zeros(V + 1, V, dtype=torch.float64)
+    counts.index_put_((drawn, x0[0]), torch.ones(drawn.shape[0], dtype=torch.float64), accumulate=True)
+    torch.testing.assert_close(counts / 4000, dense_cumulative(transition, n), atol=0.025, rtol=0)

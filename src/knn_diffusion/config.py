@@ -32,7 +32,7 @@ from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
 from knn_diffusion.models.config import SchedulerName
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
-from knn_diffusion.training.config import ContinuousTrainConfig
+from knn_diffusion.training.config import ContinuousTrainConfig, DiscreteTrainConfig, TokenizerConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -107,6 +107,19 @@ class SampleConfig:
     seed: int = 0
 
 
+class Backbone(str, Enum):
+    continuous = "continuous"  # the pixel-space U-Net (train_continuous)
+    discrete = "discrete"      # VQ tokens + transformer (tokenizer, train_discrete)
+
+
+@dataclass
+class PipelineConfig:
+    """What the Prefect flow runs: stages tagged ``meta: {backbone: X}`` in dvc.yaml (and what needs
+    them) are skipped unless X is listed here."""
+
+    backbones: list[Backbone] = field(default_factory=lambda: [Backbone.continuous, Backbone.discrete])
+
+
 @dataclass
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +128,9 @@ class Params:
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train_discrete: DiscreteTrainConfig = field(default_factory=DiscreteTrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # inference-time: sample/generate/evaluate
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -164,9 +180,14 @@ def _cross_checks(params: Params, where: str) -> None:
     if data.split.val + data.split.test >= 1:
         raise ConfigError(f"{where}: keys 'data.split.val' + 'data.split.test' = "
                           f"{data.split.val + data.split.test}: expected a sum below 1")
-    if params.train_continuous.k > params.knn.k_max:
-        raise ConfigError(f"{where}: key 'train_continuous.k' has bad value {params.train_continuous.k}: "
-                          f"expected at most knn.k_max = {params.knn.k_max}")
+    for section in ("train_continuous", "train_discrete"):
+        if getattr(params, section).k > params.knn.k_max:
+            raise ConfigError(f"{where}: key '{section}.k' has bad value {getattr(params, section).k}: "
+                              f"expected at most knn.k_max = {params.knn.k_max}")
+    if params.train_discrete.sampling.steps > params.train_discrete.transition.steps:
+        raise ConfigError(f"{where}: key 'train_discrete.sampling.steps' has bad value "
+                          f"{params.train_discrete.sampling.steps}: expected at most train_discrete.transition.steps "
+                          f"= {params.train_discrete.transition.steps}")
     bad_splits = sorted(set(params.index.generator_splits) - {"train", "val", "test"})
     if bad_splits or not params.index.generator_splits:
         raise ConfigError(f"{where}: key 'index.generator_splits' has bad value {params.index.generator_splits!r}: "

@@ -18,9 +18,11 @@ import torch
 
 from knn_diffusion.models.conditioning import null_condition
 from knn_diffusion.models.config import ConditioningConfig
+from knn_diffusion.models.discrete.config import DiscreteConfig
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
 from knn_diffusion.models.discrete.transition import LOG_ZERO
 from knn_diffusion.models.discrete.vq import Tokenizer
+from knn_diffusion.training.checkpoint import load_weights
 
 DISCRETE = "discrete"
 TOKENIZER_DIR = "tokenizer"  # inside a discrete checkpoint: the VQ that decodes its tokens
@@ -51,10 +53,12 @@ def top_mass(log_probs: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 def sample_rows(log_probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Gumbel-max draw of tokens (B, L) from (B, C, L), row i from ``generators[i]`` (batch-independent)."""
-    uniform = torch.stack([torch.rand(log_probs.shape[1:], generator=g) for g in generators]).to(log_probs.device)
-    gumbel = -torch.log((-torch.log(uniform.clamp(1e-30, 1.0))).clamp_min(1e-30))
-    return (log_probs + gumbel).argmax(dim=1)
+    """Draw tokens (B, L) from log probabilities (B, C, L) by inverting the CDF; row i uses one uniform
+    per token from ``generators[i]`` (CPU), so a row is the same in any batch and on any device."""
+    uniform = torch.stack([torch.rand(log_probs.shape[2], generator=g, dtype=torch.float64) for g in generators])
+    cdf = torch.softmax(log_probs.double(), dim=1).cumsum(dim=1)  # (B, C, L)
+    threshold = uniform.to(log_probs.device)[:, None] * cdf[:, -1:]  # (B, 1, L)
+    return (cdf < threshold).sum(dim=1).clamp_max(log_probs.shape[1] - 1)  # (B, L)
 
 
 def reverse_schedule(total: int, steps: int) -> list[tuple[int, int]]:
@@ -118,14 +122,16 @@ class DiscreteGenerator:
 
 
 def load_discrete_generator(checkpoint_dir: Path, config: dict, _scheduler: Any = None, *,
-                            truncation: float = 1.0, ema: bool = True) -> DiscreteGenerator:
-    """A discrete checkpoint directory (weights + config.json + ``tokenizer/``) -> generator, eval mode."""
-    from knn_diffusion.training.checkpoint import load_weights  # torch-heavy; only when a model is loaded
-    from knn_diffusion.models.discrete.config import DiscreteConfig
+                            truncation: float | None = None, ema: bool = True) -> DiscreteGenerator:
+    """A discrete checkpoint directory (weights + config.json + ``tokenizer/``) -> generator, eval mode.
 
+    ``truncation`` defaults to the one the run's preview grids used (``train_discrete.sampling``).
+    """
     model = DiscreteDiffusion(DiscreteConfig.from_dict(config["model"]))
     load_weights(checkpoint_dir, model, ema=ema)
     tokenizer = Tokenizer.load(Path(checkpoint_dir) / TOKENIZER_DIR)
     if tokenizer.num_codes != model.num_codes:
         raise ValueError(f"{checkpoint_dir}: tokenizer has {tokenizer.num_codes} codes, the model {model.num_codes}")
+    if truncation is None:
+        truncation = float(config.get("train", {}).get("sampling", {}).get("truncation", 1.0))
     return DiscreteGenerator(model.eval(), tokenizer, truncation, run_id=str(config.get("mlflow_run_id", "")))

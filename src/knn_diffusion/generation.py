@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from knn_diffusion.discrete_sampling import DISCRETE, load_discrete_generator
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.io import write_json
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, SchedulerName
@@ -75,7 +76,8 @@ def _load_continuous(checkpoint_dir: Path, config: dict, scheduler: SchedulerNam
 
 
 # backbone name -> loader(checkpoint dir, its config.json, sampler override); each backbone adds its entry.
-GENERATOR_LOADERS: dict[str, Callable[[Path, dict, Any], Generator]] = {CONTINUOUS: _load_continuous}
+GENERATOR_LOADERS: dict[str, Callable[[Path, dict, Any], Generator]] = {CONTINUOUS: _load_continuous,
+                                                                        DISCRETE: load_discrete_generator}
 
 
 def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerName | str | None = None,

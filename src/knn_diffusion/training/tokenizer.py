@@ -7,7 +7,7 @@ wires ``on_log`` to MLflow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,22 +16,8 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
-from knn_diffusion.config_fields import between
-from knn_diffusion.models.discrete.vq import Tokenizer, VQConfig, build_vq, to_unit_range, used_codes
-
-
-@dataclass
-class TokenizerConfig:
-    """The ``tokenizer`` params section."""
-
-    vq: VQConfig = field(default_factory=VQConfig)
-    steps: int = field(default=200, metadata=between(1))
-    batch_size: int = field(default=32, metadata=between(1))
-    lr: float = field(default=3e-3, metadata=between(0, 1, low_open=True))
-    commitment: float = field(default=0.25, metadata=between(0, 10))  # beta of ||z - sg(e)||^2
-    seed: int = 0
-    log_every: int = field(default=20, metadata=between(1))
-    encode_batch: int = field(default=256, metadata=between(1))
+from knn_diffusion.models.discrete.vq import Tokenizer, build_vq, to_unit_range, used_codes
+from knn_diffusion.training.config import TokenizerConfig
 
 
 @dataclass

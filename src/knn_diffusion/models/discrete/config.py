@@ -22,6 +22,22 @@ class TransitionConfig:
 
 
 @dataclass
+class VQConfig:
+    """Architecture: each entry of ``block_out_channels`` after the first halves the side."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # 32 px -> 8x8 tokens
+    layers_per_block: int = field(default=1, metadata=between(1, 8))
+    mid_attention: bool = False  # self-attention in the bottleneck (VQGAN has it; costly on a CPU)
+    codebook_size: int = field(default=256, metadata=between(2, 65536))
+    embed_dim: int = field(default=16, metadata=between(1, 1024))  # codebook vector size
+    norm_num_groups: int = field(default=8, metadata=between(1, 64))
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
 class TransformerConfig:
     """Decoder-only transformer over a token map; the preset fields plus the data-derived ones."""
 

@@ -117,15 +117,17 @@ class MaskUniformTransition(nn.Module):
         joint = prior + self.likelihood(x_n, m, n)                              # (B, V+1, L)
         return (joint - torch.logsumexp(joint, dim=1, keepdim=True)).clamp_min(LOG_ZERO)
 
-    def sample(self, log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw tokens (B, L) from log probabilities (B, C, L) with Gumbel-max (CPU generator, any device)."""
-        uniform = torch.rand(log_probs.shape, generator=generator).to(log_probs.device)
-        gumbel = -torch.log((-torch.log(uniform.clamp(1e-30, 1.0))).clamp_min(1e-30))
-        return (log_probs + gumbel).argmax(dim=1)
-
     def q_sample(self, x0: torch.Tensor, n: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_n ~ q(x_n | x_0) for tokens x0 (B, L) of codes in [0, V)."""
-        return self.sample(self.cumulative(one_hot_log(x0, self.num_codes), n), generator)
+        """x_n ~ q(x_n | x_0) for tokens x0 (B, L) of codes in [0, V): masked with probability gamma_bar,
+        kept with alpha_bar, else a uniform code (which may be x0 itself: the alpha + beta diagonal).
+
+        Two uniforms and one random code per token, drawn on the CPU ``generator`` (same on any device).
+        """
+        u = torch.rand(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+        uniform_code = torch.randint(0, self.num_codes, x0.shape, generator=generator).to(x0.device)
+        gamma_bar, alpha_bar = self.gamma_bar[n][:, None], self.alpha_bar[n][:, None]  # (B, 1)
+        kept = torch.where(u < gamma_bar + alpha_bar, x0, uniform_code)
+        return torch.where(u < gamma_bar, torch.full_like(x0, self.mask_id), kept)
 
 
 def one_hot_log(tokens: torch.Tensor, classes: int) -> torch.Tensor:

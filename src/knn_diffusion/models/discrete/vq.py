@@ -8,7 +8,6 @@ transformer's vocabulary is only the used ones: :class:`Tokenizer` encodes to *r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +15,11 @@ import torch
 from diffusers import VQModel
 from torch import nn
 
-from knn_diffusion.config_fields import ConfigError, between
+from knn_diffusion.config_fields import ConfigError
+from knn_diffusion.models.discrete.config import VQConfig
 from knn_diffusion.io import atomic_dir, save_npy
 
 CODES_FILE = "used_codes.npy"
-
-
-@dataclass
-class VQConfig:
-    """Architecture: each entry of ``block_out_channels`` after the first halves the side."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # 32 px -> 8x8 tokens
-    layers_per_block: int = field(default=1, metadata=between(1, 8))
-    mid_attention: bool = False  # self-attention in the bottleneck (VQGAN has it; costly on a CPU)
-    codebook_size: int = field(default=256, metadata=between(2, 65536))
-    embed_dim: int = field(default=16, metadata=between(1, 1024))  # codebook vector size
-    norm_num_groups: int = field(default=8, metadata=between(1, 64))
-
-    @property
-    def downsampling(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 def build_vq(config: VQConfig, resolution: int) -> VQModel:

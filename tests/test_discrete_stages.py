@@ -1,0 +1,71 @@
+"""The tokenizer and train_discrete stages on the tiny pipeline's real glyphs, and the discrete generator
+that load_generator returns for their model."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from conftest import copy_outputs
+from knn_diffusion.data.store import ImageStore
+from knn_diffusion.generation import load_generator
+from knn_diffusion.stages import paths, tokenizer, train_discrete
+from knn_diffusion.training.checkpoint import read_checkpoint_config
+
+MICRO = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_ratio": 2}
+
+
+@pytest.fixture(scope="module")
+def discrete_dir(tiny_pipeline, tmp_path_factory):
+    """tokenizer + train_discrete run once on copies of the declared inputs (ingest, embed, knn)."""
+    root = copy_outputs(tiny_pipeline, tmp_path_factory.mktemp("discrete") / "repo",
+                        str(paths.INGEST), str(paths.EMBED), str(paths.KNN))
+    preset = root.parent / "transformer-micro.json"
+    preset.write_text(json.dumps(MICRO))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tokenizer"] = {"vq": {"block_out_channels": [8, 16, 16], "codebook_size": 64, "embed_dim": 4},
+                           "steps": 4, "batch_size": 8, "log_every": 2}
+    params["train_discrete"] = {"preset": str(preset), "k": 3, "batch_size": 4, "max_steps": 3, "warmup_steps": 1,
+                                "checkpoint_every": 2, "log_every": 1, "transition": {"steps": 10},
+                                "sampling": {"steps": 3}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        tokenizer.main([])
+        train_discrete.main([])
+        yield root
+
+
+def test_tokenizer_writes_remapped_token_maps_of_every_image(discrete_dir):
+    images = ImageStore.open(discrete_dir / paths.dataset_dir("openmoji"))
+    maps = np.load(discrete_dir / paths.tokens_file("openmoji"))
+    assert maps.shape == (len(images), images.resolution // 4, images.resolution // 4)
+    metrics = json.loads((discrete_dir / paths.TOKENIZER_METRICS).read_text())
+    assert 1 < metrics["codes_used"] <= metrics["codebook_size"] == 64
+    used = np.load(discrete_dir / paths.TOKENIZER / "used_codes.npy")
+    assert len(used) == metrics["codes_used"] and np.all(np.diff(used) > 0)
+    assert maps.max() < metrics["codes_used"]  # remapped ids, not original codebook ids
+    train_maps = maps[images.rows("train")]
+    assert len(np.unique(train_maps)) == metrics["codes_used"]  # every kept code is used by a training image
+    assert 0 < metrics["psnr"] < 60 and 0 < metrics["ssim"] <= 1
+
+
+def test_train_discrete_records_its_run_and_loads_as_a_generator(discrete_dir, monkeypatch):
+    monkeypatch.chdir(discrete_dir)
+    config = read_checkpoint_config(paths.DISCRETE_MODEL)
+    assert config["backbone"] == "discrete"
+    run = mlflow.get_run(config["mlflow_run_id"])
+    assert run.data.tags["stage"] == "train_discrete" and run.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "vlb_estimate")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    generator = load_generator(paths.DISCRETE_MODEL, backbone="discrete")
+    assert generator.backbone == "discrete" and generator.run_id == run.info.run_id
+    assert generator.conditioning.k == 3
+    cond = np.random.default_rng(0).normal(size=(2, 4, generator.conditioning.embed_dim)).astype(np.float32)
+    images = generator.sample(cond, guidance=8.0, steps=3, seeds=[0, 1])
+    assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(images[1:], generator.sample(cond[1:], guidance=8.0, steps=3, seeds=[1]))
