@@ -45,3 +45,21 @@ def stage_graph(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, set[str]]:
 def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """Stages in a valid execution order (raises graphlib.CycleError on a cycle)."""
     return list(graphlib.TopologicalSorter(stage_graph(dvc_yaml)).static_order())
+
+
+def stage_backbones(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
+    """{stage: backbone} for the stages that belong to one generator backbone (``meta: {backbone: ...}``)."""
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    return {name: spec["meta"]["backbone"] for name, spec in stages.items()
+            if isinstance(spec.get("meta"), dict) and "backbone" in spec["meta"]}
+
+
+def without_backbones(graph: dict[str, set[str]], backbone_of: dict[str, str], keep: set[str]) -> set[str]:
+    """Stages to skip: those of a backbone not in ``keep``, and every stage downstream of them."""
+    skipped = {name for name, backbone in backbone_of.items() if backbone not in keep}
+    changed = True
+    while changed:
+        more = {name for name, upstream in graph.items() if name not in skipped and upstream & skipped}
+        skipped |= more
+        changed = bool(more)
+    return skipped

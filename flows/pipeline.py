@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from flows.dag import stage_graph, stage_order
+from flows.dag import stage_backbones, stage_graph, stage_order, without_backbones
 from knn_diffusion.config import load_params
 from knn_diffusion.tracking import (FLOW_RUN_URL_ENV, PARENT_RUN_ENV, PIPELINE_RUN_ENV, git_commit, group_run,
                                     tracking_uri)
@@ -106,6 +106,12 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
         order = [s for s in order if s in wanted]
     run_id, url = str(flow_run.get_id() or ""), flow_run.ui_url or ""
     params = load_params(repo_path / "params.yaml")
+    if not stages:  # the whole DAG: only the backbones params.yaml asks for (pipeline.backbones)
+        keep = {b.value for b in params.pipeline.backbones}
+        skipped = without_backbones(graph, stage_backbones(repo_path / "dvc.yaml"), keep)
+        if skipped:
+            get_run_logger().info("skipping %s (pipeline.backbones = %s)", sorted(skipped), sorted(keep))
+        order = [s for s in order if s not in skipped]
     # One MLflow parent run per pipeline run; every stage's run is its child.
     with group_run(f"pipeline {flow_run.name or ''}".strip(), params.tracking.experiment,
                    tracking_uri(params.tracking.tracking_uri, root=repo_path), params=params,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.dag import stage_graph, stage_order
+from flows.dag import stage_backbones, stage_graph, stage_order, without_backbones
 from flows.pipeline import pipeline
 from tests.conftest import REPO
 
@@ -93,6 +93,23 @@ def test_dag_is_derived_from_dvc_yaml(tmp_path):
     assert graph == {"ingest": set(), "knn": {"ingest"}, "train": {"knn", "ingest"}, "report": {"ingest", "train"}}
     order = stage_order(tmp_path / "dvc.yaml")
     assert order.index("ingest") < order.index("knn") < order.index("train") < order.index("report")
+
+
+def test_backbone_switch_skips_a_backbone_and_what_needs_it(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "knn": {"cmd": "x", "outs": ["data/knn"]},
+        "train_a": {"cmd": "x", "deps": ["data/knn"], "outs": ["models/a"], "meta": {"backbone": "continuous"}},
+        "tokens": {"cmd": "x", "deps": ["data/knn"], "outs": ["data/tokens"], "meta": {"backbone": "discrete"}},
+        "train_b": {"cmd": "x", "deps": ["data/tokens"], "outs": ["models/b"], "meta": {"backbone": "discrete"}},
+        "sample_b": {"cmd": "x", "deps": ["models/b"], "outs": ["out/b"]},
+    }}))
+    graph, backbones = stage_graph(tmp_path / "dvc.yaml"), stage_backbones(tmp_path / "dvc.yaml")
+    assert backbones == {"train_a": "continuous", "tokens": "discrete", "train_b": "discrete"}
+    assert without_backbones(graph, backbones, {"continuous"}) == {"tokens", "train_b", "sample_b"}
+    assert without_backbones(graph, backbones, {"discrete"}) == {"train_a"}
+    assert without_backbones(graph, backbones, {"continuous", "discrete"}) == set()
+    real = stage_backbones(REPO / "dvc.yaml")
+    assert real["train_continuous"] == "continuous" and real["tokenizer"] == real["train_discrete"] == "discrete"
 
 
 def test_repo_dvc_yaml_matches_stage_paths():
