@@ -33,7 +33,8 @@ def test_tiny_preset_is_a_cpu_model():
 
 
 def micro(variant=ConditioningVariant.tokens, k=3) -> DiscreteConfig:
-    return DiscreteConfig(transformer=TransformerConfig(n_layer=2, n_embd=32, n_head=4, num_codes=11, height=2, width=3),
+    transformer = TransformerConfig(n_layer=2, n_embd=32, n_head=4, num_codes=11, height=2, width=3)
+    return DiscreteConfig(transformer=transformer,
                           conditioning=ConditioningConfig(variant=variant, embed_dim=8, k=k))
 
 

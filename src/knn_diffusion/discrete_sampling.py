@@ -3,8 +3,8 @@
 Classifier-free guidance acts on the predicted log p(x_0 | x_n) (the paper's proposal for discrete
 models, supplement 6.7): log p = log p_null + lambda * (log p_cond - log p_null), renormalised, with
 the all-zero null condition and no fine-tuning. Truncation keeps, per token, the codes within the
-top cumulative probability r of the conditional prediction. ``steps`` < N takes strided reverse steps n -> m with the exact
-multi-step posterior q(x_m | x_n, x_0).
+top cumulative probability r of the conditional prediction. ``steps`` < N takes strided reverse
+steps n -> m with the exact multi-step posterior q(x_m | x_n, x_0).
 """
 
 from __future__ import annotations

@@ -71,6 +71,15 @@ class ConditioningConfig:
     k: int = field(default=10, metadata=between(0, 256))  # neighbours seen in training
     heads: int = field(default=4, metadata=between(1, 64))  # self_attention / cross_attention_pooled
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ConditioningConfig":
+        return cls(**{**raw, "variant": ConditioningVariant(raw["variant"])})
+
+
+def config_to_dict(config) -> dict:
+    """A (nested) constructor-config dataclass -> JSON-able dict, enums as their values."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=lambda e: e.value))
+
 
 @dataclass
 class NoiseConfig:
@@ -89,16 +98,14 @@ class DenoiserConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda e: e.value))
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "DenoiserConfig":
         try:
-            cond = dict(raw["conditioning"])
-            cond["variant"] = ConditioningVariant(cond["variant"])
             noise = dict(raw["noise"])
             noise["beta_schedule"] = BetaSchedule(noise["beta_schedule"])
-            return cls(unet=UNetConfig(**raw["unet"]), conditioning=ConditioningConfig(**cond),
+            return cls(unet=UNetConfig(**raw["unet"]), conditioning=ConditioningConfig.from_dict(raw["conditioning"]),
                        noise=NoiseConfig(**noise))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model config: {err!s}; expected the keys of DenoiserConfig "

@@ -1,7 +1,8 @@
 """Training pairs (x0, y) for the generators, read from memory-mapped stores.
 
-x0 is an image in [-1, 1] (continuous backbone) or its VQ token map (discrete backbone) and y = (f_img(x0), knn_img(x0, k)): the image's own embedding followed by
-the embeddings of its k precomputed neighbours (the ``knn`` stage's table, self excluded). Captions
+x0 is an image in [-1, 1] (continuous backbone) or its VQ token map (discrete backbone) and
+y = (f_img(x0), knn_img(x0, k)): the image's own embedding followed by the embeddings of its k
+precomputed neighbours (the ``knn`` stage's table, self excluded). Captions
 are never read.
 
 The order of samples is a pure function of (seed, step) (:class:`StepBatchSampler`), so a resumed

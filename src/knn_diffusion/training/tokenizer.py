@@ -52,7 +52,8 @@ def train_vq(cfg: TokenizerConfig, images: Sequence, resolution: int,
         if step == 0:
             with torch.no_grad():  # codebook <- random encoder outputs
                 flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-                pick = torch.randint(0, len(flat), (cfg.vq.codebook_size,), generator=torch.Generator().manual_seed(cfg.seed))
+                seeded = torch.Generator().manual_seed(cfg.seed)
+                pick = torch.randint(0, len(flat), (cfg.vq.codebook_size,), generator=seeded)
                 vq.quantize.embedding.weight.copy_(flat[pick] + 1e-3 * torch.randn_like(flat[pick]))
         decoded = vq.decode(latents)
         recon = F.mse_loss(decoded.sample, x)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 
 from knn_diffusion.config_fields import ConfigError, between
-from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, read_preset
+from knn_diffusion.models.config import ConditioningConfig, config_to_dict, read_preset
 
 
 @dataclass
@@ -70,15 +68,14 @@ class DiscreteConfig:
     transition: TransitionConfig = field(default_factory=TransitionConfig)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda e: e.value))
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "DiscreteConfig":
         try:
-            cond = dict(raw["conditioning"])
-            cond["variant"] = ConditioningVariant(cond["variant"])
             return cls(transformer=TransformerConfig(**raw["transformer"]),
-                       conditioning=ConditioningConfig(**cond), transition=TransitionConfig(**raw["transition"]))
+                       conditioning=ConditioningConfig.from_dict(raw["conditioning"]),
+                       transition=TransitionConfig(**raw["transition"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model config: {err!s}; expected the keys of DiscreteConfig "
                               "(transformer, conditioning, transition)") from None
