@@ -99,7 +99,7 @@ class DiscreteTrainConfig:
     k: int = field(default=10, metadata=between(0, 256))
     cond_dropout: float = field(default=0.0, metadata=between(0, 1))  # paper: 0 (null condition untrained)
     batch_size: int = field(default=32, metadata=between(1))
-    max_steps: int = field(default=800, metadata=between(1))  # tiny, 8x8 tokens, 2 busy CPU cores: ~2 min
+    max_steps: int = field(default=800, metadata=between(1))  # tiny, 8x8 tokens, 2 CPU cores: 1.5-3 min
     lr: float = field(default=2e-3, metadata=between(0, 1, low_open=True))
     warmup_steps: int = field(default=50, metadata=between(0))
     weight_decay: float = field(default=0.0, metadata=between(0, 1))
