@@ -66,7 +66,7 @@ class TokenizerConfig:
     """The ``tokenizer`` params section."""
 
     vq: VQConfig = field(default_factory=VQConfig)
-    steps: int = field(default=200, metadata=between(1))
+    steps: int = field(default=400, metadata=between(1))
     batch_size: int = field(default=32, metadata=between(1))
     lr: float = field(default=3e-3, metadata=between(0, 1, low_open=True))
     commitment: float = field(default=0.25, metadata=between(0, 10))  # beta of ||z - sg(e)||^2
