@@ -90,7 +90,7 @@ class Tokenizer(nn.Module):
         path = Path(path)
         if not (path / CODES_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a tokenizer directory (no {CODES_FILE})")
-        return cls(VQModel.from_pretrained(path), np.load(path / CODES_FILE))
+        return cls(VQModel.from_pretrained(path, low_cpu_mem_usage=False), np.load(path / CODES_FILE))
 
 
 def used_codes(counts: np.ndarray) -> np.ndarray:
