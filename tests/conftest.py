@@ -37,7 +37,7 @@ def tiny_pipeline(tmp_path_factory):
     import yaml
 
     from knn_diffusion.stages import embed, encoder, index, ingest, knn, sample, train_continuous
-    from test_stages_end_to_end import TINY
+    from tests.test_stages_end_to_end import TINY
 
     root = tmp_path_factory.mktemp("tiny-pipeline")
     (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "tiny-pipeline"}}))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from continuous_helpers import micro_config
+from tests.continuous_helpers import micro_config
 from knn_diffusion.config_fields import ConfigError
 from knn_diffusion.models.conditioning import Conditioner, drop_conditions, null_condition
 from knn_diffusion.models.config import (ConditioningConfig, ConditioningVariant, DenoiserConfig, UNetConfig,

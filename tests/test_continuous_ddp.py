@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from continuous_helpers import write_micro_preset
+from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
 
 TESTS = Path(__file__).resolve().parent
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings
+    from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings
     from pathlib import Path
     from knn_diffusion.training.config import ContinuousTrainConfig
     from knn_diffusion.training.continuous import train_continuous

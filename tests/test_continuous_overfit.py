@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings, write_micro_preset
+from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings, write_micro_preset
 from knn_diffusion.sampling import sample
 from knn_diffusion.training.checkpoint import load_denoiser
 from knn_diffusion.training.config import ContinuousTrainConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, square_images, unit_embeddings,
+from tests.continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, square_images, unit_embeddings,
                                 write_micro_preset)
 from knn_diffusion.models.config import ConditioningVariant, SchedulerName
 from knn_diffusion.models.unet import ContinuousDenoiser

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import copy_outputs
+from tests.conftest import copy_outputs
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.generation import load_generator
 from knn_diffusion.stages import paths, tokenizer, train_discrete

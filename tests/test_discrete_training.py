@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from continuous_helpers import ArrayEmbeddings, ring_neighbours, unit_embeddings
+from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, unit_embeddings
 from knn_diffusion.discrete_sampling import guided_log_x0, reverse_schedule, sample_tokens, top_mass
 from knn_diffusion.models.discrete.config import DiscreteConfig, TransformerConfig, TransitionConfig
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glyphs import OPENMOJI_FONT, named_emoji, render
+from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
 from knn_diffusion.encoders.alignment import (STATE_FILE, augment, pooled_text_features, rows_without_names,
                                               text_to_image_recall, train_alignment)

@@ -14,8 +14,10 @@ import yaml
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
-from continuous_helpers import write_micro_preset
-from test_encoders import TINY_CLIP
+from tests.continuous_helpers import write_micro_preset
+from tests.test_encoders import TINY_CLIP
+from tests.browser import chromium_page, row_cells, show_columns
+from tests.team_servers import mlflow_server
 
 EXPERIMENT = "evaluate-stage"
 TINY = {
@@ -147,76 +149,25 @@ def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):
 
 
 @pytest.fixture
-def mlflow_ui(evaluated):
-    """``mlflow server`` on a free loopback port over the tests' store; stopped (whole process group) after."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                               mlflow.get_tracking_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=evaluated, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not come up (exit {server.poll()})") from None
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+def mlflow_ui(evaluated, tmp_path):
+    """``mlflow server`` on a free loopback port over the tests' store; stopped after."""
+    with mlflow_server(tmp_path, mlflow.get_tracking_uri(), str(tmp_path / "artifacts")) as uri:
+        yield uri
 
 
 def test_mlflow_ui_lists_the_grid_points_with_their_params(mlflow_ui, tmp_path):
     """Headless Chromium on the experiment's runs table (not the GenAI view MLflow 3 opens by default)."""
-    import re
-
-    from playwright.sync_api import sync_playwright
 
     experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 2600, "height": 900})
-            page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
-            parent = page.get_by_role("row").filter(has=page.get_by_role("link", name="evaluate", exact=True))
-            parent.first.wait_for(timeout=90_000)
-            parent.first.locator("button").first.click()  # expand: the child runs are nested under it
-            page.get_by_role("row").filter(has_text="k0-g3").first.wait_for(timeout=30_000)
-            page.get_by_test_id("column-selection-dropdown").first.click()  # show the grid params as columns
-            columns = page.get_by_role("dialog")
-            for name in ("k", "index_fraction", "guidance", "fid"):
-                columns.get_by_placeholder("Search columns").fill(name)
-                node = columns.locator(".du-bois-light-tree-treenode").filter(
-                    has=page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{name}$")))
-                node.first.locator(".du-bois-light-tree-checkbox").click()
-            page.keyboard.press("Escape")
-            header = page.locator("[role=columnheader]")
-            header.filter(has_text=re.compile("^index_fraction$")).first.wait_for(timeout=30_000)
-            page.screenshot(path=tmp_path / "mlflow-runs.png")
-            cells = {}
-            for point in [*POINTS, "retrieval_baseline"]:
-                named = page.get_by_role("row").filter(has=page.get_by_role("link", name=point, exact=True)).first
-                # the grid renders a row as several containers (pinned name, scrolling columns): join them
-                parts = page.locator(f'[role=row][row-index="{named.get_attribute("row-index")}"]')
-                cells[point] = " ".join(parts.all_inner_texts()).split()
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+        parent = page.get_by_role("row").filter(has_text="evaluate")  # the stage run; its points are k*-g*
+        parent.first.wait_for(timeout=90_000)
+        parent.first.locator("button").first.click()  # expand: the child runs are nested under it
+        page.get_by_role("row").filter(has_text="k0-g3").first.wait_for(timeout=30_000)
+        show_columns(page, ["k", "index_fraction", "guidance", "fid"])  # the grid params as columns
+        page.screenshot(path=tmp_path / "mlflow-runs.png")
+        cells = {point: row_cells(page, point) for point in [*POINTS, "retrieval_baseline"]}
     assert {"3.0", "0.5", "2"} <= set(cells["k2-frac0.5-g3-openmoji"])
     assert {"3.0", "1.0", "2"} <= set(cells["k2-frac1-g3-openmoji"])
     assert "0" in cells["k0-g3"] and "0.5" not in cells["k0-g3"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from continuous_helpers import square_images
-from test_encoders import TINY_CLIP
+from tests.continuous_helpers import square_images
+from tests.test_encoders import TINY_CLIP
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.evaluation.metrics import (EncoderImageFeatures, ImageScorer, KidSettings, clip_score,
                                               extract_features, fid, inception_features, kid, r_precision)

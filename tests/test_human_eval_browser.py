@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from human_eval_helpers import write_systems
+from tests.human_eval_helpers import write_systems
 from knn_diffusion.human_eval.aggregate import aggregate
 from knn_diffusion.human_eval.package import make_pairs, read_system, write_package
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from human_eval_helpers import PROMPTS, system_of, write_systems
+from tests.human_eval_helpers import PROMPTS, system_of, write_systems
 from knn_diffusion.human_eval.package import MTURK_COLUMNS, QUESTIONS, make_pairs, read_system, write_package
 
 
@@ -92,7 +92,7 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="no JSON sidecar with a 'prompt'"):
         read_system(tmp_path / "empty")
     a, _ = write_systems(tmp_path / "s")
-    from human_eval_helpers import write_system
+    from tests.human_eval_helpers import write_system
 
     other = read_system(write_system(tmp_path / "other", ["a rocket"], (0, 0, 0)))
     with pytest.raises(ValueError, match="no prompt in common"):

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 
-from human_eval_helpers import write_systems
+from tests.human_eval_helpers import write_systems
 from knn_diffusion.human_eval.report import report_section
 from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
 

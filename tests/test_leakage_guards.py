@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import copy_outputs
+from tests.conftest import copy_outputs
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import load_text_embeddings
 from knn_diffusion.retrieval.index import load_index

@@ -15,7 +15,7 @@ from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.stages.common import UndeclaredParamError, declared_params, run_stage, stage_params, tracked
 from knn_diffusion.training.checkpoint import save_checkpoint
 from tests.conftest import REPO
-from continuous_helpers import micro_config
+from tests.continuous_helpers import micro_config
 
 
 def test_declared_params_come_from_dvc_yaml():

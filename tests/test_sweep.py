@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flows.sweep import expand_grid, sweep, sweep_tracking_uri
-from test_pipeline_flow import DVC, harness, repo_copy  # noqa: F401 (fixtures)
+from tests.test_pipeline_flow import DVC, harness, repo_copy  # noqa: F401 (fixtures)
 
 
 def _commit(repo: Path) -> None:

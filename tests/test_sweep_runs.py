@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.sweep import sweep
-from test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
+from tests.test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
 from tests.browser import chromium_page, row_cells, show_columns
 from tests.team_servers import mlflow_server
 

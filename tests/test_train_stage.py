@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import copy_outputs
-from continuous_helpers import write_micro_preset
+from tests.conftest import copy_outputs
+from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.config import load_params
 from knn_diffusion.stages import paths, train_continuous
 from knn_diffusion.training.checkpoint import read_checkpoint_config
@@ -121,7 +121,7 @@ def test_old_state_folders_are_pruned(train_dir):
 
 
 def test_cond_dropout_defaults_to_zero_as_in_the_paper():
-    from conftest import REPO
+    from tests.conftest import REPO
     from knn_diffusion.training.config import ContinuousTrainConfig
 
     assert ContinuousTrainConfig().cond_dropout == 0
