@@ -15,12 +15,12 @@ import torch
 from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
 
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {repo!r})
     from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings
     from pathlib import Path
     from knn_diffusion.training.config import ContinuousTrainConfig
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 def test_two_process_gloo_run_learns_and_saves_once(tmp_path):
     write_micro_preset(tmp_path)
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
+    script.write_text(SCRIPT.format(repo=str(REPO)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
