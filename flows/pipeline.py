@@ -81,7 +81,7 @@ def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = Fals
 
 @flow(name="knn-diffusion-pipeline", log_prints=True)
 def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = False, pools: bool = False,
-             repo_url: str = "", publish_branch: str = "") -> list[str]:
+             repo_url: str = "", publish_branch: str = "", parallel_stages: int = 1) -> list[str]:
     """Run the dvc.yaml stages (all, or the named ones and what they need) in dependency order.
 
     ``pools``: run each stage on its work pool (``meta.pool`` in dvc.yaml) through the deployments in
@@ -123,9 +123,13 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
 
             run_on_pools(order, repo_path, run_env, force, repo_url, publish_branch)
             return order
+        # At most ``parallel_stages`` at once: a stage already uses every core of the machine (two
+        # training stages side by side on 2 cores ran 5x slower each), so the default is one at a time.
         futures: dict[str, PrefectFuture] = {}
-        for name in order:
+        for i, name in enumerate(order):
             upstream = [futures[u] for u in graph[name] if u in futures]
+            if i >= max(parallel_stages, 1):  # the stage parallel_stages places back must have finished
+                upstream.append(futures[order[i - max(parallel_stages, 1)]])
             futures[name] = run_stage.submit(name, str(repo_path), run_env, force, wait_for=upstream)
         for name in order:
             futures[name].result()  # raises -> the flow run ends Failed, never Completed
@@ -141,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="run each stage on its Prefect work pool (dvc.yaml meta.pool) via the DVC remote")
     parser.add_argument("--repo-url", default="", help="with --pools: the git URL workers clone (default: --repo)")
     parser.add_argument("--publish-branch", default="", help="with --pools: push the final dvc.lock to this branch")
+    parser.add_argument("--parallel-stages", type=int, default=1,
+                        help="independent stages run at once on this machine (default 1: each uses every core)")
     args = parser.parse_args(argv)
     pipeline(repo=args.repo, stages=args.stages or None, force=args.force, pools=args.pools,
-             repo_url=args.repo_url, publish_branch=args.publish_branch)
+             repo_url=args.repo_url, publish_branch=args.publish_branch, parallel_stages=args.parallel_stages)
 
 
 if __name__ == "__main__":
