@@ -4,13 +4,15 @@ A workspace is (git revision, params.yaml, dvc.lock). For each stage the pipelin
 of :func:`remote_stage` on the stage's pool (``meta.pool`` in dvc.yaml; ``cpu`` when unset). The worker
 clones the revision, writes the two files, pulls what the stage needs from the DVC remote, reproduces
 it (``dvc repro`` skips it when it is up to date), pushes its outputs and publishes the dvc.lock that
-DVC wrote as an artifact of its flow run; the pipeline adopts that lock before the next stage. Stages
+DVC wrote, with the stage's metrics files (git's, not the remote's), as an artifact of its flow run; the
+pipeline adopts them before the next stage. Stages
 run one after another, so no lock update is lost; the parallel work happens inside a stage (GPU, DDP)
 and across sweep trials.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -43,16 +45,23 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def _lock_markdown(lock: str) -> str:
-    return f"```yaml\n{lock}```\n"
+def git_tracked_outputs(dvc_yaml: Path, stage: str) -> list[str]:
+    """The stage's ``cache: false`` outputs (its metrics files): git keeps them, not the DVC remote."""
+    spec = (yaml.safe_load(dvc_yaml.read_text()) or {})["stages"][stage]
+    return [path for kind in ("outs", "metrics", "plots") for entry in spec.get(kind) or [] if isinstance(entry, dict)
+            for path, options in entry.items() if (options or {}).get("cache") is False]
 
 
-def lock_from_markdown(markdown: str) -> str:
-    """The dvc.lock text inside a lock artifact (see :func:`_lock_markdown`)."""
+def _files_markdown(files: dict[str, str]) -> str:
+    return f"```json\n{json.dumps(files, indent=1, sort_keys=True)}\n```\n"
+
+
+def files_from_markdown(markdown: str) -> dict[str, str]:
+    """{path: text} inside a stage's hand-back artifact (see :func:`_files_markdown`)."""
     body = markdown.strip()
-    if not (body.startswith("```yaml\n") and body.endswith("```")):
-        raise ValueError("a dvc-lock artifact must hold one ```yaml block")
-    return body[len("```yaml\n"):-3]
+    if not (body.startswith("```json\n") and body.endswith("```")):
+        raise ValueError("a dvc-lock artifact must hold one ```json block")
+    return json.loads(body[len("```json\n"):-3])
 
 
 @flow(name=STAGE_FLOW, log_prints=True)
@@ -76,14 +85,15 @@ def remote_stage(stage: str, repo_url: str, rev: str, params_yaml: str, dvc_lock
         _run([dvc, "pull", "--allow-missing", *needed], work)
         run_stage.fn(stage, str(work), run_env or {}, force)
         _run([dvc, "push", stage], work)
-        lock = (work / "dvc.lock").read_text()
-    create_markdown_artifact(_lock_markdown(lock), key=LOCK_ARTIFACT,
-                             description=f"dvc.lock after stage '{stage}' at {rev[:12]}")
-    return lock
+        handed_back = {path: (work / path).read_text() for path in
+                       ["dvc.lock", *git_tracked_outputs(work / "dvc.yaml", stage)] if (work / path).is_file()}
+    create_markdown_artifact(_files_markdown(handed_back), key=LOCK_ARTIFACT,
+                             description=f"dvc.lock and metrics after stage '{stage}' at {rev[:12]}")
+    return handed_back["dvc.lock"]
 
 
-def read_lock_artifact(flow_run_id) -> str:
-    """The dvc.lock a finished :func:`remote_stage` run published."""
+def read_handed_back(flow_run_id) -> dict[str, str]:
+    """The dvc.lock and metrics files a finished :func:`remote_stage` run published, by path."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
@@ -92,7 +102,7 @@ def read_lock_artifact(flow_run_id) -> str:
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[LOCK_ARTIFACT])))
     if not found:
         raise RuntimeError(f"flow run {flow_run_id} published no {LOCK_ARTIFACT} artifact")
-    return lock_from_markdown(str(found[0].data))
+    return files_from_markdown(str(found[0].data))
 
 
 def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: bool = False, repo_url: str = "",
@@ -116,6 +126,7 @@ def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: b
     url = repo_url or str(repo)
     pools = stage_pools(repo / "dvc.yaml")
     lock_path = repo / "dvc.lock"
+    published = {"params.yaml", "dvc.lock"}
     for stage in order:
         run = run_deployment(f"{STAGE_FLOW}/{pools[stage]}", timeout=None, poll_interval=2, parameters={
             "stage": stage, "repo_url": url, "rev": rev, "params_yaml": (repo / "params.yaml").read_text(),
@@ -124,10 +135,12 @@ def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: b
         if not run.state.is_completed():
             raise RuntimeError(f"stage '{stage}' on pool '{pools[stage]}': flow run '{run.name}' ended "
                                f"{run.state.name}: {run.state.message}")
-        write_text(lock_path, read_lock_artifact(run.id))
+        for path, text in read_handed_back(run.id).items():
+            write_text(repo / path, text)
+            published.add(path)
     if publish_branch:
         git = ["git", "-c", "user.name=knn-diffusion", "-c", "user.email=pipeline@knn-diffusion"]
         _run(git + ["checkout", "-q", "-B", publish_branch], repo)
-        _run(git + ["add", "params.yaml", "dvc.lock"], repo)
+        _run(git + ["add", *sorted(published)], repo)
         _run(git + ["commit", "-q", "--allow-empty", "-m", f"pipeline run {run_env.get(PIPELINE_RUN_ENV, '')}: {', '.join(order)}"], repo)
         _run(git + ["push", "-q", "--force", url, f"HEAD:refs/heads/{publish_branch}"], repo)

@@ -34,7 +34,7 @@ def test_other_clone_pulls_v1_back_without_retraining(tmp_path):
     # "Another machine": a fresh clone at v2 goes back to v1 as the README says, through the remote only.
     second = tmp_path / "second"
     dvc_repo.run(tmp_path, "git", "clone", "-q", str(first), str(second))
-    dvc_repo.run(second, "git", "checkout", "v1", "--", "dvc.lock", "params.yaml")
+    dvc_repo.run(second, "git", "checkout", "v1", "--", "dvc.lock", "params.yaml", "metrics")
     dvc_repo.dvc(second, "pull")
     assert sha256(second / INDEX_FILE) == v1_index
     assert dvc_repo.status(second) == {}, "after the rollback nothing may rerun (no retraining)"

@@ -24,8 +24,10 @@ STAGES = {
                 "outs": ["data/prepared.txt"]},
     "train": {"cmd": "python -c \"import pathlib, yaml; p = pathlib.Path('models'); p.mkdir(exist_ok=True); "
                      "side = yaml.safe_load(open('params.yaml'))['data']['resolution']; "
-                     "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained at {side} px\\n')\"",
+                     "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained at {side} px\\n'); "
+                     "pathlib.Path('metrics').mkdir(exist_ok=True); pathlib.Path('metrics/train.json').write_text('{\\\"loss\\\": 0.5}')\"",
               "deps": ["data/prepared.txt"], "params": ["data.resolution"], "outs": ["models/model.txt"],
+              "metrics": [{"metrics/train.json": {"cache": False}}],  # in git, not the remote: handed back too
               "meta": {"pool": "gpu"}},
 }
 
@@ -107,4 +109,5 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
     run(["git", "clone", "-q", "-b", "runs/latest", str(origin), str(clone)], tmp_path, plain)
     run([str(BIN / "dvc"), "pull"], clone, plain)
     assert (clone / "models" / "model.txt").read_text() == "prepared\ntrained at 32 px\n"
+    assert json.loads((clone / "metrics" / "train.json").read_text()) == {"loss": 0.5}
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], clone, plain)) == {}
