@@ -59,7 +59,8 @@ def main() -> None:
                              "images": len(images), "seconds": round(seconds, 1)}
     columns = ["fid", "kid_mean", "kid_std", "clip_score", "r_precision", "k", "guidance", "steps", "seconds"]
     print(f"{len(prompts)} test-split prompts, features {scorer.feature}")
-    print("| backbone | " + " | ".join(columns) + " |\n|---" * (len(columns) + 1) + "|")
+    print("| backbone | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for backbone, row in results.items():
         print(f"| {backbone} | " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                                for c in columns) + " |")
