@@ -118,3 +118,21 @@ def test_missing_system_folder_is_an_error_line(in_tmp, capsys):
         human_eval.main([])
     assert exit_info.value.code == 2
     assert "error: nowhere: not a folder of generated images" in capsys.readouterr().err
+
+
+def test_point_evaluate_did_not_produce_gives_no_package_and_both_stages_succeed(in_tmp):
+    """A sweep trial of a no_knn model has no kNN evaluate point: no package, no failure, said in the log."""
+    from knn_diffusion.io import read_json
+    from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
+
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"human_eval": {
+        "system_a": "outputs/evaluate/k10-frac1-g3-openmoji", "system_b": "outputs/evaluate/retrieval_baseline"},
+        "tracking": {"experiment": EXPERIMENT}}))
+    paths.EVALUATE.mkdir(parents=True)  # evaluate ran, but produced neither point
+    human_eval.main([])
+    assert read_json(paths.HUMAN_EVAL_METRICS)["pairs"] == 0
+    assert read_json(paths.HUMAN_EVAL_KEY)["missing"] == ["outputs/evaluate/k10-frac1-g3-openmoji",
+                                                          "outputs/evaluate/retrieval_baseline"]
+    human_eval_aggregate.main([])
+    assert read_json(paths.HUMAN_EVAL_AGGREGATE_METRICS) == {}
+    assert "not produced" in paths.HUMAN_EVAL_TABLE.read_text()

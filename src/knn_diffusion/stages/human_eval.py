@@ -7,6 +7,7 @@ pairs (A left, B right) and a screenshot of a task screen as a rater sees it.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -67,6 +68,18 @@ def package_study(params: Params) -> dict:
     questions = [q.value for q in cfg.questions]
     started = time.perf_counter()
     with tracked("human_eval", params, "human_eval") as run:
+        # An evaluate point that this evaluate run did not produce (a sweep trial of a no_knn model has only
+        # k=0 points) means no package this time; any other missing folder is a mistake and fails below.
+        missing = [folder for folder in (cfg.system_a, cfg.system_b) if not Path(folder).is_dir()
+                   and Path(folder).parent == paths.EVALUATE and paths.EVALUATE.is_dir()]
+        if missing:
+            log.warning("no package this run: evaluate produced no %s (human_eval.system_a/system_b)", missing)
+            with atomic_path(paths.HUMAN_EVAL_KEY) as key_tmp, atomic_dir(paths.HUMAN_EVAL_PACKAGE):
+                key_tmp.write_text(json.dumps({"package_id": "", "missing": missing}) + "\n")
+            report = {"pairs": 0, "package_bytes": 0, "seconds": round(time.perf_counter() - started, 3)}
+            run.metrics(report)
+            write_json(paths.HUMAN_EVAL_METRICS, report)
+            return report
         a, b = read_system(cfg.system_a), read_system(cfg.system_b)
         name_a, name_b = cfg.name_a or a.folder.name, cfg.name_b or b.folder.name
         pairs = make_pairs(a, b, cfg.n_pairs, cfg.seed)

@@ -51,11 +51,16 @@ def log_on_system_a(key: dict, report: Report, table: str, aggregate_run_id: str
     return True
 
 
-def aggregate_study(params: Params) -> Report:
+def aggregate_study(params: Params) -> Report | None:
     cfg = params.human_eval_aggregate
     key = read_json(paths.HUMAN_EVAL_KEY)
     results_dir = Path(cfg.results_dir)
     with tracked("human_eval_aggregate", params, "human_eval_aggregate") as run:
+        if not key.get("package_id"):  # human_eval made no package this run (its systems were not produced)
+            log.info("no human-evaluation package (missing %s): nothing to aggregate", key.get("missing"))
+            write_text(paths.HUMAN_EVAL_TABLE, f"No human-evaluation package: {key.get('missing')} not produced.\n")
+            write_json(paths.HUMAN_EVAL_AGGREGATE_METRICS, {})
+            return None
         run.tags({"package_id": key["package_id"], "system_a": key["system_a"]["name"],
                   "system_b": key["system_b"]["name"], "system_a.run_id": key["system_a"].get("model_run_id", "")})
         report = aggregate(results_dir, key, strict=cfg.strict)
