@@ -53,6 +53,10 @@ def stage_env(run_env: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(run_env or {})}
     # DVC stages call `python`; make that the interpreter running this flow (the project venv).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # ...and let it import the checkout's own code, the code DVC hashes as the stage's deps: a worker's
+    # clone (or a queued experiment's copy) runs its revision, not whatever version is installed. Relative
+    # on purpose: each Python resolves it against the directory it starts in, the stage's workspace.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, ["src", env.get("PYTHONPATH", "")]))
     env.setdefault("TQDM_MININTERVAL", "10")  # output is piped: fewer, longer-spaced progress lines
     return env
 

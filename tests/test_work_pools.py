@@ -111,3 +111,15 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
     assert (clone / "models" / "model.txt").read_text() == "prepared\ntrained at 32 px\n"
     assert json.loads((clone / "metrics" / "train.json").read_text()) == {"loss": 0.5}
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], clone, plain)) == {}
+
+
+def test_stages_run_the_code_of_the_checkout_they_run_in(tmp_path):
+    """A worker's clone (or a queued experiment's copy) executes its own src/, the code DVC hashed as the
+    stage's deps - not the version installed in the environment."""
+    from flows.pipeline import stage_env
+
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run(["python", "-c", "import knn_diffusion; print(knn_diffusion.__file__)"], cwd=clone,
+                          env=stage_env(), capture_output=True, text=True, check=True)
+    assert Path(done.stdout.strip()) == clone / "src" / "knn_diffusion" / "__init__.py"
