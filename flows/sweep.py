@@ -15,6 +15,7 @@ experiment's name (``pipeline_run``, from DVC's ``DVC_EXP_NAME``).
     python -m flows.sweep retrieval.index_fraction=0.1,0.3,0.5,0.7,1.0
     python -m flows.sweep train_continuous.variant=tokens,no_knn --parallel 2
     python -m flows.sweep train_continuous.k=1,5,10 sample.guidance=1,3
+    python -m flows.sweep train_continuous.k=1,10 + train_continuous.variant=no_knn   # 2 trials + 1
 """
 
 from __future__ import annotations
@@ -40,15 +41,25 @@ POLL_SECONDS = 3
 FINISHED = {"Success", "Failed"}
 
 
+GRID_SEPARATOR = "+"
+
+
 def expand_grid(axes: list[str]) -> list[list[str]]:
-    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (the cartesian product)."""
-    parsed = []
+    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (the cartesian product). A '+' between axes
+    starts another grid, whose trials are added: ['a=1,2', '+', 'b=y'] -> [['a=1'], ['a=2'], ['b=y']]."""
+    grids: list[list[list[str]]] = [[]]
     for axis in axes:
+        if axis == GRID_SEPARATOR:
+            grids.append([])
+            continue
         if "=" not in axis:
-            raise ValueError(f"sweep axis {axis!r}: expected key=value1,value2,...")
+            raise ValueError(f"sweep axis {axis!r}: expected key=value1,value2,... or '{GRID_SEPARATOR}'")
         key, values = axis.split("=", 1)
-        parsed.append([f"{key}={value}" for value in values.split(",")])
-    return [list(combo) for combo in itertools.product(*parsed)]
+        grids[-1].append([f"{key}={value}" for value in values.split(",")])
+    if not all(grids):
+        raise ValueError(f"sweep axes {axes}: '{GRID_SEPARATOR}' must stand between two grids")
+    combos = [list(combo) for grid in grids for combo in itertools.product(*grid)]
+    return list({tuple(combo): combo for combo in combos}.values())  # a trial listed twice runs once
 
 
 def experiment_name(prefix: str, overrides: list[str]) -> str:
@@ -185,7 +196,8 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("axes", nargs="+", help="key=value1,value2 (one axis each; the grid is their product)")
+    parser.add_argument("axes", nargs="+", help="key=value1,value2 (one axis each; the grid is their product); "
+                        "'+' between axes adds another grid's trials")
     parser.add_argument("--repo", default=".")
     parser.add_argument("--prefix", default="sweep", help="experiment name prefix")
     parser.add_argument("--parallel", type=int, default=1, help="experiments at once (each is a full pipeline)")

@@ -66,3 +66,12 @@ def test_sweep_refuses_bad_values_before_running(harness, repo_copy):  # noqa: F
     assert state.is_failed()
     with pytest.raises(Exception, match="data.resolution"):
         state.result()
+
+
+def test_plus_adds_another_grids_trials():
+    assert expand_grid(["train_continuous.k=1,10", "+", "train_continuous.variant=no_knn"]) == [
+        ["train_continuous.k=1"], ["train_continuous.k=10"], ["train_continuous.variant=no_knn"]]
+    assert expand_grid(["a=1,2", "+", "a=2,3"]) == [["a=1"], ["a=2"], ["a=3"]]  # a trial listed twice runs once
+    for bad in (["+", "a=1"], ["a=1", "+"], ["a=1", "+", "+", "b=2"]):
+        with pytest.raises(ValueError, match="must stand between two grids"):
+            expand_grid(bad)
