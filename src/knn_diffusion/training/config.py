@@ -63,8 +63,11 @@ class ContinuousTrainConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The ``tokenizer`` params section."""
+    """The ``tokenizer`` params section. With ``pretrained`` set nothing is trained (``vq`` and the
+    training keys are unused): the VQ comes from that file or folder and is only remapped and measured."""
 
+    pretrained: str = ""  # a taming-transformers VQGAN .ckpt or a diffusers VQModel folder; empty: train one
+    pretrained_config: str = ""  # the .ckpt's taming config YAML; empty: config.yaml beside it or ../configs/
     vq: VQConfig = field(default_factory=VQConfig)
     steps: int = field(default=400, metadata=between(1))
     batch_size: int = field(default=32, metadata=between(1))

@@ -28,7 +28,7 @@ class TokenizerReport:
     psnr: float              # reconstruction through the remapped tokens, held-out images
     ssim: float
     psnr_unmapped: float     # through the full codebook (what remapping costs, if anything)
-    final_loss: float
+    final_loss: float | None  # None: a pretrained VQ, nothing trained
 
 
 def _batches(count: int, size: int):
@@ -72,8 +72,8 @@ def code_counts(vq, images: Sequence, batch: int) -> np.ndarray:
     """How often each original codebook entry is the nearest one, over ``images``."""
     counts = np.zeros(vq.config.num_vq_embeddings, dtype=np.int64)
     for rows in _batches(len(images), batch):
-        _, _, (_, _, ids) = vq.quantize(vq.encode(to_unit_range(np.asarray(images[rows]))).latents)
-        counts += np.bincount(ids.reshape(-1).numpy(), minlength=len(counts))
+        _, _, (_, _, ids) = vq.quantize(vq.encode(to_unit_range(np.asarray(images[rows])).to(vq.device)).latents)
+        counts += np.bincount(ids.reshape(-1).cpu().numpy(), minlength=len(counts))
     return counts
 
 
@@ -86,28 +86,34 @@ def reconstruction_quality(tokenizer: Tokenizer, images: np.ndarray, batch: int)
         original = np.asarray(images[rows])
         target = torch.as_tensor(original).permute(0, 3, 1, 2).float() / 255
         remapped = torch.as_tensor(tokenizer.decode(tokenizer.encode(original))).permute(0, 3, 1, 2).float() / 255
-        full = tokenizer.vq(to_unit_range(original)).sample.clamp(-1, 1).add(1).div(2)
+        full = tokenizer.vq(to_unit_range(original).to(tokenizer.vq.device)).sample.clamp(-1, 1).add(1).div(2).cpu()
         psnr.update(remapped, target)
         ssim.update(remapped, target)
         psnr_full.update(full, target)
     return psnr.compute().item(), ssim.compute().item(), psnr_full.compute().item()
 
 
-def train_tokenizer(cfg: TokenizerConfig, train_images: Sequence, held_out: np.ndarray, resolution: int,
-                    on_log: Callable[[int, dict], None] | None = None) -> tuple[Tokenizer, TokenizerReport]:
-    """Train the VQ on ``train_images``, remap to the codes they use, measure on ``held_out`` (uint8)."""
-    vq, final_loss = train_vq(cfg, train_images, resolution, on_log)
-    counts = code_counts(vq, train_images, cfg.encode_batch)
+def remap_tokenizer(vq, train_images: Sequence, held_out: np.ndarray, batch: int,
+                    final_loss: float | None = None) -> tuple[Tokenizer, TokenizerReport]:
+    """Remap a trained or pretrained VQ to the codes ``train_images`` use, measure on ``held_out`` (uint8)."""
+    counts = code_counts(vq, train_images, batch)
     tokenizer = Tokenizer(vq, used_codes(counts))
-    psnr, ssim, psnr_full = reconstruction_quality(tokenizer, held_out, cfg.encode_batch)
+    psnr, ssim, psnr_full = reconstruction_quality(tokenizer, held_out, batch)
     report = TokenizerReport(codebook_size=len(counts), codes_used=tokenizer.num_codes,
                              usage_before=tokenizer.num_codes / len(counts), psnr=psnr, ssim=ssim,
                              psnr_unmapped=psnr_full, final_loss=final_loss)
     return tokenizer, report
 
 
+def train_tokenizer(cfg: TokenizerConfig, train_images: Sequence, held_out: np.ndarray, resolution: int,
+                    on_log: Callable[[int, dict], None] | None = None) -> tuple[Tokenizer, TokenizerReport]:
+    """Train the VQ on ``train_images``, remap to the codes they use, measure on ``held_out`` (uint8)."""
+    vq, final_loss = train_vq(cfg, train_images, resolution, on_log)
+    return remap_tokenizer(vq, train_images, held_out, cfg.encode_batch, final_loss)
+
+
 @torch.no_grad()
 def tokenize(tokenizer: Tokenizer, images: Sequence, batch: int) -> np.ndarray:
     """uint8 images (N, H, W, 3) -> remapped token maps (N, h, w), uint16."""
-    maps = [tokenizer.encode(np.asarray(images[rows])).numpy() for rows in _batches(len(images), batch)]
+    maps = [tokenizer.encode(np.asarray(images[rows])).cpu().numpy() for rows in _batches(len(images), batch)]
     return np.concatenate(maps).astype(np.uint16)

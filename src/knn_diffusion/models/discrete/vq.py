@@ -17,9 +17,10 @@ from torch import nn
 
 from knn_diffusion.config_fields import ConfigError
 from knn_diffusion.models.discrete.config import VQConfig
-from knn_diffusion.io import atomic_dir, save_npy
+from knn_diffusion.io import atomic_dir, save_npy, write_json
 
 CODES_FILE = "used_codes.npy"
+SOURCE_FILE = "source.json"
 
 
 def build_vq(config: VQConfig, resolution: int) -> VQModel:
@@ -55,7 +56,8 @@ class Tokenizer(nn.Module):
     def __init__(self, vq: VQModel, used_codes: np.ndarray | torch.Tensor):
         super().__init__()
         self.vq = vq.eval().requires_grad_(False)
-        self.register_buffer("used", torch.as_tensor(np.asarray(used_codes), dtype=torch.long), persistent=False)
+        self.register_buffer("used", torch.as_tensor(np.asarray(used_codes), dtype=torch.long, device=vq.device),
+                             persistent=False)
 
     @property
     def num_codes(self) -> int:
@@ -78,11 +80,14 @@ class Tokenizer(nn.Module):
         decoded = self.vq.decode(quant.permute(0, 3, 1, 2).contiguous(), force_not_quantize=True).sample
         return to_uint8(decoded)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """A directory readable by :meth:`load`: diffusers' ``save_pretrained`` files + the used codes."""
+    def save(self, path: str | os.PathLike, source: dict | None = None) -> Path:
+        """A directory readable by :meth:`load`: diffusers' ``save_pretrained`` files + the used codes
+        (+ ``source.json``: where pretrained weights came from, e.g. a checkpoint's path and sha256)."""
         with atomic_dir(path) as tmp:
             self.vq.save_pretrained(tmp, safe_serialization=True)
             save_npy(tmp / CODES_FILE, self.used.cpu().numpy())
+            if source is not None:
+                write_json(tmp / SOURCE_FILE, source)
         return Path(path)
 
     @classmethod

@@ -1,0 +1,227 @@
+"""A pretrained taming-transformers VQGAN (Esser et al. 2021) as a diffusers ``VQModel``.
+
+The paper tokenizes with taming's ``vqgan_imagenet_f16_16384``. Its encoder, decoder and quantizer are
+the network diffusers' ``VQModel`` implements, under other names: this module builds the ``VQModel``
+from the checkpoint's ``config.yaml`` (``model.params.ddconfig``, ``n_embed``, ``embed_dim``) and renames
+the Lightning checkpoint's ``state_dict`` onto it. Nothing from taming is imported, and the checkpoint
+is read without running code from it.
+
+Name map (taming -> diffusers), level ``i`` of ``L`` (resolution ``r / 2**i``):
+  encoder.down.i.block.j / .attn.j / .downsample  -> encoder.down_blocks.i.resnets.j / .attentions.j / .downsamplers.0
+  decoder.up.i.block.j / .attn.j / .upsample      -> decoder.up_blocks.(L-1-i).resnets.j / ... / .upsamplers.0
+  {encoder,decoder}.mid.block_1 / attn_1 / block_2 -> *.mid_block.resnets.0 / attentions.0 / resnets.1
+  norm_out -> conv_norm_out; resnet nin_shortcut -> conv_shortcut; attention norm/q/k/v/proj_out
+  (1x1 convs) -> group_norm/to_q/to_k/to_v/to_out.0 (linear layers: the kernel's 1x1 is squeezed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import VQModel
+
+VQGAN_TARGET = "taming.models.vqgan.VQModel"
+IGNORED_PREFIXES = ("loss.", "quantize.used")  # the discriminator/LPIPS of training; taming's own remap
+RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
+ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+EXPECTED_FILE = "a taming-transformers VQGAN checkpoint (Lightning .ckpt with a state_dict) or a diffusers VQModel folder"
+
+
+class _Opaque:
+    """Stands in for every pickled object that is not a tensor or plain container (Lightning callbacks,
+    numpy scalars): torch's weights-only reader builds these instead of importing and running them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_pretrained_vq(path: str | os.PathLike, config: str | os.PathLike = "") -> VQModel:
+    """A diffusers VQModel folder, or a taming VQGAN ``.ckpt`` (+ its config: ``config`` or found beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        return _diffusers_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.pretrained: {path}: no such file or folder (expected {EXPECTED_FILE})")
+    config_path = Path(config) if config else find_config(path)
+    params = read_vqgan_config(config_path)
+    vq = vqmodel_for(params, config_path)
+    state = converted_state_dict(read_state_dict(path), params["ddconfig"])
+    _load_exactly(vq, state, path, config_path)
+    return vq.eval()
+
+
+def _diffusers_folder(path: Path) -> VQModel:
+    try:
+        class_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer.pretrained: {path}: no readable config.json ({err}); expected {EXPECTED_FILE}") from None
+    if class_name != "VQModel":
+        raise ValueError(f"tokenizer.pretrained: {path}/config.json describes a {class_name}, expected a VQModel")
+    return VQModel.from_pretrained(path, low_cpu_mem_usage=False).eval()
+
+
+def find_config(checkpoint: Path) -> Path:
+    """taming writes ``<run>/checkpoints/last.ckpt`` and ``<run>/configs/<time>-project.yaml``; the released
+    models ship ``configs/model.yaml``. A ``config.yaml`` beside the checkpoint is taken first."""
+    beside = checkpoint.with_name("config.yaml")
+    if beside.is_file():
+        return beside
+    found = [p for p in sorted((checkpoint.parent.parent / "configs").glob("*.yaml"))
+             if not p.name.endswith("-lightning.yaml")]
+    if len(found) == 1:
+        return found[0]
+    listed = f"several: {', '.join(str(p) for p in found)}" if found else "none"
+    raise FileNotFoundError(f"tokenizer.pretrained: {checkpoint}: no config.yaml beside it and {listed} in "
+                            f"{checkpoint.parent.parent / 'configs'}; set tokenizer.pretrained_config to its YAML file")
+
+
+def read_vqgan_config(path: Path) -> dict:
+    """``model.params`` of a taming VQGAN config, checked for what a diffusers VQModel can represent."""
+    try:
+        model = yaml.safe_load(path.read_text())["model"]
+        target, params = model["target"], dict(model["params"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer.pretrained_config: {path}: file not found") from None
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a taming-transformers model config ({type(err).__name__}: {err}); "
+                         "expected model.target and model.params") from None
+    if target != VQGAN_TARGET:
+        raise ValueError(f"{path}: model.target is {target}; expected {VQGAN_TARGET} (a VQGAN with the "
+                         "nearest-neighbour VectorQuantizer; Gumbel and EMA quantizers are not supported)")
+    ddconfig = params.get("ddconfig") if isinstance(params.get("ddconfig"), dict) else {}
+    missing = [key for key in ("ddconfig", "n_embed", "embed_dim") if key not in params]
+    missing += [f"ddconfig.{key}" for key in DDCONFIG_KEYS if key not in ddconfig]
+    if missing:
+        raise ValueError(f"{path}: model.params lacks {', '.join(missing)}")
+    unsupported = {"double_z": True, "tanh_out": True, "give_pre_end": True, "resamp_with_conv": False}
+    for key, bad in unsupported.items():
+        if ddconfig.get(key, not bad) == bad:
+            raise ValueError(f"{path}: ddconfig.{key}={bad} is not supported (diffusers' VQModel has no such variant)")
+    if ddconfig["ch_mult"][0] != 1 or ddconfig.get("in_channels", 3) != 3 or ddconfig.get("out_ch", 3) != 3:
+        raise ValueError(f"{path}: ddconfig needs ch_mult[0] == 1 and 3 image channels in and out, got "
+                         f"ch_mult={list(ddconfig['ch_mult'])}, in_channels={ddconfig.get('in_channels')}, "
+                         f"out_ch={ddconfig.get('out_ch')}")
+    return params
+
+
+def _attention_levels(ddconfig: dict) -> list[bool]:
+    """Whether level i (side ``resolution / 2**i``) has self-attention after each resnet."""
+    return [ddconfig["resolution"] // 2 ** i in ddconfig["attn_resolutions"] for i in range(len(ddconfig["ch_mult"]))]
+
+
+def vqmodel_for(params: dict, where: Path) -> VQModel:
+    """The diffusers VQModel with the architecture of a taming VQGAN config."""
+    dd = params["ddconfig"]
+    attention = _attention_levels(dd)
+    try:
+        return VQModel(in_channels=3, out_channels=3,
+                       down_block_types=tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attention),
+                       up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attention[::-1]),
+                       block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
+                       layers_per_block=dd["num_res_blocks"], latent_channels=dd["z_channels"],
+                       num_vq_embeddings=params["n_embed"], vq_embed_dim=params["embed_dim"],
+                       norm_num_groups=32, sample_size=dd["resolution"], mid_block_add_attention=True)
+    except (KeyError, TypeError, ValueError) as err:  # channels not in groups of 32, a missing ddconfig key
+        raise ValueError(f"{where}: ddconfig does not describe a buildable VQGAN ({type(err).__name__}: {err})") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, read with torch's weights-only unpickler."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):
+        unsafe = []  # not a zip checkpoint: the weights-only load below decides
+    try:
+        with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes; all mean one thing
+        raise ValueError(f"tokenizer.pretrained: {path}: not readable as a PyTorch checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); expected {EXPECTED_FILE}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
+        raise ValueError(f"tokenizer.pretrained: {path}: no state_dict with quantize.embedding.weight; "
+                         f"expected {EXPECTED_FILE}")
+    return state
+
+
+def _module_names(ddconfig: dict) -> dict[str, tuple[str, dict | None]]:
+    """taming module path -> (diffusers module path, its parameters' renames or None for a plain layer)."""
+    levels, blocks, attention = len(ddconfig["ch_mult"]), ddconfig["num_res_blocks"], _attention_levels(ddconfig)
+    names = {f"{part}.{layer}": (f"{part}.{layer}", None) for part in ("encoder", "decoder") for layer in ("conv_in", "conv_out")}
+    names |= {f"{part}.norm_out": (f"{part}.conv_norm_out", None) for part in ("encoder", "decoder")}
+    names |= {layer: (layer, None) for layer in ("quant_conv", "post_quant_conv", "quantize.embedding")}
+    for part in ("encoder", "decoder"):
+        names[f"{part}.mid.block_1"] = (f"{part}.mid_block.resnets.0", RESNET_PARTS)
+        names[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", ATTENTION_PARTS)
+        names[f"{part}.mid.block_2"] = (f"{part}.mid_block.resnets.1", RESNET_PARTS)
+    for i in range(levels):
+        down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{levels - 1 - i}"  # diffusers: order of use
+        for j in range(blocks):
+            names[f"encoder.down.{i}.block.{j}"] = (f"{down}.resnets.{j}", RESNET_PARTS)
+            if attention[i]:
+                names[f"encoder.down.{i}.attn.{j}"] = (f"{down}.attentions.{j}", ATTENTION_PARTS)
+        for j in range(blocks + 1):
+            names[f"decoder.up.{i}.block.{j}"] = (f"{up}.resnets.{j}", RESNET_PARTS)
+            if attention[i]:
+                names[f"decoder.up.{i}.attn.{j}"] = (f"{up}.attentions.{j}", ATTENTION_PARTS)
+        if i < levels - 1:
+            names[f"encoder.down.{i}.downsample.conv"] = (f"{down}.downsamplers.0.conv", None)
+        if i > 0:
+            names[f"decoder.up.{i}.upsample.conv"] = (f"{up}.upsamplers.0.conv", None)
+    return names
+
+
+def converted_state_dict(state: dict[str, torch.Tensor], ddconfig: dict) -> dict[str, torch.Tensor]:
+    """taming's parameter names -> diffusers'; keys that fit no module are kept as they are, so the
+    exact load that follows names them."""
+    names = _module_names(ddconfig)
+    converted = {}
+    for key, tensor in state.items():
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        head, _, leaf = key.rpartition(".")  # leaf: weight / bias
+        module, _, part = head.rpartition(".")
+        if head in names and names[head][1] is None:
+            converted[f"{names[head][0]}.{leaf}"] = tensor
+        elif module in names and part in (names[module][1] or {}):
+            target, parts = names[module]
+            projection = parts is ATTENTION_PARTS and part != "norm" and tensor.dim() == 4  # (c, c, 1, 1)
+            converted[f"{target}.{parts[part]}.{leaf}"] = tensor[:, :, 0, 0] if projection else tensor
+        else:
+            converted[key] = tensor
+    return converted
+
+
+def _load_exactly(vq: VQModel, state: dict[str, torch.Tensor], checkpoint: Path, config: Path) -> None:
+    expected = vq.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                         for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong_shape)) if keys]
+    if problems:
+        raise ValueError(f"tokenizer.pretrained: {checkpoint}: weights do not fit the architecture of {config} "
+                         f"({'; '.join(problems)})")
+    vq.load_state_dict(state, strict=True)
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """Of a file, or of every file under a folder (relative names and contents), for the run's record."""
+    path, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
