@@ -71,7 +71,8 @@ def taming_model(glyphs):
     return model
 
 
-def write_taming_run(model: TamingVQGAN, run: Path, ddconfig: dict = DDCONFIG, target: str = "taming.models.vqgan.VQModel"):
+def write_taming_run(model: TamingVQGAN, run: Path, ddconfig: dict = DDCONFIG,
+                     target: str = "taming.models.vqgan.VQModel") -> Path:
     """As taming's main.py leaves a run: checkpoints/last.ckpt (a Lightning checkpoint dict with the
     discriminator's loss.* weights) and configs/<time>-project.yaml + <time>-lightning.yaml."""
     state = OrderedDict(model.state_dict())
@@ -83,15 +84,21 @@ def write_taming_run(model: TamingVQGAN, run: Path, ddconfig: dict = DDCONFIG, t
                 "callbacks": {LightningCallback: {"best_model_score": np.float64(0.25), "monitor": "val/rec_loss"}},
                 "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6}]}], "lr_schedulers": []},
                run / "checkpoints" / "last.ckpt")
+    loss = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "params": {"disc_start": 10000}}
     config = {"model": {"base_learning_rate": 4.5e-6, "target": target,
                         "params": {"embed_dim": EMBED_DIM, "n_embed": N_EMBED, "ddconfig": ddconfig,
-                                   "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                                                  "params": {"disc_start": 10000}}}},
+                                   "lossconfig": loss}},
               "data": {"target": "main.DataModuleFromConfig", "params": {"batch_size": 4}}}
     OmegaConf.save(OmegaConf.create(config), run / "configs" / "2026-11-27T01-00-00-project.yaml")
     OmegaConf.save(OmegaConf.create({"lightning": {"trainer": {"gpus": "0,"}}}),
                    run / "configs" / "2026-11-27T01-00-00-lightning.yaml")
     return run / "checkpoints" / "last.ckpt"
+
+
+def copy_config_beside(path: Path, checkpoint: Path) -> None:
+    """The taming run's config as ``config.yaml`` next to another checkpoint file."""
+    project = next((checkpoint.parent.parent / "configs").glob("*-project.yaml"))
+    (path.parent / "config.yaml").write_text(project.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +176,8 @@ def test_missing_checkpoint_is_one_error_line_and_writes_nothing(ingested, tmp_p
 def test_config_is_required_and_must_be_a_vqgan(taming_model, tmp_path):
     bare = tmp_path / "bare.ckpt"
     torch.save({"state_dict": taming_model.state_dict()}, bare)
-    with pytest.raises(FileNotFoundError, match=r"bare.ckpt: no config.yaml beside it and none in .*tokenizer.pretrained_config"):
+    with pytest.raises(FileNotFoundError, match=r"bare.ckpt: no config.yaml beside it and none in "
+                                                r".*; set tokenizer.pretrained_config"):
         load_pretrained_vq(bare)
     gumbel = write_taming_run(taming_model, tmp_path / "gumbel", target="taming.models.vqgan.GumbelVQ")
     with pytest.raises(ValueError, match=r"project.yaml: model.target is taming.models.vqgan.GumbelVQ; expected "
@@ -196,17 +204,31 @@ def test_checkpoint_that_does_not_fit_its_config_names_the_keys(taming_model, tm
 @pytest.mark.parametrize("content", ["text", "other_model", "tensor"])
 def test_a_file_that_is_not_a_vqgan_checkpoint_is_refused(content, checkpoint, tmp_path):
     path = tmp_path / "model.ckpt"
-    (path.parent / "config.yaml").write_text((checkpoint.parent.parent / "configs" /
-                                              "2026-11-27T01-00-00-project.yaml").read_text())
+    copy_config_beside(path, checkpoint)
     if content == "text":
         path.write_text("not a checkpoint\n")
     elif content == "other_model":
         torch.save({"state_dict": nn.Linear(3, 3).state_dict()}, path)
     else:
         torch.save(torch.zeros(3), path)
-    expected = "not readable as a PyTorch checkpoint" if content == "text" else "no state_dict with quantize.embedding.weight"
-    with pytest.raises(ValueError, match=rf"tokenizer.pretrained: .*model.ckpt: {expected}.*expected a taming-transformers "
+    expected = ("not readable as a PyTorch checkpoint" if content == "text"
+                else "no state_dict with quantize.embedding.weight")
+    with pytest.raises(ValueError, match=rf"tokenizer.pretrained: .*model.ckpt: {expected}.*"
+                                         r"expected a taming-transformers "
                                          r"VQGAN checkpoint"):
+        load_pretrained_vq(path)
+
+
+class HyperParameters(dict):
+    """A dict subclass (like Lightning's AttributeDict): its items cannot be set on a stand-in object."""
+
+
+def test_a_checkpoint_that_needs_its_code_to_load_says_how_to_keep_the_weights(taming_model, checkpoint, tmp_path):
+    path = tmp_path / "hparams.ckpt"
+    copy_config_beside(path, checkpoint)
+    torch.save({"state_dict": taming_model.state_dict(), "hyper_parameters": HyperParameters(lr=4.5e-6)}, path)
+    with pytest.raises(ValueError, match=r"hparams.ckpt: its pickled objects cannot be read without running code "
+                                         r"from the file .*if you trust it, keep only the weights: torch.save"):
         load_pretrained_vq(path)
 
 

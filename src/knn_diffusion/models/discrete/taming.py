@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ IGNORED_PREFIXES = ("loss.", "quantize.used")  # the discriminator/LPIPS of trai
 RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
 ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-EXPECTED_FILE = "a taming-transformers VQGAN checkpoint (Lightning .ckpt with a state_dict) or a diffusers VQModel folder"
+EXPECTED_FILE = ("a taming-transformers VQGAN checkpoint (Lightning .ckpt with a state_dict) "
+                 "or a diffusers VQModel folder")
 
 
 class _Opaque:
@@ -63,7 +65,8 @@ def _diffusers_folder(path: Path) -> VQModel:
     try:
         class_name = json.loads((path / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError) as err:
-        raise ValueError(f"tokenizer.pretrained: {path}: no readable config.json ({err}); expected {EXPECTED_FILE}") from None
+        raise ValueError(f"tokenizer.pretrained: {path}: no readable config.json ({err}); "
+                         f"expected {EXPECTED_FILE}") from None
     if class_name != "VQModel":
         raise ValueError(f"tokenizer.pretrained: {path}/config.json describes a {class_name}, expected a VQModel")
     return VQModel.from_pretrained(path, low_cpu_mem_usage=False).eval()
@@ -122,16 +125,17 @@ def vqmodel_for(params: dict, where: Path) -> VQModel:
     """The diffusers VQModel with the architecture of a taming VQGAN config."""
     dd = params["ddconfig"]
     attention = _attention_levels(dd)
+    down = tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attention)
+    up = tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attention[::-1])
     try:
-        return VQModel(in_channels=3, out_channels=3,
-                       down_block_types=tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attention),
-                       up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attention[::-1]),
+        return VQModel(in_channels=3, out_channels=3, down_block_types=down, up_block_types=up,
                        block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
                        layers_per_block=dd["num_res_blocks"], latent_channels=dd["z_channels"],
                        num_vq_embeddings=params["n_embed"], vq_embed_dim=params["embed_dim"],
                        norm_num_groups=32, sample_size=dd["resolution"], mid_block_add_attention=True)
     except (KeyError, TypeError, ValueError) as err:  # channels not in groups of 32, a missing ddconfig key
-        raise ValueError(f"{where}: ddconfig does not describe a buildable VQGAN ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{where}: ddconfig does not describe a buildable VQGAN "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -144,8 +148,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes; all mean one thing
-        raise ValueError(f"tokenizer.pretrained: {path}: not readable as a PyTorch checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); expected {EXPECTED_FILE}") from None
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if zipfile.is_zipfile(path):  # a torch.save file whose pickled objects need their code to be rebuilt
+            raise ValueError(f"tokenizer.pretrained: {path}: its pickled objects cannot be read without running "
+                             f"code from the file ({reason}); if you trust it, keep only the weights: "
+                             "torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, new_path)"
+                             ) from None
+        raise ValueError(f"tokenizer.pretrained: {path}: not readable as a PyTorch checkpoint ({reason}); "
+                         f"expected {EXPECTED_FILE}") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
         raise ValueError(f"tokenizer.pretrained: {path}: no state_dict with quantize.embedding.weight; "
@@ -156,13 +166,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _module_names(ddconfig: dict) -> dict[str, tuple[str, dict | None]]:
     """taming module path -> (diffusers module path, its parameters' renames or None for a plain layer)."""
     levels, blocks, attention = len(ddconfig["ch_mult"]), ddconfig["num_res_blocks"], _attention_levels(ddconfig)
-    names = {f"{part}.{layer}": (f"{part}.{layer}", None) for part in ("encoder", "decoder") for layer in ("conv_in", "conv_out")}
-    names |= {f"{part}.norm_out": (f"{part}.conv_norm_out", None) for part in ("encoder", "decoder")}
-    names |= {layer: (layer, None) for layer in ("quant_conv", "post_quant_conv", "quantize.embedding")}
+    names = {}
     for part in ("encoder", "decoder"):
+        names |= {f"{part}.conv_in": (f"{part}.conv_in", None), f"{part}.conv_out": (f"{part}.conv_out", None),
+                  f"{part}.norm_out": (f"{part}.conv_norm_out", None)}
         names[f"{part}.mid.block_1"] = (f"{part}.mid_block.resnets.0", RESNET_PARTS)
         names[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", ATTENTION_PARTS)
         names[f"{part}.mid.block_2"] = (f"{part}.mid_block.resnets.1", RESNET_PARTS)
+    names |= {layer: (layer, None) for layer in ("quant_conv", "post_quant_conv", "quantize.embedding")}
     for i in range(levels):
         down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{levels - 1 - i}"  # diffusers: order of use
         for j in range(blocks):
