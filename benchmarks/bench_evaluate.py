@@ -4,7 +4,7 @@ Builds the demo's architectures from params.yaml (the U-Net preset of ``train_co
 encoder of ``encoder``, MiniLM text tower included) with random weights - speed does not depend on the
 weights - and times, after one warm-up:
 
-* generation: ``Generator.sample`` at ``evaluate.batch_size`` with ``evaluate.steps`` sampler steps,
+* generation: ``Generator.sample`` at ``evaluate.batch_size`` with ``evaluate.continuous.steps`` sampler steps,
   once with the trained k neighbours (1+k condition tokens) and once with k=0;
 * scoring: ``ImageScorer.score`` (FID + KID on CLIP image features, CLIP score, R-precision) of
   ``evaluate.count`` images against as many reference images (features extracted once, as in the stage).
@@ -57,15 +57,15 @@ def main() -> None:
     cfg = params.evaluate
     encoder = build_aligned(params.encoder.vision)
     model = ContinuousDenoiser(denoiser_config(params.train_continuous, params.data.resolution, encoder.dim)).eval()
-    generator = ContinuousGenerator(model, cfg.scheduler)
+    generator = ContinuousGenerator(model, cfg.continuous.scheduler)
     trained = generator.conditioning
     batch, count = cfg.batch_size, cfg.count
     rng = np.random.default_rng(0)
     figures = {"threads": torch.get_num_threads(), "preset": params.train_continuous.preset,
-               "resolution": params.data.resolution, "steps": cfg.steps, "batch_size": batch, "count": count}
+               "resolution": params.data.resolution, "steps": cfg.continuous.steps, "batch_size": batch, "count": count}
     for k in (trained.k, 0):
         cond = rng.normal(size=(batch, 1 + k, encoder.dim)).astype(np.float32)
-        seconds = timed(lambda: generator.sample(cond, guidance=3.0, steps=cfg.steps, seeds=range(batch)),
+        seconds = timed(lambda: generator.sample(cond, guidance=3.0, steps=cfg.continuous.steps, seeds=range(batch)),
                         args.repeats)
         figures[f"generate_images_per_s_k{k}"] = batch / seconds
         print(f"generate k={k}: {batch / seconds:.2f} images/s", flush=True)
@@ -77,7 +77,7 @@ def main() -> None:
                          r_candidates=cfg.r_precision_candidates)
     figures["reference_features_s"] = time.perf_counter() - start
     figures["score_images_per_s"] = count / timed(lambda: scorer.score(images, prompts), args.repeats)
-    points = grid_points(cfg.grid, trained)
+    points = grid_points(cfg.grid, cfg.continuous.guidance, trained)
     generated = sum(count / figures[f"generate_images_per_s_k{p.k if p.k == 0 else trained.k}"] for p in points)
     scored = (len(points) + cfg.retrieval_baseline) * count / figures["score_images_per_s"]
     figures.update(grid_points=len(points), projected_stage_s=generated + scored + figures["reference_features_s"],

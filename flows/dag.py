@@ -1,11 +1,14 @@
-"""The stage DAG, read from dvc.yaml so the flow never keeps a second list of stages."""
+"""The stage DAG, read from dvc.yaml so the flow never keeps a second list of stages.
+
+Stages are those DVC resolves: a ``matrix``/``foreach`` entry is one stage per item (``evaluate@discrete``).
+"""
 
 from __future__ import annotations
 
 import graphlib
 from pathlib import Path
 
-import yaml
+from knn_diffusion.stages.common import dvc_stages
 
 
 def _paths(entries: list) -> list[str]:
@@ -26,12 +29,9 @@ def stage_graph(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, set[str]]:
     path = Path(dvc_yaml)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dvc.yaml; run the flow from the repository root")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    stages = dvc_stages(path)
     if not stages:
         raise ValueError(f"{path}: defines no stages")
-    for name, spec in stages.items():
-        if "foreach" in spec or "matrix" in spec:
-            raise ValueError(f"{path}: stage '{name}' uses foreach/matrix, which the flow does not expand yet")
     outs = {name: _paths(spec.get("outs", [])) + _paths(spec.get("metrics", [])) + _paths(spec.get("plots", []))
             for name, spec in stages.items()}
     graph: dict[str, set[str]] = {}
@@ -49,17 +49,20 @@ def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
 
 def stage_backbones(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
     """{stage: backbone} for the stages that belong to one generator backbone (``meta: {backbone: ...}``)."""
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
-    return {name: spec["meta"]["backbone"] for name, spec in stages.items()
+    return {name: spec["meta"]["backbone"] for name, spec in dvc_stages(dvc_yaml).items()
             if isinstance(spec.get("meta"), dict) and "backbone" in spec["meta"]}
 
 
 def without_backbones(graph: dict[str, set[str]], backbone_of: dict[str, str], keep: set[str]) -> set[str]:
-    """Stages to skip: those of a backbone not in ``keep``, and every stage downstream of them."""
-    skipped = {name for name, backbone in backbone_of.items() if backbone not in keep}
-    changed = True
-    while changed:
-        more = {name for name, upstream in graph.items() if name not in skipped and upstream & skipped}
-        skipped |= more
-        changed = bool(more)
+    """Stages to skip: those of a backbone not in ``keep``, and those downstream of backbone stages none
+    of which is kept (``human_eval``, fed by every backbone's ``evaluate``, runs while one is kept)."""
+    ancestors: dict[str, set[str]] = {}
+    for name in graphlib.TopologicalSorter(graph).static_order():
+        ancestors[name] = set().union(*(ancestors[u] | {u} for u in graph[name]))
+    skipped = set()
+    for name in graph:
+        owners = {backbone_of[name]} if name in backbone_of else {backbone_of[a] for a in ancestors[name]
+                                                                   if a in backbone_of}
+        if owners and not owners & keep:
+            skipped.add(name)
     return skipped

@@ -97,11 +97,13 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     graph = stage_graph(repo_path / "dvc.yaml")
     order = stage_order(repo_path / "dvc.yaml")
     if stages:
-        unknown = sorted(set(stages) - set(graph))
+        # a matrix stage's name alone means all its items, as for `dvc repro evaluate`
+        items = {name: [s for s in order if s == name or s.split("@")[0] == name] for name in stages}
+        unknown = sorted(name for name, found in items.items() if not found)
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: dvc.yaml defines {order}")
         wanted: set[str] = set()
-        pending = list(stages)
+        pending = [s for found in items.values() for s in found]
         while pending:
             name = pending.pop()
             if name not in wanted:

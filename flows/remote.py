@@ -18,12 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dag import stage_graph
 from flows.pipeline import run_stage, stage_env
+from knn_diffusion.stages.common import dvc_stages
 from knn_diffusion.tracking import PIPELINE_RUN_ENV
 
 STAGE_FLOW = "knn-diffusion-stage"
@@ -33,8 +33,8 @@ LOCK_ARTIFACT = "dvc-lock"
 
 def stage_pools(dvc_yaml: str | Path) -> dict[str, str]:
     """{stage: work pool} from each stage's ``meta.pool`` in dvc.yaml (one place for routing)."""
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
-    return {name: str((spec.get("meta") or {}).get("pool", DEFAULT_POOL)) for name, spec in stages.items()}
+    return {name: str((spec.get("meta") or {}).get("pool", DEFAULT_POOL))
+            for name, spec in dvc_stages(dvc_yaml).items()}
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -47,7 +47,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def git_tracked_outputs(dvc_yaml: Path, stage: str) -> list[str]:
     """The stage's ``cache: false`` outputs (its metrics files): git keeps them, not the DVC remote."""
-    spec = (yaml.safe_load(dvc_yaml.read_text()) or {})["stages"][stage]
+    spec = dvc_stages(dvc_yaml)[stage]
     return [path for kind in ("outs", "metrics", "plots") for entry in spec.get(kind) or [] if isinstance(entry, dict)
             for path, options in entry.items() if (options or {}).get("cache") is False]
 

@@ -14,7 +14,7 @@ experiment's name (``pipeline_run``, from DVC's ``DVC_EXP_NAME``).
 
     python -m flows.sweep retrieval.index_fraction=0.1,0.3,0.5,0.7,1.0
     python -m flows.sweep train_continuous.variant=tokens,no_knn --parallel 2
-    python -m flows.sweep train_continuous.k=1,5,10 sample.guidance=1,3
+    python -m flows.sweep train_continuous.k=1,5,10 sample.continuous.guidance=1,3
     python -m flows.sweep train_continuous.k=1,10 + train_continuous.variant=no_knn   # 2 trials + 1
 """
 

@@ -14,6 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
 PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete", "sample")
+# The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.
+TRACED = (*PIPELINE[:-1], "sample@continuous", "sample@discrete")
 
 
 def tiny_open_clip(folder: Path) -> tuple[str, str]:
@@ -53,8 +55,8 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params["train_discrete"].update({"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                                      "log_every": 1})
     params["train_discrete"]["sampling"]["steps"] = 2
-    params["sample"].update({"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2,
-                             "indexes": ["openmoji"]})
+    params["sample"].update({"prompts": ["an emoji of a red heart", "an emoji of a cat"], "indexes": ["openmoji"]})
+    params["sample"]["continuous"]["steps"] = params["sample"]["discrete"]["steps"] = 2
     params["tracking"]["experiment"] = experiment
     return params
 
@@ -62,7 +64,8 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
 def make_repo(root: Path, params: dict, stages: tuple[str, ...] = PIPELINE, traces: Path | None = None) -> Path:
     """git init + dvc init in ``root`` with the project's src, its dvc.yaml limited to ``stages``, ``params``.
 
-    With ``traces``, each stage runs under ``stage_tracer.py``, which writes ``traces/<stage>.json``.
+    With ``traces``, each stage runs under ``stage_tracer.py``, which writes ``traces/<stage>.json`` (a matrix
+    stage's items: ``traces/<stage>@<item>.json``, DVC's names).
     """
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -71,8 +74,10 @@ def make_repo(root: Path, params: dict, stages: tuple[str, ...] = PIPELINE, trac
     if traces is not None:
         traces.mkdir(parents=True, exist_ok=True)
         for name, stage in spec["stages"].items():
-            module = stage["cmd"].split(" -m ")[1].split()[0]
-            stage["cmd"] = f"python {Path(__file__).parent / 'stage_tracer.py'} {module} {traces / name}.json"
+            module, *args = stage["cmd"].split(" -m ")[1].split()
+            item = "@" + "-".join(f"${{item.{key}}}" for key in stage["matrix"]) if "matrix" in stage else ""
+            stage["cmd"] = " ".join(["python", str(Path(__file__).parent / "stage_tracer.py"), module,
+                                     f"{traces / name}{item}.json", *args])
     (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")

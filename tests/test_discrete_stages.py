@@ -1,5 +1,5 @@
-"""The tokenizer and train_discrete stages on the tiny pipeline's real glyphs, and the discrete generator
-that load_generator returns for their model."""
+"""The tokenizer and train_discrete stages on the tiny pipeline's real glyphs, the discrete generator
+that load_generator returns for their model, and sample/evaluate with ``--model discrete``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import copy_outputs
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.generation import load_generator
-from knn_diffusion.stages import paths, tokenizer, train_discrete
+from knn_diffusion.stages import evaluate, paths, sample, tokenizer, train_discrete
 from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 MICRO = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_ratio": 2}
@@ -21,9 +21,10 @@ MICRO = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_ratio": 2}
 
 @pytest.fixture(scope="module")
 def discrete_dir(tiny_pipeline, tmp_path_factory):
-    """tokenizer + train_discrete run once on copies of the declared inputs (ingest, embed, knn)."""
+    """tokenizer + train_discrete run once on copies of the declared inputs (ingest, embed, knn), with the
+    encoder and index that sample and evaluate retrieve with."""
     root = copy_outputs(tiny_pipeline, tmp_path_factory.mktemp("discrete") / "repo",
-                        str(paths.INGEST), str(paths.EMBED), str(paths.KNN))
+                        str(paths.INGEST), str(paths.EMBED), str(paths.KNN), str(paths.ENCODER), str(paths.INDEX))
     preset = root.parent / "transformer-micro.json"
     preset.write_text(json.dumps(MICRO))
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -69,3 +70,34 @@ def test_train_discrete_records_its_run_and_loads_as_a_generator(discrete_dir, m
     images = generator.sample(cond, guidance=8.0, steps=3, seeds=[0, 1])
     assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(images[1:], generator.sample(cond[1:], guidance=8.0, steps=3, seeds=[1]))
+
+
+def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(discrete_dir, monkeypatch):
+    """``--model discrete``: the discrete checkpoint, its settings (lambda 8, strided steps, truncation), its
+    own outputs and metrics file, MLflow runs tagged ``model=discrete``; nothing of the continuous model."""
+    monkeypatch.chdir(discrete_dir)
+    trained = read_checkpoint_config(paths.DISCRETE_MODEL)["mlflow_run_id"]
+    sample.main(["--model", "discrete", "sample.discrete.steps=3", "sample.indexes=[openmoji]"])
+    drawn = [json.loads(p.read_text()) for p in sorted((paths.samples_dir("discrete") / "openmoji").glob("0*.json"))]
+    assert len(drawn) == 2 and {(d["backbone"], d["model_run_id"], d["guidance"], d["steps"], d["truncation"])
+                                for d in drawn} == {("discrete", trained, 8.0, 3, 0.9)}
+    evaluate.main(["--model", "discrete", "evaluate.count=4", "evaluate.batch_size=4", "evaluate.kid_subsets=2",
+                   "evaluate.kid_subset_size=2", "evaluate.r_precision_candidates=2", "evaluate.grid_prompts=2",
+                   "evaluate.grid.k=[0,3]", "evaluate.grid.index_fraction=[1.0]", "evaluate.discrete.steps=3"])
+    out = paths.evaluate_dir("discrete")
+    facts = json.loads((out / "evaluate.json").read_text())
+    assert (facts["backbone"], facts["model_run_id"], facts["steps"], facts["truncation"]) == ("discrete", trained, 3, 0.9)
+    sidecars = [json.loads(p.read_text()) for p in sorted((out / "k3-frac1-g8-openmoji").glob("0*.json"))]
+    assert len(sidecars) == 4 and {(s["backbone"], s["model_run_id"], s["guidance"]) for s in sidecars} == {
+        ("discrete", trained, 8.0)}
+    metrics = json.loads(paths.evaluate_metrics("discrete").read_text())
+    assert set(metrics) == {"k0-g8", "k3-frac1-g8-openmoji", "retrieval_baseline", "seconds"}
+    assert not paths.evaluate_dir("continuous").exists() and not paths.evaluate_metrics("continuous").exists()
+    runs = mlflow.search_runs(experiment_names=["tiny-pipeline"], output_format="list",
+                              filter_string="tags.stage = 'evaluate' and tags.model = 'discrete'")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.run_name == "evaluate@discrete"
+    points = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert set(points) == {"k0-g8", "k3-frac1-g8-openmoji", "retrieval_baseline"}
+    assert points["k3-frac1-g8-openmoji"].data.params["model_run_id"] == trained
+    assert parent[0].data.tags["dvc.stage"] == "evaluate@discrete"

@@ -2,8 +2,9 @@
 
 One repo for the module (the pipeline runs once, each stage under a tracer, then each test changes one
 thing): every file and module a stage reads is declared in dvc.yaml; inference-time settings rerun
-only ``sample``; an index rollback restores the index bytes and never retrains; MLflow input tags
-name the hashes the run actually read; a re-ingest under a fixed encoder re-embeds.
+only ``sample@<model>`` (a backbone's own sampler settings only its item); an index rollback restores
+the index bytes and never retrains; MLflow input tags name the hashes the run actually read; a
+re-ingest under a fixed encoder re-embeds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 import yaml
 
 from knn_diffusion.config import Params
-from tests.dvc_repo import (PIPELINE, REPO, commit, dvc, lock, locked_md5, make_repo, run, set_param, status,
+from knn_diffusion.stages.common import dvc_stages
+from tests.dvc_repo import (REPO, TRACED, commit, dvc, lock, locked_md5, make_repo, run, set_param, status,
                             tiny_open_clip, tiny_params)
 
 EXPERIMENT = "dvc-reproducibility"
@@ -91,7 +93,7 @@ def _undeclared_reads(repo: Path, stage: str, trace: dict) -> list[str]:
     Paths that do not exist after the run (temporary files of atomic writes, libraries probing
     relative paths) cannot be inputs and are skipped.
     """
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    spec = dvc_stages(REPO / "dvc.yaml")[stage]
     declared = [d.rstrip("/") for d in _entries(spec.get("deps")) + _entries(spec.get("outs"))
                 + _entries(spec.get("metrics"))]
     top = {p.split(".")[0] for p in spec.get("params", [])}
@@ -121,12 +123,12 @@ def _undeclared_reads(repo: Path, stage: str, trace: dict) -> list[str]:
     return sorted(set(missing))
 
 
-@pytest.mark.parametrize("stage", PIPELINE)
+@pytest.mark.parametrize("stage", TRACED)
 def test_every_file_and_module_a_stage_reads_is_declared(repo, stage):
     trace_file = repo.parent / "traces" / f"{stage}.json"
     assert trace_file.is_file(), f"{stage} did not run under the tracer"
     trace = json.loads(trace_file.read_text())
-    assert any(f.endswith(f"stages/{stage}.py") for f in trace["modules"])
+    assert any(f.endswith(f"stages/{stage.split('@')[0]}.py") for f in trace["modules"])
     assert _undeclared_reads(repo, stage, trace) == []
 
 
@@ -147,9 +149,24 @@ def test_index_fraction_reruns_only_sample(repo):
     set_param(repo, "retrieval.index_fraction", 0.3)
     set_param(repo, "retrieval.score_filter", {"low": 0.5, "high": 1.0})
     try:
-        assert set(status(repo)) == {"sample"}
+        assert set(status(repo)) == {"sample@continuous", "sample@discrete"}
     finally:
         run(repo, "git", "checkout", "--", "params.yaml")
+
+
+def test_a_backbones_sampler_settings_rerun_only_its_own_stages(repo):
+    """sample.discrete / evaluate.discrete are inputs of the discrete items only (dvc.yaml: <stage>.${item.model})."""
+    assert status(repo) == {}
+    set_param(repo, "sample.discrete.steps", 3)
+    set_param(repo, "sample.discrete.truncation", 1.0)
+    set_param(repo, "evaluate.discrete.steps", 100)
+    try:
+        assert set(status(repo)) == {"sample@discrete"}
+    finally:
+        run(repo, "git", "checkout", "--", "params.yaml")
+    resolved = dvc_stages(REPO / "dvc.yaml")  # evaluate is not in this repo: its items' declared keys
+    assert "evaluate.discrete" in resolved["evaluate@discrete"]["params"]
+    assert not any("discrete" in key for key in resolved["evaluate@continuous"]["params"])
 
 
 def test_index_rollback_restores_bytes_and_never_retrains(repo):
@@ -190,11 +207,12 @@ def test_background_change_re_embeds_under_a_fixed_encoder(repo):
     assert not np.allclose(after.vectors(), old_vectors, atol=1e-3)
 
 
-@pytest.mark.parametrize("stage", PIPELINE)
+@pytest.mark.parametrize("stage", TRACED)
 def test_metrics_hold_only_numbers(repo, stage):
     """``dvc metrics diff`` material: no fingerprints, names or paths (those live in sidecars in the outs)."""
     from knn_diffusion.config import flatten
 
-    values = {k: v for k, v in flatten(json.loads((repo / "metrics" / f"{stage}.json").read_text())).items()
+    (metrics_file,) = (next(iter(entry)) for entry in dvc_stages(REPO / "dvc.yaml")[stage]["metrics"])
+    values = {k: v for k, v in flatten(json.loads((repo / metrics_file).read_text())).items()
               if v != {}}  # an empty group, e.g. no images skipped
     assert values and all(isinstance(v, (int, float)) for v in values.values()), values

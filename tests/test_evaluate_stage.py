@@ -27,9 +27,9 @@ TINY = {
     "knn": {"k_max": 10},  # >= every default k (train_discrete.k) the params cross-check compares with it
     "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                          "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
-    "evaluate": {"count": 8, "steps": 2, "batch_size": 8, "kid_subsets": 5, "kid_subset_size": 4,
-                 "r_precision_candidates": 4, "grid_prompts": 3,
-                 "grid": {"k": [0, 2], "index_fraction": [0.5, 1.0], "guidance": [3.0], "index": ["openmoji"]}},
+    "evaluate": {"count": 8, "batch_size": 8, "kid_subsets": 5, "kid_subset_size": 4,
+                 "r_precision_candidates": 4, "grid_prompts": 3, "continuous": {"steps": 2, "guidance": [3.0]},
+                 "grid": {"k": [0, 2], "index_fraction": [0.5, 1.0], "index": ["openmoji"]}},
     "tracking": {"experiment": EXPERIMENT},
 }
 POINTS = ["k0-g3", "k2-frac0.5-g3-openmoji", "k2-frac1-g3-openmoji"]
@@ -66,7 +66,7 @@ def evaluate_runs():
 
 
 def test_metrics_file_holds_only_numbers_per_point_and_baseline(evaluated):
-    report = json.loads((evaluated / paths.EVALUATE_METRICS).read_text())
+    report = json.loads((evaluated / paths.evaluate_metrics("continuous")).read_text())
     assert set(report) == {*POINTS, "retrieval_baseline", "seconds"}
     for name in [*POINTS, "retrieval_baseline"]:
         assert set(report[name]) == {"fid", "kid_mean", "kid_std", "clip_score", "r_precision"}
@@ -75,7 +75,7 @@ def test_metrics_file_holds_only_numbers_per_point_and_baseline(evaluated):
 
 
 def test_each_point_is_a_generate_folder_with_its_settings(evaluated):
-    out = evaluated / paths.EVALUATE
+    out = evaluated / paths.evaluate_dir("continuous")
     facts = json.loads((out / "evaluate.json").read_text())
     prompts = facts["prompts"]
     assert len(prompts) == 8 and all(p.startswith("an emoji of ") for p in prompts)
@@ -102,7 +102,7 @@ def test_baseline_images_are_the_retrieved_training_images(evaluated):
     from PIL import Image
 
     store = ImageStore.open(evaluated / paths.dataset_dir("openmoji"))
-    folder = evaluated / paths.EVALUATE / "retrieval_baseline"
+    folder = evaluated / paths.evaluate_dir("continuous") / "retrieval_baseline"
     first = json.loads(sorted(folder.glob("0*.json"))[0].read_text())
     image = np.asarray(Image.open(folder / first["image"]).convert("RGB"))
     assert np.array_equal(image, store[first["neighbour_ids"][0]])
@@ -123,29 +123,33 @@ def test_one_child_run_per_point_under_the_stage_run(evaluated):
     assert point.data.params["fid_feature"].startswith("clip_image:")
     assert {"fid", "kid_mean", "kid_std", "clip_score", "r_precision", "images_per_s"} <= set(point.data.metrics)
     assert point.data.tags["git.commit"] == parent.data.tags["git.commit"]
-    report = json.loads((evaluated / paths.EVALUATE_METRICS).read_text())
+    assert parent.info.run_name == parent.data.tags["dvc.stage"] == "evaluate@continuous"
+    assert {c.data.tags["model"] for c in children} == {parent.data.tags["model"]} == {"continuous"}
+    assert point.data.params["backbone"] == "continuous" and point.data.params["scheduler"] == "dpm_solver_pp_sde"
+    report = json.loads((evaluated / paths.evaluate_metrics("continuous")).read_text())
     assert point.data.metrics["fid"] == pytest.approx(report["k2-frac0.5-g3-openmoji"]["fid"], abs=1e-6)
 
 
 def test_rerun_writes_identical_outputs(evaluated, monkeypatch):
     monkeypatch.chdir(evaluated)
-    before = (evaluated / paths.EVALUATE / "points.csv").read_bytes()
-    grid = (evaluated / paths.EVALUATE / "grid.png").read_bytes()
+    out = evaluated / paths.evaluate_dir("continuous")
+    before = (out / "points.csv").read_bytes()
+    grid = (out / "grid.png").read_bytes()
     evaluate.main(["evaluate.retrieval_baseline=false", "evaluate.grid.k=[2]", "evaluate.grid.index_fraction=[0.5]"])
-    assert (evaluated / paths.EVALUATE / "points.csv").read_text().splitlines()[1] == before.decode().splitlines()[2]
-    evaluate.main([])
-    assert (evaluated / paths.EVALUATE / "points.csv").read_bytes() == before
-    assert (evaluated / paths.EVALUATE / "grid.png").read_bytes() == grid
+    assert (out / "points.csv").read_text().splitlines()[1] == before.decode().splitlines()[2]
+    evaluate.main(["--model", "continuous"])
+    assert (out / "points.csv").read_bytes() == before
+    assert (out / "grid.png").read_bytes() == grid
 
 
 def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):
     monkeypatch.chdir(evaluated)
-    before = (evaluated / paths.EVALUATE_METRICS).read_bytes()
+    before = (evaluated / paths.evaluate_metrics("continuous")).read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["evaluate.prompts_file=prompts/nowhere.txt"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: prompts file prompts/nowhere.txt: not found"
-    assert (evaluated / paths.EVALUATE_METRICS).read_bytes() == before
+    assert (evaluated / paths.evaluate_metrics("continuous")).read_bytes() == before
 
 
 @pytest.fixture
@@ -180,9 +184,10 @@ def test_human_eval_packages_a_grid_point_against_the_retrieval_baseline(evaluat
     from knn_diffusion.stages import human_eval
 
     monkeypatch.chdir(evaluated)
-    human_eval.main(["human_eval.system_a=outputs/evaluate/k2-frac1-g3-openmoji", "human_eval.screenshot=false"])
+    human_eval.main(["human_eval.system_a=outputs/evaluate/continuous/k2-frac1-g3-openmoji",
+                     "human_eval.screenshot=false"])
     key = json.loads((evaluated / paths.HUMAN_EVAL_KEY).read_text())
-    prompts = json.loads((evaluated / paths.EVALUATE / "evaluate.json").read_text())["prompts"]
+    prompts = json.loads((evaluated / paths.evaluate_dir("continuous") / "evaluate.json").read_text())["prompts"]
     assert sorted(p["prompt"] for p in key["pairs"]) == sorted(prompts)
     assert key["system_b"]["name"] == "retrieval_baseline"
     trained = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.stage = 'train_continuous'",

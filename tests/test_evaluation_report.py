@@ -14,14 +14,15 @@ FEATURE = "clip_image:0123456789abcdef"
 
 
 def log_model(experiment: str, variant: str, preset: str, k: int, fids: dict, pipeline_run: str,
-              feature: str = FEATURE) -> None:
+              feature: str = FEATURE, backbone: str = "continuous") -> None:
     """A training run and one evaluate run with a child per point, as the stages log them."""
-    with stage_run("train_continuous", {"train_continuous": {"preset": preset, "variant": variant, "k": k}},
+    with stage_run(f"train_{backbone}", {f"train_{backbone}": {"preset": preset, "variant": variant, "k": k}},
                    experiment, tags={"pipeline_run": pipeline_run}) as train:
         pass
     common = {"fid_feature": feature, "variant": variant, "trained_k": k, "model_run_id": train.id,
-              "backbone": "continuous"}
-    with stage_run("evaluate", {}, experiment, tags={"pipeline_run": pipeline_run, "dvc.dep.data/index": "abc"}):
+              "backbone": backbone}
+    with stage_run("evaluate", {}, experiment, tags={"pipeline_run": pipeline_run, "dvc.dep.data/index": "abc",
+                                                     "model": backbone}, run_name=f"evaluate@{backbone}"):
         for (point_k, fraction, guidance), fid in fids.items():
             if point_k == "baseline":
                 name, params, kind = "retrieval_baseline", {"k": 1, "guidance": "-", "index_fraction": 1.0}, \
@@ -128,3 +129,22 @@ def test_sweep_ends_with_the_report_logged_to_its_parent_run(store, tmp_path):
     assert tables.endswith("tables.md") and "No evaluate run logged by sweep-cached" in text
     assert "sweep-b" not in text and "sweep-a" in text
     assert "report/by_k.csv" in {a.path for a in client.list_artifacts(parent, "report")}
+
+
+def test_backbones_get_their_own_rows_at_their_own_guidance(tmp_path):
+    """evaluate@continuous (guidance 3) and evaluate@discrete (lambda 8) in one pipeline run: each table keys
+    rows by backbone, and each backbone's reference guidance is its own (not the mode over both)."""
+    log_model("report-backbones", "tokens", "tiny", 10, GRID, "demo")
+    log_model("report-backbones", "tokens", "tiny", 10, {(0, None, 8.0): 40.0, (10, 1.0, 8.0): 32.0,
+                                                          ("baseline", None, None): 28.0}, "demo", backbone="discrete")
+    runs = evaluate_runs(MlflowClient(), "report-backbones")
+    write_report(runs, tmp_path, title="t")
+    by_k = pd.read_csv(tmp_path / "by_k.csv")
+    assert list(by_k.columns[:2]) == ["backbone", "variant"]
+    assert set(zip(by_k["backbone"], by_k["k"], by_k["fid"])) == {
+        ("continuous", 0, 30.0), ("continuous", 1, 25.0), ("continuous", 10, 20.0),
+        ("discrete", 0, 40.0), ("discrete", 10, 32.0)}
+    baseline = pd.read_csv(tmp_path / "model_vs_baseline.csv")
+    assert sorted(zip(baseline["backbone"], baseline["system"])) == [
+        ("continuous", "model"), ("continuous", "retrieval baseline (1st neighbour)"),
+        ("discrete", "model"), ("discrete", "retrieval baseline (1st neighbour)")]

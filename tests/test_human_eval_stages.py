@@ -126,13 +126,13 @@ def test_point_evaluate_did_not_produce_gives_no_package_and_both_stages_succeed
     from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
 
     (in_tmp / "params.yaml").write_text(yaml.safe_dump({"human_eval": {
-        "system_a": "outputs/evaluate/k10-frac1-g3-openmoji", "system_b": "outputs/evaluate/retrieval_baseline"},
-        "tracking": {"experiment": EXPERIMENT}}))
-    paths.EVALUATE.mkdir(parents=True)  # evaluate ran, but produced neither point
+        "system_a": "outputs/evaluate/continuous/k10-frac1-g3-openmoji",
+        "system_b": "outputs/evaluate/continuous/retrieval_baseline"}, "tracking": {"experiment": EXPERIMENT}}))
+    paths.evaluate_dir("continuous").mkdir(parents=True)  # evaluate ran, but produced neither point
     human_eval.main([])
     assert read_json(paths.HUMAN_EVAL_METRICS)["pairs"] == 0
-    assert read_json(paths.HUMAN_EVAL_KEY)["missing"] == ["outputs/evaluate/k10-frac1-g3-openmoji",
-                                                          "outputs/evaluate/retrieval_baseline"]
+    assert read_json(paths.HUMAN_EVAL_KEY)["missing"] == ["outputs/evaluate/continuous/k10-frac1-g3-openmoji",
+                                                          "outputs/evaluate/continuous/retrieval_baseline"]
     human_eval_aggregate.main([])
     assert read_json(paths.HUMAN_EVAL_AGGREGATE_METRICS) == {}
     assert "not produced" in paths.HUMAN_EVAL_TABLE.read_text()

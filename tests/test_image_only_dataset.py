@@ -39,10 +39,10 @@ def test_caption_free_folder_dataset_runs_to_sample(tmp_path, monkeypatch, caplo
     assert not any(key.startswith("recall@") for key in report) and report["eval_images"] > 0
     assert "recall not measured: the test split of 'mine' has no captions" in caplog.text
     assert load_text_embeddings(paths.EVAL_PROMPTS)[1] == []
-    records = [json.loads(p.read_text()) for p in sorted((paths.SAMPLES / "mine").glob("0*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((paths.samples_dir("continuous") / "mine").glob("0*.json"))]
     assert [r["prompt"] for r in records] == ["a red heart", "a smiling cat"]  # from the prompts file
     assert all(len(r["neighbour_ids"]) == 3 for r in records)
-    assert np.asarray(Image.open(paths.SAMPLES / "mine" / "grid.png")).ndim == 3
+    assert np.asarray(Image.open(paths.samples_dir("continuous") / "mine" / "grid.png")).ndim == 3
 
 
 def test_prompts_file_outside_the_declared_folder_is_refused(tmp_path, monkeypatch, capsys):

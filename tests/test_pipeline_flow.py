@@ -14,6 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.dag import stage_backbones, stage_graph, stage_order, without_backbones
 from flows.pipeline import pipeline
+from knn_diffusion.stages.common import dvc_stages
 from tests.conftest import REPO
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -112,6 +113,27 @@ def test_backbone_switch_skips_a_backbone_and_what_needs_it(tmp_path):
     assert real["train_continuous"] == "continuous" and real["tokenizer"] == real["train_discrete"] == "discrete"
 
 
+def test_sample_and_evaluate_are_one_stage_per_backbone_with_its_own_upstream():
+    """The project's matrix stages, as DVC names them, each fed by its own backbone's training stage."""
+    graph = stage_graph(REPO / "dvc.yaml")
+    for stage in ("sample", "evaluate"):
+        assert stage not in graph
+        assert "train_continuous" in graph[f"{stage}@continuous"] and "train_discrete" in graph[f"{stage}@discrete"]
+        assert "train_discrete" not in graph[f"{stage}@continuous"] and "train_continuous" not in graph[f"{stage}@discrete"]
+    assert graph["human_eval"] == {"evaluate@continuous", "evaluate@discrete"}
+    backbones = stage_backbones(REPO / "dvc.yaml")
+    assert backbones["evaluate@discrete"] == backbones["sample@discrete"] == "discrete"
+    # pipeline.backbones: [continuous] skips the discrete items, keeps human_eval (fed by evaluate@continuous)
+    assert without_backbones(graph, backbones, {"continuous"}) == {"tokenizer", "train_discrete", "sample@discrete",
+                                                                   "evaluate@discrete"}
+    assert without_backbones(graph, backbones, {"discrete"}) == {"train_continuous", "sample@continuous",
+                                                                 "evaluate@continuous"}
+    from flows.remote import git_tracked_outputs, stage_pools
+
+    assert stage_pools(REPO / "dvc.yaml")["evaluate@discrete"] == "gpu"
+    assert git_tracked_outputs(REPO / "dvc.yaml", "evaluate@discrete") == ["metrics/evaluate-discrete.json"]
+
+
 def test_repo_dvc_yaml_matches_stage_paths():
     """Every data path in dvc.yaml is a constant of stages/paths.py, and every constant there is in dvc.yaml
     (or inside / above a path there, or resumable state under checkpoints/, outside DVC by design)."""
@@ -120,7 +142,10 @@ def test_repo_dvc_yaml_matches_stage_paths():
     from knn_diffusion.stages import paths
 
     constants = {str(value) for value in vars(paths).values() if isinstance(value, PurePath)}
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    constants |= {str(f(model)) for model in ("continuous", "discrete")
+                  for f in (paths.model_dir, paths.samples_dir, paths.sample_metrics, paths.evaluate_dir,
+                            paths.evaluate_metrics)}
+    spec = dvc_stages(REPO / "dvc.yaml")
     in_dvc = set()
     for stage in spec.values():
         for kind in ("deps", "outs", "metrics"):

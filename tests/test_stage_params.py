@@ -12,7 +12,8 @@ import yaml
 from knn_diffusion.config import build_params, flatten
 from knn_diffusion.generation import ContinuousGenerator, load_generator
 from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.stages.common import UndeclaredParamError, declared_params, run_stage, stage_params, tracked
+from knn_diffusion.stages.common import (UndeclaredParamError, declared_params, dvc_stages, run_stage, stage_params,
+                                         tracked)
 from knn_diffusion.training.checkpoint import save_checkpoint
 from tests.conftest import REPO
 from tests.continuous_helpers import micro_config
@@ -21,16 +22,25 @@ from tests.continuous_helpers import micro_config
 def test_declared_params_come_from_dvc_yaml():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, entry in spec.items():
-        assert declared_params(stage) == entry.get("params", []), stage
+        if "matrix" not in entry:
+            assert declared_params(stage) == entry.get("params", []), stage
+    resolved = dvc_stages(REPO / "dvc.yaml")  # matrix stages: one per backbone, ${item.model} filled in
+    assert {"sample@continuous", "sample@discrete", "evaluate@continuous", "evaluate@discrete"} <= set(resolved)
+    for stage in ("sample", "evaluate"):
+        declared = declared_params(f"{stage}@discrete")
+        assert f"{stage}.discrete" in declared and not any("continuous" in key for key in declared)
+        assert declared == resolved[f"{stage}@discrete"]["params"]
 
 
 def test_reading_an_undeclared_key_fails_naming_stage_and_key():
-    params = stage_params(build_params({}), "sample")
-    assert params.sample.steps == 25 and params.retrieval.index_fraction == 1.0
+    params = stage_params(build_params({}), "sample@continuous")
+    assert params.sample.continuous.steps == 25 and params.retrieval.index_fraction == 1.0
     assert params.tracking.experiment  # where runs are logged: readable by every stage
-    with pytest.raises(UndeclaredParamError, match="stage 'sample' reads params key 'index', which dvc.yaml "
-                                                   "does not declare for it"):
+    with pytest.raises(UndeclaredParamError, match="stage 'sample@continuous' reads params key 'index', which "
+                                                   "dvc.yaml does not declare for it"):
         params.index.factory
+    with pytest.raises(UndeclaredParamError, match="'sample.discrete'"):  # the other backbone's settings
+        params.sample.discrete
     knn = stage_params(build_params({}), "knn")
     assert knn.data.generator_dataset == "openmoji"  # only this key of the data section is declared
     with pytest.raises(UndeclaredParamError, match="'data.resolution'"):

@@ -23,7 +23,7 @@ TINY = {
     "knn": {"k_max": 10},  # the largest k any backbone trains with by default
     "train_continuous": {"k": 3, "batch_size": 4, "max_steps": 3, "warmup_steps": 1, "checkpoint_every": 2,
                          "sample_every": 0, "log_every": 1, "sampling": {"steps": 2}},
-    "sample": {"prompts": ["an emoji of a red heart", "an emoji of a cat"], "steps": 2},
+    "sample": {"prompts": ["an emoji of a red heart", "an emoji of a cat"], "continuous": {"steps": 2}},
     "tracking": {"experiment": "end-to-end"},
 }
 
@@ -47,7 +47,7 @@ def _runs():
 
 def test_every_stage_logged_one_finished_run(pipeline_dir):
     runs = _runs()
-    assert set(runs) == {"ingest", "encoder", "embed", "index", "knn", "train_continuous", "sample"}
+    assert set(runs) == {"ingest", "encoder", "embed", "index", "knn", "train_continuous", "sample@continuous"}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["train_continuous"].data.metrics["loss"] > 0
 
@@ -62,12 +62,12 @@ def test_neighbour_table_has_no_self_or_duplicates(pipeline_dir):
 
 def test_samples_for_own_and_swapped_index(pipeline_dir):
     for name in ("openmoji", "noto"):
-        folder = pipeline_dir / paths.SAMPLES / name
+        folder = pipeline_dir / paths.samples_dir("continuous") / name
         sidecars = sorted(folder.glob("0*.json"))
         assert len(sidecars) == 2 and (folder / "grid.png").is_file()
         record = json.loads(sidecars[0].read_text())
         assert record["k"] == 3 and len(record["neighbour_ids"]) == 3
-    noto_ids = json.loads(sorted((pipeline_dir / paths.SAMPLES / "noto").glob("0*.json"))[0].read_text())
+    noto_ids = json.loads(sorted((pipeline_dir / paths.samples_dir("continuous") / "noto").glob("0*.json"))[0].read_text())
     noto_index_ids = np.load(pipeline_dir / paths.index_dir("noto") / SCORES_FILE)["ids"]
     assert set(noto_ids["neighbour_ids"]) <= set(noto_index_ids.tolist())
 

@@ -95,7 +95,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def check_generate_arguments(args: argparse.Namespace) -> None:
     """Refuse bad options before anything loads; numeric limits are the params schema's own ranges."""
-    from knn_diffusion.config import SampleConfig
+    from knn_diffusion.config import ContinuousSampleSettings
     from knn_diffusion.training.config import ContinuousTrainConfig
 
     for number, prompt in enumerate(args.prompts, 1):
@@ -105,7 +105,8 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("give prompts or --image-embedding-from FILE, not both")
     if not args.prompts and not args.image_embedding_from:
         raise ConfigError("generate: give at least one prompt or --image-embedding-from FILE")
-    for option, owner, name in (("--steps", SampleConfig, "steps"), ("--guidance", SampleConfig, "guidance"),
+    for option, owner, name in (("--steps", ContinuousSampleSettings, "steps"),
+                                ("--guidance", ContinuousSampleSettings, "guidance"),
                                 ("--k", ContinuousTrainConfig, "k")):
         value = getattr(args, name)
         if value is not None:
@@ -124,21 +125,26 @@ def _generate_command(args: argparse.Namespace) -> None:
     from knn_diffusion.generation import generate, load_generator, neighbour_search
     from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths
+    from knn_diffusion.training.checkpoint import read_checkpoint_config
 
     check_generate_arguments(args)
     params = load_params(args.params, args.set or [])
     embeddings = load_image_embeddings(args.image_embedding_from) if args.image_embedding_from else None
     checkpoint = args.checkpoint or str(paths.model_dir(args.model or "continuous"))
     if args.variant:
-        from knn_diffusion.training.checkpoint import read_checkpoint_config
-
         trained = read_checkpoint_config(checkpoint)["model"]["conditioning"]["variant"]
         if trained != args.variant:
             raise ConfigError(f"--variant {args.variant}: the model at {checkpoint} was trained with variant "
                               f"'{trained}'; pass --checkpoint of a {args.variant} run (e.g. after "
                               f"`dvc exp apply <exp>` of a sweep over train_continuous.variant)")
-    s = params.sample
-    generator = load_generator(checkpoint, scheduler=args.scheduler or s.scheduler, backbone=args.model)
+    backbone = args.model or read_checkpoint_config(checkpoint).get("backbone", "continuous")
+    s = getattr(params.sample, backbone)  # the backbone's sampler defaults: sample.continuous / sample.discrete
+    options = s.generator_options()
+    if args.scheduler:
+        if "scheduler" not in options:
+            raise ConfigError(f"--scheduler {args.scheduler}: the {backbone} model has no diffusers scheduler")
+        options["scheduler"] = args.scheduler
+    generator = load_generator(checkpoint, backbone=backbone, **options)
     encoder = load_encoder(params.encoder, paths.ENCODER)
     knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
                                     encoder.fingerprint, encoder.dim, params.retrieval)

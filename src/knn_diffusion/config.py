@@ -30,7 +30,7 @@ from knn_diffusion.config_fields import ConfigError, between, out_of_range  # no
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
-from knn_diffusion.models.config import SchedulerName
+from knn_diffusion.models.config import ContinuousSampler, DiscreteSampler
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
 from knn_diffusion.training.config import ContinuousTrainConfig, DiscreteTrainConfig, TokenizerConfig
 
@@ -90,6 +90,16 @@ class TrackingConfig:
 
 
 @dataclass
+class ContinuousSampleSettings(ContinuousSampler):
+    guidance: float = field(default=3.0, metadata=between(0, 50))  # classifier-free guidance scale
+
+
+@dataclass
+class DiscreteSampleSettings(DiscreteSampler):
+    guidance: float = field(default=8.0, metadata=between(0, 50))  # on the logits; paper: lambda = 8
+
+
+@dataclass
 class SampleConfig:
     """The ``sample`` stage: default prompts, generated once per index (the 2nd is the swapped index)."""
 
@@ -101,10 +111,11 @@ class SampleConfig:
     # prompts/, which dvc.yaml declares as a dep of the stage, so editing it reruns sampling.
     prompts_file: str = ""
     indexes: list[str] = field(default_factory=lambda: ["openmoji", "noto"])
-    guidance: float = field(default=3.0, metadata=between(0, 50))
-    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde  # cleanest on small models (see sampling.py)
-    steps: int = field(default=25, metadata=between(1, 1000))
     seed: int = 0
+    # Per backbone (the stage's ``--model``; dvc.yaml declares only that one's key, so changing the
+    # other backbone's settings reruns nothing of this one).
+    continuous: ContinuousSampleSettings = field(default_factory=ContinuousSampleSettings)
+    discrete: DiscreteSampleSettings = field(default_factory=DiscreteSampleSettings)
 
 
 class Backbone(str, Enum):

@@ -121,8 +121,8 @@ class DiscreteGenerator:
         return self.tokenizer.decode(tokens.view(-1, t.height, t.width))
 
 
-def load_discrete_generator(checkpoint_dir: Path, config: dict, _scheduler: Any = None, *,
-                            truncation: float | None = None, ema: bool = True) -> DiscreteGenerator:
+def load_discrete_generator(checkpoint_dir: Path, config: dict, *, truncation: float | None = None,
+                            ema: bool = True) -> DiscreteGenerator:
     """A discrete checkpoint directory (weights + config.json + ``tokenizer/``) -> generator, eval mode.
 
     ``truncation`` defaults to the one the run's preview grids used (``train_discrete.sampling``).

@@ -70,21 +70,22 @@ class ContinuousGenerator:
         return sample(self.model, cond, guidance=guidance, scheduler=self.scheduler, steps=steps, seed=list(seeds))
 
 
-def _load_continuous(checkpoint_dir: Path, config: dict, scheduler: SchedulerName | str | None) -> Generator:
+def _load_continuous(checkpoint_dir: Path, config: dict, *, scheduler: SchedulerName | str | None = None) -> Generator:
     return ContinuousGenerator(load_denoiser(checkpoint_dir), scheduler or SchedulerName.dpm_solver_pp_sde,
                                run_id=str(config.get("mlflow_run_id", "")))
 
 
-# backbone name -> loader(checkpoint dir, its config.json, sampler override); each backbone adds its entry.
-GENERATOR_LOADERS: dict[str, Callable[[Path, dict, Any], Generator]] = {CONTINUOUS: _load_continuous,
-                                                                        DISCRETE: load_discrete_generator}
+# backbone name -> loader(checkpoint dir, its config.json, **sampler options); each backbone adds its entry.
+GENERATOR_LOADERS: dict[str, Callable[..., Generator]] = {CONTINUOUS: _load_continuous,
+                                                          DISCRETE: load_discrete_generator}
 
 
-def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerName | str | None = None,
-                   backbone: str | None = None) -> Generator:
+def load_generator(checkpoint_dir: str | os.PathLike, *, backbone: str | None = None, **options: Any) -> Generator:
     """The generator saved in ``checkpoint_dir``; checkpoints from before the ``backbone`` field are continuous.
 
     ``backbone``: the one the caller asked for (``--model``); a checkpoint of another is refused.
+    ``options``: the backbone's sampler options (``ContinuousSampler.generator_options()``: ``scheduler``;
+    ``DiscreteSampler``'s: ``truncation``).
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = read_checkpoint_config(checkpoint_dir)
@@ -93,8 +94,7 @@ def load_generator(checkpoint_dir: str | os.PathLike, *, scheduler: SchedulerNam
         raise ValueError(f"{checkpoint_dir}: a {found} checkpoint, but the {backbone} model was asked for")
     if found not in GENERATOR_LOADERS:
         raise ValueError(f"{checkpoint_dir}: backbone {found!r}: expected one of {sorted(GENERATOR_LOADERS)}")
-    backbone = found
-    return GENERATOR_LOADERS[backbone](checkpoint_dir, config, scheduler)
+    return GENERATOR_LOADERS[found](checkpoint_dir, config, **options)
 
 
 def resolve_index(index: str | os.PathLike, index_root: Path, embed_root: Path) -> tuple[Path, Path]:

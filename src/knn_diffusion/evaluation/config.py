@@ -5,18 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from knn_diffusion.config_fields import between
-from knn_diffusion.models.config import SchedulerName
+from knn_diffusion.models.config import ContinuousSampler, DiscreteSampler
 
 
 @dataclass
 class EvaluateGridConfig:
-    """Inference-time settings scored without retraining; the grid is their product (k=0 once per guidance)."""
+    """Inference-time settings scored without retraining; the grid is their product with the backbone's
+    guidance scales (``evaluate.<model>.guidance``; k=0 once per guidance)."""
 
     k: list[int] = field(default_factory=lambda: [0, 1, 10], metadata=between(0, 1000))  # 0: no kNN at inference
     index_fraction: list[float] = field(default_factory=lambda: [0.3, 1.0], metadata=between(0, 1, low_open=True))
-    guidance: list[float] = field(default_factory=lambda: [3.0], metadata=between(0, 50))
     # Indexes to retrieve from: the generator dataset's own, or a swapped one (e.g. noto).
     index: list[str] = field(default_factory=lambda: ["openmoji"])
+
+
+@dataclass
+class ContinuousEvaluateSettings(ContinuousSampler):
+    guidance: list[float] = field(default_factory=lambda: [3.0], metadata=between(0, 50))
+
+
+@dataclass
+class DiscreteEvaluateSettings(DiscreteSampler):
+    guidance: list[float] = field(default_factory=lambda: [8.0], metadata=between(0, 50))  # paper: lambda = 8
 
 
 @dataclass
@@ -27,10 +37,12 @@ class EvaluateConfig:
     prompts_file: str = ""
     count: int = field(default=64, metadata=between(2))  # prompts (= images per grid point) and reference images
     seed: int = 0  # draws the held-out prompts/images; image i is sampled from noise seed + i
-    steps: int = field(default=25, metadata=between(1, 1000))
-    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
     batch_size: int = field(default=64, metadata=between(1))
     grid: EvaluateGridConfig = field(default_factory=EvaluateGridConfig)
+    # Per backbone (the stage's ``--model``; dvc.yaml declares only that one's key): its sampler and
+    # the guidance scales of the grid.
+    continuous: ContinuousEvaluateSettings = field(default_factory=ContinuousEvaluateSettings)
+    discrete: DiscreteEvaluateSettings = field(default_factory=DiscreteEvaluateSettings)
     retrieval_baseline: bool = True  # score the first retrieved image per prompt (paper Fig. 2) as well
     # FID/KID features: Inception-v3 from this local file (torch-fidelity's pt_inception-2015-12-05), or,
     # when empty, the image tower of the evaluation CLIP below.

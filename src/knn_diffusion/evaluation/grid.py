@@ -43,11 +43,12 @@ class GridPoint:
         return {key: NOT_APPLICABLE if value is None else value for key, value in asdict(self).items()}
 
 
-def grid_points(grid: EvaluateGridConfig, trained: ConditioningConfig) -> list[GridPoint]:
-    """The product of the grid's axes, without duplicates: k=0 once per guidance; a ``no_knn`` model
-    only at k=0; a ``concat_linear`` model only at its trained k (its projection fixes K)."""
+def grid_points(grid: EvaluateGridConfig, guidance_scales: list[float], trained: ConditioningConfig) -> list[GridPoint]:
+    """The product of the grid's axes and the backbone's guidance scales, without duplicates: k=0 once per
+    guidance; a ``no_knn`` model only at k=0; a ``concat_linear`` model only at its trained k (its
+    projection fixes K)."""
     points: list[GridPoint] = []
-    for k, fraction, guidance, index in itertools.product(grid.k, grid.index_fraction, grid.guidance, grid.index):
+    for k, fraction, guidance, index in itertools.product(grid.k, grid.index_fraction, guidance_scales, grid.index):
         if trained.variant == ConditioningVariant.no_knn:
             k = 0
         elif trained.variant == ConditioningVariant.concat_linear and k != trained.k:

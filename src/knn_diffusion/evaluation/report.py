@@ -166,12 +166,14 @@ def build_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Table name -> rows (latest run per cell), sorted, with metrics and the run each row comes from."""
     tables = {}
     for table in TABLES:
-        picked = table.select(runs)
+        # Each backbone at its own reference settings (their guidance scales differ), never in one cell.
+        picked = pd.concat([table.select(group) for _, group in runs.groupby("backbone", sort=True)] or [runs])
         if picked.empty:
             continue
-        latest = picked.sort_values(["start_time", "run_id"]).groupby(table.keys, dropna=False).tail(1)
-        ordered = latest.sort_values(table.keys, kind="stable")
-        tables[table.name] = ordered[[*table.keys, *METRICS, *SOURCE_COLUMNS, "pipeline_run", "dvc_deps"]] \
+        keys = ["backbone", *table.keys]
+        latest = picked.sort_values(["start_time", "run_id"]).groupby(keys, dropna=False).tail(1)
+        ordered = latest.sort_values(keys, kind="stable")
+        tables[table.name] = ordered[[*keys, *METRICS, *SOURCE_COLUMNS, "pipeline_run", "dvc_deps"]] \
             .reset_index(drop=True)
     return tables
 
@@ -220,9 +222,10 @@ def plot_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [("by_k", "k", ["variant", "model_size"], "fid_vs_k.png"),
-             ("by_index_fraction", "index_fraction", ["variant", "model_size", "k"], "fid_vs_index_fraction.png"),
-             ("by_model_size", "model_size", ["variant"], "fid_vs_model_size.png")]
+    specs = [("by_k", "k", ["backbone", "variant", "model_size"], "fid_vs_k.png"),
+             ("by_index_fraction", "index_fraction", ["backbone", "variant", "model_size", "k"],
+              "fid_vs_index_fraction.png"),
+             ("by_model_size", "model_size", ["backbone", "variant"], "fid_vs_model_size.png")]
     written = []
     for name, axis, lines, file in specs:
         if name not in tables:

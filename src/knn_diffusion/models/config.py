@@ -46,6 +46,30 @@ class SchedulerName(str, Enum):
 
 
 @dataclass
+class ContinuousSampler:
+    """How the continuous backbone samples at inference (``sample``, ``evaluate``): a diffusers scheduler."""
+
+    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde  # cleanest on small models (see sampling.py)
+    steps: int = field(default=25, metadata=between(1, 1000))
+
+    def generator_options(self) -> dict:
+        """Keyword arguments of ``generation.load_generator`` for this backbone."""
+        return {"scheduler": self.scheduler}
+
+
+@dataclass
+class DiscreteSampler:
+    """How the discrete backbone samples at inference: ``steps`` of its N-step chain (fewer: strided) and
+    truncation to the top-r mass of the conditional prediction (1: off)."""
+
+    steps: int = field(default=25, metadata=between(1, 10000))
+    truncation: float = field(default=0.9, metadata=between(0, 1, low_open=True))
+
+    def generator_options(self) -> dict:
+        return {"truncation": self.truncation}
+
+
+@dataclass
 class UNetConfig:
     """A diffusers ``UNet2DConditionModel`` in pixel space (3 channels in and out).
 

@@ -3,6 +3,8 @@
 A stage's params sections are declared once, in its ``params:`` list in dvc.yaml. The stage body gets
 a read-only view of the params that refuses any key outside that list (``tracking`` excepted: it
 only says where runs are logged), so a stage cannot depend on a setting DVC does not track.
+A ``matrix`` stage of dvc.yaml is one DVC stage per item, named as DVC names them (``evaluate@discrete``);
+its module takes the item as ``--model`` and looks itself up under that name.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import copy
 import dataclasses
 import logging
 import sys
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from knn_diffusion.config import ConfigError, Params, load_params, to_plain
+from knn_diffusion.config import Backbone, ConfigError, Params, load_params, to_plain
 from knn_diffusion.tracking import StageRun, repo_root, stage_run
 
 log = logging.getLogger(__name__)
@@ -36,25 +38,35 @@ def dvc_yaml_path() -> Path:
     return here if here.is_file() else PROJECT_DVC_YAML
 
 
-def _stages(path: Path) -> dict:
+def dvc_stages(path: str | Path) -> dict[str, dict]:
+    """{stage name: definition} of a dvc.yaml as DVC resolves it: ``foreach``/``matrix`` stages expanded
+    into one stage per item (``sample@continuous``) with ``${item...}`` filled in, by DVC's own parser."""
+    path = Path(path).resolve()
     if not path.is_file():
         raise ConfigError(f"{path}: dvc.yaml not found; stages declare their params there")
-    return _parsed(path, path.stat().st_mtime_ns)
+    return copy.deepcopy(_resolved(path, path.stat().st_mtime_ns))
 
 
 @lru_cache(maxsize=8)
-def _parsed(path: Path, mtime_ns: int) -> dict:
+def _resolved(path: Path, mtime_ns: int) -> dict:
     import yaml
+    from dvc.fs import LocalFileSystem
+    from dvc.parsing import DataResolver
 
-    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    class _Workspace:  # what DataResolver reads of a Repo: no .dvc/ needed (stages also run in scratch dirs)
+        fs = LocalFileSystem()
+        config: dict = {}
+
+    spec = yaml.safe_load(path.read_text()) or {}
+    return DataResolver(_Workspace(), str(path.parent), spec).resolve().get("stages") or {}
 
 
 def declared_params(stage: str, dvc_yaml: Path | None = None) -> list[str]:
     """The params keys (sections or dotted keys of params.yaml) that dvc.yaml lists for ``stage``."""
     path = dvc_yaml or dvc_yaml_path()
-    stages = _stages(path)
+    stages = dvc_stages(path)
     if stage not in stages:
-        raise ConfigError(f"{path}: no stage '{stage}'")
+        raise ConfigError(f"{path}: no stage '{stage}' (stages: {', '.join(stages)})")
     keys: list[str] = []
     for entry in stages[stage].get("params") or []:
         if isinstance(entry, str):
@@ -132,17 +144,24 @@ def check_interpreter(stage: str, root: Path | None = None) -> None:
         f"DVC has already removed the stage's outputs: `dvc checkout {stage}` restores the cached ones.")
 
 
-def run_stage(name: str, body: Callable[[Any], None], argv: list[str] | None = None,
-              user_errors: tuple[type[Exception], ...] = ()) -> None:
+def run_stage(name: str, body: Callable[..., None], argv: list[str] | None = None,
+              user_errors: tuple[type[Exception], ...] = (), per_model: bool = False) -> None:
     """Parse ``[--params FILE] [key=value ...]``, validate, run ``body`` on the stage's declared params.
 
+    ``per_model``: a dvc.yaml ``matrix`` stage over ``model``; ``--model`` (default continuous) picks the
+    backbone, the stage is ``<name>@<model>`` (DVC's name) and ``body(params, model)`` runs.
     Bad config, and the exception types in ``user_errors`` (input the user can fix), end as one
     ``error: ...`` line and exit code 2.
     """
     parser = argparse.ArgumentParser(prog=f"python -m knn_diffusion.stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if per_model:
+        parser.add_argument("--model", default=Backbone.continuous.value, choices=[b.value for b in Backbone],
+                            help="which trained backbone (models/<model>); the DVC stage is %(prog)s@<model>")
     parser.add_argument("overrides", nargs="*", help="ad-hoc overrides as key=value (validated)")
     args = parser.parse_args(argv)
+    if per_model:
+        name, body = f"{name}@{args.model}", partial(body, model=args.model)
     try:
         check_interpreter(name)
     except WrongInterpreterError as err:
@@ -186,16 +205,20 @@ def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tracked(stage: str, params: ParamsView, *sections: str) -> Iterator[StageRun]:
+def tracked(stage: str, params: ParamsView, *sections: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """The stage's MLflow run, logging the params it declares in dvc.yaml and tagged with the DVC
-    hashes of its inputs as they are at the start of the run.
+    hashes of its inputs as they are at the start of the run, and with ``tags``.
 
+    A matrix stage's run (``evaluate@discrete``) is tagged ``stage=evaluate`` and ``dvc.stage`` with
+    the full name, so searches by stage find every item's runs.
     ``sections`` (optional, from before dvc.yaml was the single source) must each be declared there.
     """
     declared = declared_params(stage)
     missing = [s for s in sections if not any(s == d or s.startswith(d + ".") for d in declared)]
     if missing:
         raise UndeclaredParamError(f"stage '{stage}' logs params {missing} that dvc.yaml does not declare for it")
-    with stage_run(stage, params.declared_plain(), params.tracking.experiment, params.tracking.tracking_uri,
-                   tags=dvc_input_hashes(repo_root(), stage)) as run:
+    base = stage.split("@")[0]
+    with stage_run(base, params.declared_plain(), params.tracking.experiment, params.tracking.tracking_uri,
+                   tags={**dvc_input_hashes(repo_root(), stage), "dvc.stage": stage, **(tags or {})},
+                   run_name=stage) as run:
         yield run

@@ -1,12 +1,16 @@
-"""DVC stage ``evaluate``: one trained model over an inference-time grid, scored against held-out images.
+"""DVC stage ``evaluate@<model>``: one trained model over an inference-time grid, scored against held-out images.
+
+``--model continuous|discrete`` picks the backbone (``models/<model>``), its sampler and the guidance
+scales of the grid (``evaluate.<model>``); both backbones are scored on the same prompts, seeds,
+reference images and metrics, so ``metrics/evaluate-continuous.json`` and ``-discrete.json`` compare them.
 
 Prompts are the generator dataset's test-split captions (or ``evaluate.prompts_file``); the test split's
 images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index) is
 generated with the same model and seeds and becomes one MLflow child run of this stage's run, so the
 MLflow UI compares the points side by side; the first retrieved image per prompt is scored the same
-way as the retrieval baseline. Outputs: a generate-style folder per point under ``outputs/evaluate/``,
+way as the retrieval baseline. Outputs: a generate-style folder per point under ``outputs/evaluate/<model>/``,
 ``points.csv``, a prompts x settings ``grid.png``, the facts in ``evaluate.json``, and the numbers in
-``metrics/evaluate.json``.
+``metrics/evaluate-<model>.json``. The stage's MLflow run and its point runs are tagged ``model``.
 """
 
 from __future__ import annotations
@@ -56,28 +60,29 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
     return prompts, rows, True
 
 
-def evaluate_stage(params) -> None:
+def evaluate_stage(params, model: str) -> None:
     cfg = params.evaluate
+    sampler = getattr(cfg, model)  # evaluate.continuous / evaluate.discrete
     store = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
     prompts, reference_rows, paired = held_out(params, store)
     reference = store[reference_rows]
-    generator = load_generator(paths.CONTINUOUS_MODEL, scheduler=cfg.scheduler)
+    generator = load_generator(paths.model_dir(model), backbone=model, **sampler.generator_options())
     encoder = load_encoder(params.encoder, paths.ENCODER)  # the generator's text encoder (queries, retrieval)
     judge = load_open_clip(cfg.clip_model, cfg.clip_pretrained) if cfg.clip_model else encoder
     scorer = ImageScorer(judge, reference,
                          feature_network=inception_features(cfg.inception_weights) if cfg.inception_weights else None,
                          kid_settings=KidSettings(cfg.kid_subsets, cfg.kid_subset_size, cfg.seed),
                          r_candidates=cfg.r_precision_candidates, r_seed=cfg.r_precision_seed)
-    points = grid_points(cfg.grid, generator.conditioning)
+    points = grid_points(cfg.grid, sampler.guidance, generator.conditioning)
     log.info("%d prompts (%s), %d reference images, %d grid points, features %s", len(prompts),
              cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
     common = {"fid_feature": scorer.feature, "eval_encoder": judge.fingerprint, "backbone": generator.backbone,
               "variant": ConditioningVariant(generator.conditioning.variant).value, "trained_k": generator.conditioning.k,
-              "model_run_id": generator.run_id, "count": len(prompts), "steps": cfg.steps}
+              "model_run_id": generator.run_id, "count": len(prompts), "steps": sampler.steps, **generator.settings}
     table: list[dict] = []
     columns = {"reference": reference} if paired else {}
     started = time.perf_counter()
-    with tracked("evaluate", params) as run, atomic_dir(paths.EVALUATE) as out:
+    with tracked(f"evaluate@{model}", params, tags={"model": model}) as run, atomic_dir(paths.evaluate_dir(model)) as out:
         run.tags({"fid_feature": scorer.feature})
         for point in tqdm(points, desc="evaluate", unit="point"):
             retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0)
@@ -85,7 +90,7 @@ def evaluate_stage(params) -> None:
                                             encoder.fingerprint, encoder.dim, retrieval)
             start = time.perf_counter()
             records = generate(generator, out_dir=out / point.name, knn=knn, prompts=prompts, encoder=encoder,
-                               k=point.k, guidance=point.guidance, steps=cfg.steps, seed=cfg.seed,
+                               k=point.k, guidance=point.guidance, steps=sampler.steps, seed=cfg.seed,
                                batch_size=cfg.batch_size, index_sidecar=sidecar)
             images = read_images(out / point.name, records)
             generated = time.perf_counter()
@@ -119,7 +124,7 @@ def evaluate_stage(params) -> None:
         run.artifact(out / "points.csv", "evaluate")
         seconds = time.perf_counter() - started
         run.metrics({"seconds": seconds})
-    write_json(paths.EVALUATE_METRICS, {
+    write_json(paths.evaluate_metrics(model), {
         **{row["point"]: {m: round(float(row[m]), 6) for m in METRIC_NAMES} for row in table},
         "seconds": round(seconds, 1)})
 
@@ -134,7 +139,8 @@ def write_table(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("evaluate", evaluate_stage, argv, user_errors=(FileNotFoundError, ValueError, ModuleNotFoundError))
+    run_stage("evaluate", evaluate_stage, argv, user_errors=(FileNotFoundError, ValueError, ModuleNotFoundError),
+              per_model=True)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,11 @@ def package_study(params: Params) -> dict:
     questions = [q.value for q in cfg.questions]
     started = time.perf_counter()
     with tracked("human_eval", params, "human_eval") as run:
-        # An evaluate point that this evaluate run did not produce (a sweep trial of a no_knn model has only
-        # k=0 points) means no package this time; any other missing folder is a mistake and fails below.
+        # An evaluate point that the evaluate runs did not produce (a sweep trial of a no_knn model has only
+        # k=0 points; a backbone left out of pipeline.backbones has none) means no package this time; any
+        # other missing folder is a mistake and fails below.
         missing = [folder for folder in (cfg.system_a, cfg.system_b) if not Path(folder).is_dir()
-                   and Path(folder).parent == paths.EVALUATE and paths.EVALUATE.is_dir()]
+                   and Path(folder).is_relative_to(paths.EVALUATE) and paths.EVALUATE.is_dir()]
         if missing:
             log.warning("no package this run: evaluate produced no %s (human_eval.system_a/system_b)", missing)
             with atomic_path(paths.HUMAN_EVAL_KEY) as key_tmp, atomic_dir(paths.HUMAN_EVAL_PACKAGE):

@@ -37,11 +37,9 @@ DISCRETE_STATE = CHECKPOINTS / "train_discrete"
 DISCRETE_METRICS = METRICS / "train_discrete.json"
 
 PROMPTS = Path("prompts")  # prompt files (sample.prompts_file): a declared dep of the stages that read them
-SAMPLES = Path("outputs") / "samples"
-SAMPLE_METRICS = METRICS / "sample.json"
+SAMPLES = Path("outputs") / "samples"  # <model>/<index>/: sample@<model>
 
-EVALUATE = Path("outputs") / "evaluate"  # one generate-style folder per grid point + the retrieval baseline
-EVALUATE_METRICS = METRICS / "evaluate.json"
+EVALUATE = Path("outputs") / "evaluate"  # <model>/: evaluate@<model>, a generate-style folder per grid point + baseline
 
 HUMAN_EVAL = Path("outputs") / "human_eval"
 HUMAN_EVAL_PACKAGE = HUMAN_EVAL / "package"  # what raters open / what is uploaded
@@ -67,6 +65,22 @@ def index_dir(name: str) -> Path:
 def model_dir(backbone: str) -> Path:
     """The final checkpoint of a backbone's training stage (``models/continuous``, ``models/discrete``)."""
     return CONTINUOUS_MODEL.parent / backbone
+
+
+def samples_dir(model: str) -> Path:
+    return SAMPLES / model
+
+
+def sample_metrics(model: str) -> Path:
+    return METRICS / f"sample-{model}.json"
+
+
+def evaluate_dir(model: str) -> Path:
+    return EVALUATE / model
+
+
+def evaluate_metrics(model: str) -> Path:
+    return METRICS / f"evaluate-{model}.json"
 
 
 def neighbours_file(name: str) -> Path:

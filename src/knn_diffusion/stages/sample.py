@@ -1,7 +1,9 @@
-"""DVC stage ``sample``: text -> kNN from an index -> guided sampling, for the default prompts.
+"""DVC stage ``sample@<model>``: text -> kNN from an index -> guided sampling, for the default prompts.
 
-Generates the prompts once per index in ``sample.indexes``: the generator dataset's own index, and a
-swapped one (Noto while training on OpenMoji) - the paper's out-of-distribution generation. Neighbours come
+``--model continuous|discrete`` picks the trained backbone (``models/<model>``) and its sampler settings
+(``sample.<model>``); outputs go to ``outputs/samples/<model>/``. Generates the prompts once per index in
+``sample.indexes``: the generator dataset's own index, and a swapped one (Noto while training on
+OpenMoji) - the paper's out-of-distribution generation. Neighbours come
 from the part of each index that ``retrieval`` selects (subset, score filter) - an inference-time
 setting, so changing it reruns only this stage. The wiring is the library's (``generation``), shared
 with ``knn-diffusion generate`` and ``evaluate``.
@@ -23,14 +25,15 @@ from knn_diffusion.stages.common import run_stage, tracked
 log = logging.getLogger(__name__)
 
 
-def sample_stage(params: Params) -> None:
+def sample_stage(params: Params, model: str) -> None:
     s = params.sample
-    with tracked("sample", params) as run:
+    sampler = getattr(s, model)  # sample.continuous / sample.discrete
+    with tracked(f"sample@{model}", params, tags={"model": model}) as run:
         report = {}
         prompts = read_prompts(s.prompts_file, within=paths.PROMPTS) if s.prompts_file else s.prompts
-        generator = load_generator(paths.CONTINUOUS_MODEL, scheduler=s.scheduler)
+        generator = load_generator(paths.model_dir(model), backbone=model, **sampler.generator_options())
         encoder = load_encoder(params.encoder, paths.ENCODER)
-        with atomic_dir(paths.SAMPLES) as out:
+        with atomic_dir(paths.samples_dir(model)) as out:
             for index in s.indexes:
                 if not paths.index_dir(index).is_dir():
                     log.warning("index '%s' not built (dataset not ingested?); skipping it", index)
@@ -38,16 +41,17 @@ def sample_stage(params: Params) -> None:
                 knn, sidecar = neighbour_search(index, paths.INDEX, paths.EMBED, encoder.fingerprint, encoder.dim,
                                                 params.retrieval)
                 records = generate(generator, out_dir=out / index, knn=knn, prompts=prompts, encoder=encoder,
-                                   guidance=s.guidance, steps=s.steps, seed=s.seed, index_sidecar=sidecar)
+                                   guidance=sampler.guidance, steps=sampler.steps, seed=s.seed,
+                                   index_sidecar=sidecar)
                 run.artifact(out / index / "grid.png", f"samples/{index}")
                 report[index] = {"images": len(records), "mean_top1_score": float(np.mean(
                     [r["neighbour_scores"][0] for r in records if r["neighbour_scores"]] or [0.0]))}
-                log.info("%s index: %d images -> %s", index, len(records), paths.SAMPLES / index)
-        write_json(paths.SAMPLE_METRICS, report)
+                log.info("%s index: %d images -> %s", index, len(records), paths.samples_dir(model) / index)
+        write_json(paths.sample_metrics(model), report)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("sample", sample_stage, argv, user_errors=(FileNotFoundError, ValueError))
+    run_stage("sample", sample_stage, argv, user_errors=(FileNotFoundError, ValueError), per_model=True)
 
 
 if __name__ == "__main__":

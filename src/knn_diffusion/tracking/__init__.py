@@ -181,8 +181,10 @@ def group_run(name: str, experiment: str, uri: str, *, params: Any = None, tags:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusion",
-              configured_uri: str = "", tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-    """Open the MLflow run for one stage execution and tag it for traceability (git, pipeline run, ``tags``)."""
+              configured_uri: str = "", tags: dict[str, str] | None = None,
+              run_name: str | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run for one stage execution and tag it for traceability (git, pipeline run, ``tags``);
+    the run is named ``run_name`` (default: the stage)."""
     import mlflow
 
     from knn_diffusion.config import flatten
@@ -195,8 +197,8 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
                 "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or os.environ.get(DVC_EXP_NAME_ENV, ""),
                 "dvc.experiment": os.environ.get(DVC_EXP_NAME_ENV, ""),
                 "prefect.flow_run_url": os.environ.get(FLOW_RUN_URL_ENV, ""), **(tags or {})}
-    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
-                                                parent_run_id=parent_run_id()))
+    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage,
+                                                tags=run_tags, parent_run_id=parent_run_id()))
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
