@@ -13,11 +13,11 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from taming.modules.diffusionmodules.model import Decoder, Encoder
-from taming.modules.vqvae.quantize import VectorQuantizer2
+from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2
 from torch import nn
 
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.models.discrete.taming import content_sha256, load_pretrained_vq
+from knn_diffusion.models.discrete.taming import content_sha256, load_pretrained_tokenizer
 from knn_diffusion.models.discrete.vq import Tokenizer, to_unit_range
 from knn_diffusion.stages import ingest, paths, tokenizer
 from tests.glyphs import OPENMOJI_FONT, named_emoji, render
@@ -26,6 +26,7 @@ from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
             "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16], "dropout": 0.0}
 N_EMBED, EMBED_DIM = 64, 4
+GUMBEL_DDCONFIG = {**DDCONFIG, "z_channels": EMBED_DIM}  # GumbelVQ projects quant_conv's output: z == embed_dim
 
 
 class TamingVQGAN(nn.Module):
@@ -44,6 +45,20 @@ class TamingVQGAN(nn.Module):
 
     def decode(self, quant):
         return self.decoder(self.post_quant_conv(quant))
+
+
+class TamingGumbelVQGAN(TamingVQGAN):
+    """taming.models.vqgan.GumbelVQ's modules: codes are the argmax of a 1x1 projection's logits."""
+
+    def __init__(self, ddconfig: dict):
+        super().__init__(ddconfig)
+        self.quantize = GumbelQuantize(ddconfig["z_channels"], EMBED_DIM, n_embed=N_EMBED)
+
+    def codes(self, x):
+        return self.quantize.proj(self.quant_conv(self.encoder(x))).argmax(dim=1)  # (B, h, w): noise-free
+
+    def decode_codes(self, ids):
+        return self.decode(self.quantize.get_codebook_entry(ids.reshape(-1), (*ids.shape, EMBED_DIM)))
 
 
 class LightningCallback:
@@ -106,9 +121,14 @@ def checkpoint(taming_model, tmp_path_factory):
     return write_taming_run(taming_model, tmp_path_factory.mktemp("taming") / "vqgan_tiny")
 
 
+def as_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+
+
 @torch.no_grad()
 def test_converted_vqgan_encodes_and_decodes_like_taming(taming_model, checkpoint, glyphs):
-    vq = load_pretrained_vq(checkpoint)  # config found in ../configs/*-project.yaml
+    full = load_pretrained_tokenizer(checkpoint)  # config found in ../configs/*-project.yaml
+    vq = full.vq
     x = to_unit_range(glyphs)
     quant, ids = taming_model.encode(x)
     assert len(ids.unique()) > 10  # a check that means something: many codes in play
@@ -117,12 +137,33 @@ def test_converted_vqgan_encodes_and_decodes_like_taming(taming_model, checkpoin
     expected = taming_model.decode(quant)
     torch.testing.assert_close(vq.decode(quant, force_not_quantize=True).sample, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vq(x).sample, expected, atol=1e-4, rtol=1e-4)  # encode -> quantize -> decode
-    # The pipeline's Tokenizer over the whole codebook (identity remap) gives taming's codes and images.
-    tokens = Tokenizer(vq, np.arange(N_EMBED)).encode(glyphs)
+    # The pipeline's Tokenizer over the whole codebook (not remapped yet) gives taming's codes and images.
+    assert full.num_codes == N_EMBED and full.code_logits is None
+    tokens = full.encode(glyphs)
     assert torch.equal(tokens, ids)
-    decoded = Tokenizer(vq, np.arange(N_EMBED)).decode(tokens)
-    np.testing.assert_allclose(decoded.astype(int), ((expected.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
-                               .numpy().astype(int), atol=1)
+    np.testing.assert_allclose(full.decode(tokens).astype(int), as_uint8(expected), atol=1)
+
+
+@torch.no_grad()
+def test_converted_gumbel_vqgan_picks_taming_codes_by_logits(glyphs, tmp_path):
+    torch.manual_seed(1)
+    model = TamingGumbelVQGAN(GUMBEL_DDCONFIG).eval()
+    latents = model.quant_conv(model.encoder(to_unit_range(glyphs))).permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+    centres = latents[torch.randperm(len(latents))[:N_EMBED]]  # logits -|h - c|^2 / 2 + const: many codes win
+    model.quantize.proj.weight.copy_(centres[:, :, None, None])
+    model.quantize.proj.bias.copy_(-0.5 * centres.pow(2).sum(1))
+    checkpoint = write_taming_run(model, tmp_path / "gumbel", GUMBEL_DDCONFIG, "taming.models.vqgan.GumbelVQ")
+    full = load_pretrained_tokenizer(checkpoint)
+    ids = model.codes(to_unit_range(glyphs))
+    assert len(ids.unique()) > 10 and full.code_logits is not None
+    assert torch.equal(full.encode(glyphs), ids)
+    np.testing.assert_allclose(full.decode(ids).astype(int), as_uint8(model.decode_codes(ids)), atol=1)
+    # Remapped to the codes in use, saved and reloaded: the same codes, the projection kept beside the VQModel.
+    used = np.unique(ids.numpy())
+    tokenizer = full.remapped(used)
+    np.testing.assert_array_equal(used[tokenizer.encode(glyphs).numpy()], ids.numpy())
+    tokenizer.save(tmp_path / "tokenizer")
+    assert torch.equal(Tokenizer.load(tmp_path / "tokenizer").encode(glyphs), tokenizer.encode(glyphs))
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +198,7 @@ def test_tokenizer_stage_uses_a_pretrained_vqgan(ingested, checkpoint, taming_mo
                       "config": str(checkpoint.parent.parent / "configs" / "2026-11-27T01-00-00-project.yaml")}
     # Saved as a diffusers VQModel folder: the pipeline's Tokenizer reloads it, and so does the loader.
     assert torch.equal(Tokenizer.load(paths.TOKENIZER).encode(images[np.arange(8)]), torch.as_tensor(maps[:8]).long())
-    reloaded = load_pretrained_vq(paths.TOKENIZER)
-    assert reloaded.config.num_vq_embeddings == N_EMBED
+    assert load_pretrained_tokenizer(paths.TOKENIZER).num_codes == N_EMBED  # every code again, not the used ones
 
 
 def test_missing_checkpoint_is_one_error_line_and_writes_nothing(ingested, tmp_path, monkeypatch, capsys):
@@ -178,15 +218,17 @@ def test_config_is_required_and_must_be_a_vqgan(taming_model, tmp_path):
     torch.save({"state_dict": taming_model.state_dict()}, bare)
     with pytest.raises(FileNotFoundError, match=r"bare.ckpt: no config.yaml beside it and none in "
                                                 r".*; set tokenizer.pretrained_config"):
-        load_pretrained_vq(bare)
-    gumbel = write_taming_run(taming_model, tmp_path / "gumbel", target="taming.models.vqgan.GumbelVQ")
-    with pytest.raises(ValueError, match=r"project.yaml: model.target is taming.models.vqgan.GumbelVQ; expected "
-                                         r"taming.models.vqgan.VQModel"):
-        load_pretrained_vq(gumbel)
+        load_pretrained_tokenizer(bare)
+    transformer = write_taming_run(taming_model, tmp_path / "transformer",
+                                   target="taming.models.cond_transformer.Net2NetTransformer")
+    with pytest.raises(ValueError, match=r"project.yaml: model.target is taming.models.cond_transformer."
+                                         r"Net2NetTransformer; expected taming.models.vqgan.VQModel or "
+                                         r"taming.models.vqgan.GumbelVQ"):
+        load_pretrained_tokenizer(transformer)
     not_taming = tmp_path / "other.yaml"
     not_taming.write_text("model:\n  target: taming.models.vqgan.VQModel\n  params: {n_embed: 4}\n")
     with pytest.raises(ValueError, match=r"other.yaml: model.params lacks ddconfig, embed_dim, ddconfig.ch, "):
-        load_pretrained_vq(bare, not_taming)
+        load_pretrained_tokenizer(bare, not_taming)
 
 
 def test_checkpoint_that_does_not_fit_its_config_names_the_keys(taming_model, tmp_path):
@@ -194,11 +236,15 @@ def test_checkpoint_that_does_not_fit_its_config_names_the_keys(taming_model, tm
     checkpoint = write_taming_run(taming_model, tmp_path / "mismatch", ddconfig=deeper)
     with pytest.raises(ValueError, match=r"last.ckpt: weights do not fit the architecture of .*project.yaml "
                                          r"\(missing: decoder.up_blocks.0.attentions.2.group_norm.bias"):
-        load_pretrained_vq(checkpoint)
+        load_pretrained_tokenizer(checkpoint)
+    gumbel = write_taming_run(taming_model, tmp_path / "gumbel", target="taming.models.vqgan.GumbelVQ")
+    with pytest.raises(ValueError, match=r"weights do not fit .*\(quantize.proj.weight: missing, expected "
+                                         r"\(64, 4, 1, 1\) and a bias\)"):
+        load_pretrained_tokenizer(gumbel)  # a nearest-neighbour VQGAN's weights under a GumbelVQ config
     wider = {**DDCONFIG, "ch": 64}
     checkpoint = write_taming_run(taming_model, tmp_path / "wider", ddconfig=wider)
     with pytest.raises(ValueError, match=r"weights do not fit .*shape: decoder.conv_in.bias \(64,\) vs \(128,\)"):
-        load_pretrained_vq(checkpoint)
+        load_pretrained_tokenizer(checkpoint)
 
 
 @pytest.mark.parametrize("content", ["text", "other_model", "tensor"])
@@ -212,11 +258,11 @@ def test_a_file_that_is_not_a_vqgan_checkpoint_is_refused(content, checkpoint, t
     else:
         torch.save(torch.zeros(3), path)
     expected = ("not readable as a PyTorch checkpoint" if content == "text"
-                else "no state_dict with quantize.embedding.weight")
+                else "no state_dict with a codebook")
     with pytest.raises(ValueError, match=rf"tokenizer.pretrained: .*model.ckpt: {expected}.*"
                                          r"expected a taming-transformers "
                                          r"VQGAN checkpoint"):
-        load_pretrained_vq(path)
+        load_pretrained_tokenizer(path)
 
 
 class HyperParameters(dict):
@@ -229,13 +275,13 @@ def test_a_checkpoint_that_needs_its_code_to_load_says_how_to_keep_the_weights(t
     torch.save({"state_dict": taming_model.state_dict(), "hyper_parameters": HyperParameters(lr=4.5e-6)}, path)
     with pytest.raises(ValueError, match=r"hparams.ckpt: its pickled objects cannot be read without running code "
                                          r"from the file .*if you trust it, keep only the weights: torch.save"):
-        load_pretrained_vq(path)
+        load_pretrained_tokenizer(path)
 
 
 def test_a_folder_must_be_a_diffusers_vqmodel(tmp_path):
     with pytest.raises(ValueError, match=r"empty: no readable config.json"):
-        load_pretrained_vq((tmp_path / "empty").mkdir() or tmp_path / "empty")
+        load_pretrained_tokenizer((tmp_path / "empty").mkdir() or tmp_path / "empty")
     (tmp_path / "kl").mkdir()
     (tmp_path / "kl" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match=r"kl/config.json describes a AutoencoderKL, expected a VQModel"):
-        load_pretrained_vq(tmp_path / "kl")
+        load_pretrained_tokenizer(tmp_path / "kl")

@@ -23,7 +23,7 @@ from knn_diffusion.images import image_grid
 from knn_diffusion.io import save_npy, write_json
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
-from knn_diffusion.models.discrete.taming import content_sha256, find_config, load_pretrained_vq
+from knn_diffusion.models.discrete.taming import content_sha256, find_config, load_pretrained_tokenizer
 from knn_diffusion.training.tokenizer import remap_tokenizer, tokenize, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ def tokenizer_stage(params: Params) -> None:
     with tracked("tokenizer", params) as run:
         start = time.perf_counter()
         if cfg.pretrained:
-            vq, source = pretrained_vq(cfg.pretrained, cfg.pretrained_config, images.resolution)
+            full, source = pretrained_tokenizer(cfg.pretrained, cfg.pretrained_config, images.resolution)
             run.tags({f"pretrained_{key}": value for key, value in source.items()})
-            tokenizer, report = remap_tokenizer(vq, images.subset(train_rows), held_out, cfg.encode_batch)
+            tokenizer, report = remap_tokenizer(full, images.subset(train_rows), held_out, cfg.encode_batch)
         else:
             source = None
             tokenizer, report = train_tokenizer(cfg, images.subset(train_rows), held_out, images.resolution,
@@ -69,20 +69,21 @@ def tokenizer_stage(params: Params) -> None:
                  report.codes_used, report.codebook_size, report.codes_used, report.psnr, report.ssim)
 
 
-def pretrained_vq(pretrained: str, config: str, resolution: int):
-    """The VQ of ``tokenizer.pretrained`` (on the GPU when there is one) and what to record about its source."""
+def pretrained_tokenizer(pretrained: str, config: str, resolution: int):
+    """``tokenizer.pretrained``, every code (on the GPU when there is one), and what to record about its source."""
     start = time.perf_counter()
-    vq = load_pretrained_vq(pretrained, config)
-    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    full = load_pretrained_tokenizer(pretrained, config)
+    factor = 2 ** (len(full.vq.config.block_out_channels) - 1)
     if resolution % factor:
         raise ValueError(f"tokenizer.pretrained={pretrained} downsamples by {factor}; data.resolution "
                          f"{resolution} is not a multiple of it")
-    log.info("loaded %s (%d codes, %dx downsampling) in %.1f s", pretrained, vq.config.num_vq_embeddings, factor,
+    log.info("loaded %s (%d codes, %s, %dx downsampling) in %.1f s", pretrained, full.num_codes,
+             "nearest-neighbour codes" if full.code_logits is None else "codes by logits (Gumbel)", factor,
              time.perf_counter() - start)
     source = {"pretrained": pretrained, "sha256": content_sha256(pretrained)}
     if not Path(pretrained).is_dir():
         source["config"] = str(Path(config) if config else find_config(Path(pretrained)))
-    return vq.to("cuda" if torch.cuda.is_available() else "cpu"), source
+    return full.to("cuda" if torch.cuda.is_available() else "cpu"), source
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,37 +68,42 @@ def train_vq(cfg: TokenizerConfig, images: Sequence, resolution: int,
 
 
 @torch.no_grad()
-def code_counts(vq, images: Sequence, batch: int) -> np.ndarray:
-    """How often each original codebook entry is the nearest one, over ``images``."""
-    counts = np.zeros(vq.config.num_vq_embeddings, dtype=np.int64)
+def code_counts(tokenizer: Tokenizer, images: Sequence, batch: int) -> np.ndarray:
+    """How often each of ``tokenizer``'s codes is chosen over ``images``."""
+    counts = np.zeros(tokenizer.num_codes, dtype=np.int64)
     for rows in _batches(len(images), batch):
-        _, _, (_, _, ids) = vq.quantize(vq.encode(to_unit_range(np.asarray(images[rows])).to(vq.device)).latents)
+        ids = tokenizer.encode(np.asarray(images[rows]))
         counts += np.bincount(ids.reshape(-1).cpu().numpy(), minlength=len(counts))
     return counts
 
 
+def _unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+
+
 @torch.no_grad()
-def reconstruction_quality(tokenizer: Tokenizer, images: np.ndarray, batch: int) -> tuple[float, float, float]:
+def reconstruction_quality(tokenizer: Tokenizer, full: Tokenizer, images: np.ndarray,
+                           batch: int) -> tuple[float, float, float]:
     """(PSNR, SSIM) through the remapped tokens and PSNR through the full codebook, pixels in [0, 1]."""
     psnr, ssim, psnr_full = (PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0),
                              PeakSignalNoiseRatio(data_range=1.0))
     for rows in _batches(len(images), batch):
         original = np.asarray(images[rows])
-        target = torch.as_tensor(original).permute(0, 3, 1, 2).float() / 255
-        remapped = torch.as_tensor(tokenizer.decode(tokenizer.encode(original))).permute(0, 3, 1, 2).float() / 255
-        full = tokenizer.vq(to_unit_range(original).to(tokenizer.vq.device)).sample.clamp(-1, 1).add(1).div(2).cpu()
+        target, remapped = _unit(original), _unit(tokenizer.decode(tokenizer.encode(original)))
         psnr.update(remapped, target)
         ssim.update(remapped, target)
-        psnr_full.update(full, target)
+        psnr_full.update(_unit(full.decode(full.encode(original))), target)
     return psnr.compute().item(), ssim.compute().item(), psnr_full.compute().item()
 
 
-def remap_tokenizer(vq, train_images: Sequence, held_out: np.ndarray, batch: int,
+def remap_tokenizer(full: Tokenizer, train_images: Sequence, held_out: np.ndarray, batch: int,
                     final_loss: float | None = None) -> tuple[Tokenizer, TokenizerReport]:
-    """Remap a trained or pretrained VQ to the codes ``train_images`` use, measure on ``held_out`` (uint8)."""
-    counts = code_counts(vq, train_images, batch)
-    tokenizer = Tokenizer(vq, used_codes(counts))
-    psnr, ssim, psnr_full = reconstruction_quality(tokenizer, held_out, batch)
+    """Restrict a trained or pretrained VQ (``full``: every code, :meth:`Tokenizer.unremapped`) to the codes
+    ``train_images`` use, measure on ``held_out`` (uint8)."""
+    counts = code_counts(full, train_images, batch)
+    tokenizer = full.remapped(used_codes(counts))
+    psnr, ssim, psnr_full = reconstruction_quality(tokenizer, full, held_out, batch)
     report = TokenizerReport(codebook_size=len(counts), codes_used=tokenizer.num_codes,
                              usage_before=tokenizer.num_codes / len(counts), psnr=psnr, ssim=ssim,
                              psnr_unmapped=psnr_full, final_loss=final_loss)
@@ -109,7 +114,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_images: Sequence, held_out: np.n
                     on_log: Callable[[int, dict], None] | None = None) -> tuple[Tokenizer, TokenizerReport]:
     """Train the VQ on ``train_images``, remap to the codes they use, measure on ``held_out`` (uint8)."""
     vq, final_loss = train_vq(cfg, train_images, resolution, on_log)
-    return remap_tokenizer(vq, train_images, held_out, cfg.encode_batch, final_loss)
+    return remap_tokenizer(Tokenizer.unremapped(vq), train_images, held_out, cfg.encode_batch, final_loss)
 
 
 @torch.no_grad()

@@ -1,17 +1,20 @@
-"""A pretrained taming-transformers VQGAN (Esser et al. 2021) as a diffusers ``VQModel``.
+"""A pretrained taming-transformers VQGAN (Esser et al. 2021) as a diffusers ``VQModel`` in a :class:`Tokenizer`.
 
-The paper tokenizes with taming's ``vqgan_imagenet_f16_16384``. Its encoder, decoder and quantizer are
-the network diffusers' ``VQModel`` implements, under other names: this module builds the ``VQModel``
-from the checkpoint's ``config.yaml`` (``model.params.ddconfig``, ``n_embed``, ``embed_dim``) and renames
-the Lightning checkpoint's ``state_dict`` onto it. Nothing from taming is imported, and the checkpoint
-is read without running code from it.
+The paper tokenizes with a public taming VQGAN (VQ-Diffusion's OpenImages f8 ``GumbelVQ``: 8,192 codes,
+2,887 used, 32x32 tokens at 256 px). Its encoder, decoder and codebook are the network diffusers'
+``VQModel`` implements, under other names: this module builds the ``VQModel`` from the checkpoint's
+``config.yaml`` (``model.params.ddconfig``, ``n_embed``, ``embed_dim``) and renames the Lightning
+checkpoint's ``state_dict`` onto it. A ``GumbelVQ`` picks codes by a 1x1 projection's logits rather than
+by distance: that layer becomes the tokenizer's ``code_logits``. Nothing from taming is imported, and
+the checkpoint is read without running code from it.
 
 Name map (taming -> diffusers), level ``i`` of ``L`` (resolution ``r / 2**i``):
   encoder.down.i.block.j / .attn.j / .downsample  -> encoder.down_blocks.i.resnets.j / .attentions.j / .downsamplers.0
   decoder.up.i.block.j / .attn.j / .upsample      -> decoder.up_blocks.(L-1-i).resnets.j / ... / .upsamplers.0
   {encoder,decoder}.mid.block_1 / attn_1 / block_2 -> *.mid_block.resnets.0 / attentions.0 / resnets.1
   norm_out -> conv_norm_out; resnet nin_shortcut -> conv_shortcut; attention norm/q/k/v/proj_out
-  (1x1 convs) -> group_norm/to_q/to_k/to_v/to_out.0 (linear layers: the kernel's 1x1 is squeezed).
+  (1x1 convs) -> group_norm/to_q/to_k/to_v/to_out.0 (linear layers: the kernel's 1x1 is squeezed);
+  quantize.embed (Gumbel) -> quantize.embedding.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from pathlib import Path
 import torch
 import yaml
 from diffusers import VQModel
+from torch import nn
 
-VQGAN_TARGET = "taming.models.vqgan.VQModel"
+from knn_diffusion.models.discrete.vq import Tokenizer, code_logits_layer, load_code_logits
+
+VQGAN_TARGET = "taming.models.vqgan.VQModel"  # nearest-neighbour quantizer (VectorQuantizer2)
+GUMBEL_TARGET = "taming.models.vqgan.GumbelVQ"  # codes from a 1x1 projection's logits (GumbelQuantize)
 IGNORED_PREFIXES = ("loss.", "quantize.used")  # the discriminator/LPIPS of training; taming's own remap
 RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
@@ -46,19 +53,32 @@ class _Opaque:
         pass
 
 
-def load_pretrained_vq(path: str | os.PathLike, config: str | os.PathLike = "") -> VQModel:
-    """A diffusers VQModel folder, or a taming VQGAN ``.ckpt`` (+ its config: ``config`` or found beside it)."""
+def load_pretrained_tokenizer(path: str | os.PathLike, config: str | os.PathLike = "") -> Tokenizer:
+    """Every code of a diffusers VQModel folder, or of a taming VQGAN ``.ckpt`` (+ its config: ``config`` or
+    found beside it), not yet remapped."""
     path = Path(path)
     if path.is_dir():
-        return _diffusers_folder(path)
+        return Tokenizer.unremapped(_diffusers_folder(path), load_code_logits(path))
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer.pretrained: {path}: no such file or folder (expected {EXPECTED_FILE})")
     config_path = Path(config) if config else find_config(path)
     params = read_vqgan_config(config_path)
     vq = vqmodel_for(params, config_path)
-    state = converted_state_dict(read_state_dict(path), params["ddconfig"])
-    _load_exactly(vq, state, path, config_path)
-    return vq.eval()
+    state = dict(read_state_dict(path))
+    code_logits = _gumbel_projection(state, params, path, config_path) if params["target"] == GUMBEL_TARGET else None
+    _load_exactly(vq, converted_state_dict(state, params["ddconfig"]), path, config_path)
+    return Tokenizer.unremapped(vq.eval(), code_logits)
+
+
+def _gumbel_projection(state: dict, params: dict, checkpoint: Path, config: Path) -> nn.Conv2d:
+    """Takes GumbelQuantize's ``proj`` (latents -> code logits) out of ``state``."""
+    projection = {leaf: state.pop(f"quantize.proj.{leaf}", None) for leaf in ("weight", "bias")}
+    expected = (params["n_embed"], params["embed_dim"], 1, 1)
+    if projection["weight"] is None or projection["bias"] is None or tuple(projection["weight"].shape) != expected:
+        found = "missing" if projection["weight"] is None else tuple(projection["weight"].shape)
+        raise ValueError(f"tokenizer.pretrained: {checkpoint}: weights do not fit the architecture of {config} "
+                         f"(quantize.proj.weight: {found}, expected {expected} and a bias)")
+    return code_logits_layer(projection)
 
 
 def _diffusers_folder(path: Path) -> VQModel:
@@ -88,7 +108,8 @@ def find_config(checkpoint: Path) -> Path:
 
 
 def read_vqgan_config(path: Path) -> dict:
-    """``model.params`` of a taming VQGAN config, checked for what a diffusers VQModel can represent."""
+    """``model.params`` (+ ``target``) of a taming VQGAN config, checked for what a diffusers VQModel can
+    represent."""
     try:
         model = yaml.safe_load(path.read_text())["model"]
         target, params = model["target"], dict(model["params"])
@@ -97,9 +118,9 @@ def read_vqgan_config(path: Path) -> dict:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: not a taming-transformers model config ({type(err).__name__}: {err}); "
                          "expected model.target and model.params") from None
-    if target != VQGAN_TARGET:
-        raise ValueError(f"{path}: model.target is {target}; expected {VQGAN_TARGET} (a VQGAN with the "
-                         "nearest-neighbour VectorQuantizer; Gumbel and EMA quantizers are not supported)")
+    if target not in (VQGAN_TARGET, GUMBEL_TARGET):
+        raise ValueError(f"{path}: model.target is {target}; expected {VQGAN_TARGET} or {GUMBEL_TARGET} "
+                         "(EMA-quantizer and transformer models are not supported)")
     ddconfig = params.get("ddconfig") if isinstance(params.get("ddconfig"), dict) else {}
     missing = [key for key in ("ddconfig", "n_embed", "embed_dim") if key not in params]
     missing += [f"ddconfig.{key}" for key in DDCONFIG_KEYS if key not in ddconfig]
@@ -113,7 +134,7 @@ def read_vqgan_config(path: Path) -> dict:
         raise ValueError(f"{path}: ddconfig needs ch_mult[0] == 1 and 3 image channels in and out, got "
                          f"ch_mult={list(ddconfig['ch_mult'])}, in_channels={ddconfig.get('in_channels')}, "
                          f"out_ch={ddconfig.get('out_ch')}")
-    return params
+    return params | {"target": target}
 
 
 def _attention_levels(ddconfig: dict) -> list[bool]:
@@ -157,8 +178,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"tokenizer.pretrained: {path}: not readable as a PyTorch checkpoint ({reason}); "
                          f"expected {EXPECTED_FILE}") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
-        raise ValueError(f"tokenizer.pretrained: {path}: no state_dict with quantize.embedding.weight; "
+    if not isinstance(state, dict) or not {"quantize.embedding.weight", "quantize.embed.weight"} & set(state):
+        raise ValueError(f"tokenizer.pretrained: {path}: no state_dict with a codebook (quantize.embedding.weight "
+                         "or, for a Gumbel VQGAN, quantize.embed.weight); "
                          f"expected {EXPECTED_FILE}")
     return state
 
@@ -174,6 +196,7 @@ def _module_names(ddconfig: dict) -> dict[str, tuple[str, dict | None]]:
         names[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", ATTENTION_PARTS)
         names[f"{part}.mid.block_2"] = (f"{part}.mid_block.resnets.1", RESNET_PARTS)
     names |= {layer: (layer, None) for layer in ("quant_conv", "post_quant_conv", "quantize.embedding")}
+    names["quantize.embed"] = ("quantize.embedding", None)  # GumbelQuantize's codebook
     for i in range(levels):
         down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{levels - 1 - i}"  # diffusers: order of use
         for j in range(blocks):

@@ -2,7 +2,9 @@
 
 A trained VQ codebook leaves many entries dead (the paper's VQGAN uses 2,887 of its codes). The
 transformer's vocabulary is only the used ones: :class:`Tokenizer` encodes to *remapped* ids
-0..U-1 (nearest used entry) and decodes them back through the original codebook.
+0..U-1 (nearest used entry) and decodes them back through the original codebook. A Gumbel-softmax
+VQGAN (taming's ``GumbelVQ``) picks codes by a 1x1 projection of the latents instead (``code_logits``):
+then the used code with the largest logit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import VQModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from knn_diffusion.config_fields import ConfigError
@@ -20,6 +23,7 @@ from knn_diffusion.models.discrete.config import VQConfig
 from knn_diffusion.io import atomic_dir, save_npy, write_json
 
 CODES_FILE = "used_codes.npy"
+LOGITS_FILE = "code_logits.safetensors"  # only for a Gumbel-softmax VQ: the 1x1 conv latents -> code logits
 SOURCE_FILE = "source.json"
 
 
@@ -53,11 +57,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class Tokenizer(nn.Module):
     """Images <-> remapped token maps (B, h, w) with ids in [0, num_codes)."""
 
-    def __init__(self, vq: VQModel, used_codes: np.ndarray | torch.Tensor):
+    def __init__(self, vq: VQModel, used_codes: np.ndarray | torch.Tensor, code_logits: nn.Conv2d | None = None):
         super().__init__()
         self.vq = vq.eval().requires_grad_(False)
+        self.code_logits = None if code_logits is None else code_logits.to(vq.device).eval().requires_grad_(False)
         self.register_buffer("used", torch.as_tensor(np.asarray(used_codes), dtype=torch.long, device=vq.device),
                              persistent=False)
+
+    @classmethod
+    def unremapped(cls, vq: VQModel, code_logits: nn.Conv2d | None = None) -> "Tokenizer":
+        """Every codebook entry in its own id: what remapping starts from."""
+        return cls(vq, np.arange(vq.config.num_vq_embeddings), code_logits)
+
+    def remapped(self, used_codes: np.ndarray) -> "Tokenizer":
+        """The same VQ restricted to ``used_codes`` (ids of this tokenizer's codebook)."""
+        return Tokenizer(self.vq, self.used.cpu().numpy()[used_codes], self.code_logits)
 
     @property
     def num_codes(self) -> int:
@@ -65,9 +79,13 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> token ids (B, h, w): the nearest *used* codebook entry per cell."""
+        """uint8 (B, H, W, 3) -> token ids (B, h, w): the nearest *used* codebook entry per cell (the
+        largest used logit for a Gumbel VQ: the noise-free choice where taming samples with Gumbel noise)."""
         device = self.used.device
         latents = self.vq.encode(to_unit_range(images).to(device)).latents  # (B, e, h, w)
+        if self.code_logits is not None:
+            weight, bias = self.code_logits.weight[self.used], self.code_logits.bias[self.used]  # (U, e, 1, 1), (U,)
+            return torch.nn.functional.conv2d(latents, weight, bias).argmax(dim=1)  # (B, U, h, w) -> (B, h, w)
         b, e, h, w = latents.shape
         flat = latents.permute(0, 2, 3, 1).reshape(-1, e)  # (B*h*w, e)
         codebook = self.vq.quantize.embedding.weight[self.used]  # (U, e)
@@ -88,6 +106,9 @@ class Tokenizer(nn.Module):
             save_npy(tmp / CODES_FILE, self.used.cpu().numpy())
             if source is not None:
                 write_json(tmp / SOURCE_FILE, source)
+            if self.code_logits is not None:
+                state = {key: value.contiguous().cpu() for key, value in self.code_logits.state_dict().items()}
+                save_file(state, tmp / LOGITS_FILE)
         return Path(path)
 
     @classmethod
@@ -95,7 +116,23 @@ class Tokenizer(nn.Module):
         path = Path(path)
         if not (path / CODES_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a tokenizer directory (no {CODES_FILE})")
-        return cls(VQModel.from_pretrained(path, low_cpu_mem_usage=False), np.load(path / CODES_FILE))
+        return cls(VQModel.from_pretrained(path, low_cpu_mem_usage=False), np.load(path / CODES_FILE),
+                   load_code_logits(path))
+
+
+def load_code_logits(folder: Path) -> nn.Conv2d | None:
+    """A Gumbel VQ's code projection saved beside its VQModel files; None for a nearest-neighbour VQ."""
+    if not (folder / LOGITS_FILE).is_file():
+        return None
+    return code_logits_layer(load_file(folder / LOGITS_FILE))
+
+
+def code_logits_layer(state: dict[str, torch.Tensor]) -> nn.Conv2d:
+    """The 1x1 conv latents (e channels) -> logits over the codebook, from its weight (V, e, 1, 1) and bias (V,)."""
+    codes, channels = state["weight"].shape[:2]
+    layer = nn.Conv2d(channels, codes, 1)
+    layer.load_state_dict(state)
+    return layer
 
 
 def used_codes(counts: np.ndarray) -> np.ndarray:
