@@ -6,6 +6,10 @@ pipeline runs or sweep experiments), joins each to the training run of its model
 cuts paper-style tables: by k, by index fraction, by guidance, by conditioning variant, by model size,
 kNN vs no kNN, model vs retrieval baseline. Every row names the run, git commit and DVC input hashes
 it comes from. FID/KID values of different feature networks are never put in one column.
+
+A sweep trial whose evaluate outputs DVC restored from its run cache logs no evaluate run; given that
+trial's inputs (DVC hashes of its deps, its params), the report takes the earlier evaluate run that read
+the same inputs - the one that produced those outputs - and names it in ``restored_from``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pandas as pd
 from knn_diffusion.evaluation.grid import BASELINE, NOT_APPLICABLE
 
 METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
-SOURCE_COLUMNS = ("run_id", "git_commit", "data_version")
+SOURCE_COLUMNS = ("run_id", "git_commit", "data_version", "restored_from")
 
 
 class MixedFeaturesError(ValueError):
@@ -49,32 +53,74 @@ def _model_size(client, run_id: str, cache: dict[str, str]) -> str:
     return cache[run_id]
 
 
-def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = None) -> pd.DataFrame:
-    """One row per evaluate child run of ``experiment`` (optionally of some ``pipeline_run`` tags)."""
+def _same_value(logged: str, value) -> bool:
+    """An MLflow param (a string) against a params.yaml value: equal as text, or as YAML."""
+    import yaml
+
+    if logged == str(value):
+        return True
+    try:
+        return yaml.safe_load(logged) == value
+    except yaml.YAMLError:
+        return False
+
+
+def read_same_inputs(run, inputs: dict) -> bool:
+    """Whether an evaluate stage run read what ``inputs`` describe: {"deps": {path: DVC hash}, "params":
+    {flattened params.yaml key: value}} of a DVC experiment. Every ``dvc.dep.*`` hash of the run must
+    match; every param the run logged must equal the experiment's (keys absent there are defaults)."""
+    deps = {k[len("dvc.dep."):]: v for k, v in run.data.tags.items() if k.startswith("dvc.dep.")}
+    if not deps or any(inputs.get("deps", {}).get(path) != md5 for path, md5 in deps.items()):
+        return False
+    params = inputs.get("params", {})
+    return all(_same_value(value, params[key]) for key, value in run.data.params.items() if key in params)
+
+
+def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[str, str]) -> dict:
+    p, tags = run.data.params, run.data.tags
+    dvc = {k[len("dvc.dep."):]: v for k, v in sorted(tags.items()) if k.startswith("dvc.dep.")}
+    return {
+        "kind": tags["evaluate.kind"], "point": run.info.run_name, "pipeline_run": pipeline_run,
+        "variant": p.get("variant", ""), "model_size": _model_size(client, p.get("model_run_id", ""), sizes),
+        "backbone": p.get("backbone", ""), "trained_k": _number(p.get("trained_k")),
+        "k": _number(p.get("k")), "index_fraction": _number(p.get("index_fraction")),
+        "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
+        "fid_feature": p.get("fid_feature", ""),
+        **{m: run.data.metrics.get(m) for m in METRICS},
+        "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
+        "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
+        "restored_from": restored_from, "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,
+    }
+
+
+def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = None,
+                  restored: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per evaluate child run of ``experiment`` (optionally of some ``pipeline_run`` tags).
+
+    ``restored``: {pipeline run: its DVC inputs (see :func:`read_same_inputs`)}; an evaluate stage (by run
+    name: ``evaluate``, ``evaluate@discrete``) that such a pipeline run did not log itself gets the points
+    of the latest earlier run of it with the same inputs, ``restored_from`` naming that run's pipeline run.
+    """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"MLflow experiment '{experiment}' not found")
-    runs = [r for r in client.search_runs([found.experiment_id], "tags.stage = 'evaluate'", max_results=50_000)
-            if "evaluate.kind" in r.data.tags and r.info.status == "FINISHED"]
-    if pipeline_runs:
-        runs = [r for r in runs if r.data.tags.get("pipeline_run") in set(pipeline_runs)]
+    logged = [r for r in client.search_runs([found.experiment_id], "tags.stage = 'evaluate'", max_results=50_000)
+              if r.info.status == "FINISHED"]
+    points = [r for r in logged if "evaluate.kind" in r.data.tags]
+    stages = {r.info.run_id: r for r in logged if "evaluate.kind" not in r.data.tags}
     sizes: dict[str, str] = {}
-    rows = []
-    for run in runs:
-        p, tags = run.data.params, run.data.tags
-        dvc = {k[len("dvc.dep."):]: v for k, v in sorted(tags.items()) if k.startswith("dvc.dep.")}
-        rows.append({
-            "kind": tags["evaluate.kind"], "point": run.info.run_name, "pipeline_run": tags.get("pipeline_run", ""),
-            "variant": p.get("variant", ""), "model_size": _model_size(client, p.get("model_run_id", ""), sizes),
-            "backbone": p.get("backbone", ""), "trained_k": _number(p.get("trained_k")),
-            "k": _number(p.get("k")), "index_fraction": _number(p.get("index_fraction")),
-            "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
-            "fid_feature": p.get("fid_feature", ""),
-            **{m: run.data.metrics.get(m) for m in METRICS},
-            "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
-            "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
-            "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,
-        })
+    rows = [_point_row(client, r, r.data.tags.get("pipeline_run", ""), "", sizes) for r in points
+            if not pipeline_runs or r.data.tags.get("pipeline_run") in set(pipeline_runs)]
+    for name, inputs in (restored or {}).items():
+        own = {s.info.run_name for s in stages.values() if s.data.tags.get("pipeline_run") == name}
+        sources: dict[str, object] = {}
+        for stage in sorted(stages.values(), key=lambda r: r.info.start_time):
+            if stage.info.run_name not in own and read_same_inputs(stage, inputs):
+                sources[stage.info.run_name] = stage  # the latest one per evaluate stage
+        for stage in sources.values():
+            source = stage.data.tags.get("pipeline_run") or stage.info.run_id
+            rows += [_point_row(client, r, name, source, sizes) for r in points
+                     if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     columns = ["kind", "point", "pipeline_run", "variant", "model_size", "backbone", "trained_k", "k",
                "index_fraction", "guidance", "index", "fid_feature", *METRICS, *SOURCE_COLUMNS, "dvc_deps", "start_time"]
     return pd.DataFrame(rows, columns=columns)
@@ -247,10 +293,12 @@ def plot_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
 
 
 def publish_report(experiment: str, out_dir: str | os.PathLike, *, pipeline_runs: list[str] | None = None,
-                   feature: str | None = None, tracking_uri: str | None = None, run_id: str | None = None
-                   ) -> tuple[str, list[Path]]:
+                   feature: str | None = None, tracking_uri: str | None = None, run_id: str | None = None,
+                   restored: dict[str, dict] | None = None) -> tuple[str, list[Path]]:
     """Write the report for ``experiment`` (optionally some pipeline runs / sweep experiments) and log it
     to the run ``run_id`` (e.g. a sweep's parent), else to a new ``report`` run; returns (run id, files).
+    ``restored``: the DVC inputs of pipeline runs whose evaluation may have come from DVC's run cache
+    (see :func:`evaluate_runs`).
 
     Uses ``MlflowClient`` only (no active run), so a threaded flow can call it.
     """
@@ -260,12 +308,16 @@ def publish_report(experiment: str, out_dir: str | os.PathLike, *, pipeline_runs
     from knn_diffusion.tracking import git_commit, repo_root, with_retries
 
     client = MlflowClient(tracking_uri)
-    runs = evaluate_runs(client, experiment, pipeline_runs)
+    runs = evaluate_runs(client, experiment, pipeline_runs, restored)
     scope = ", ".join(pipeline_runs) if pipeline_runs else "all runs"
     missing = sorted(set(pipeline_runs or ()) - set(runs["pipeline_run"]))
     notes = [f"No evaluate run logged by {', '.join(missing)}: its evaluate stage did not run (DVC restored it "
-             "from the run cache, or it failed); its numbers are those of the identical earlier evaluation."
+             "from the run cache, or it failed), and no earlier evaluate run read the same inputs."
              ] if missing else []
+    reused = runs[runs["restored_from"] != ""].drop_duplicates(["pipeline_run", "restored_from"])
+    notes += [f"{row.pipeline_run}: DVC restored its evaluation from the run cache; its rows are those of the "
+              f"identical earlier evaluation by {row.restored_from} (column restored_from)."
+              for row in reused.itertuples()]
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     files = write_report(runs, out_dir, title=f"Ablations: experiment '{experiment}' ({scope})", feature=feature,
                          appendix=report_section(client, experiment_id), notes=notes)

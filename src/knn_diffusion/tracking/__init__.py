@@ -134,28 +134,52 @@ def parent_run_id() -> str | None:
 
 
 class GroupRun:
-    """A grouping run made by :func:`group_run`: ``id``, and :meth:`fail` to end it FAILED with a reason."""
+    """A grouping run made by :func:`group_run`: ``id``, :meth:`fail` to end it FAILED with a reason, and
+    :meth:`finish` to end it FINISHED before its block does."""
 
     def __init__(self, client: Any, run_id: str):
-        self.client, self.id, self.failure = client, run_id, ""
+        self.client, self.id, self.failure, self.finished = client, run_id, "", False
 
     def fail(self, reason: str) -> None:
         self.failure = reason
         with_retries(lambda: self.client.set_tag(self.id, "failure", reason[:5000]))
 
+    def finish(self) -> None:
+        """End the run FINISHED now (a sweep trial that is done while others run): it stays so."""
+        with_retries(lambda: self.client.set_terminated(self.id, "FINISHED"))
+        self.finished = True
+
+
+def end_stale_descendants(client: Any, experiment_id: str, run_id: str, status: str = "KILLED") -> list[str]:
+    """End every RUNNING run nested (at any depth) under ``run_id`` with ``status``; returns their ids.
+
+    For a group run reopened after its process died: runs it left RUNNING will never end by themselves.
+    """
+    ended, frontier = [], [run_id]
+    while frontier:
+        query = f"tags.`mlflow.parentRunId` = '{frontier.pop()}'"
+        children = with_retries(lambda: client.search_runs([experiment_id], query, max_results=50_000))
+        frontier += [c.info.run_id for c in children]
+        for child in children:
+            if child.info.status == "RUNNING":
+                with_retries(lambda c=child: client.set_terminated(c.info.run_id, status))
+                ended.append(child.info.run_id)
+    return ended
+
 
 @contextlib.contextmanager
 def group_run(name: str, experiment: str, uri: str, *, params: Any = None, tags: dict[str, str] | None = None,
-              parent: str | None = None) -> Iterator[GroupRun]:
+              parent: str | None = None, resume: str | None = None) -> Iterator[GroupRun]:
     """A run that groups others (a pipeline run, a sweep, a sweep trial).
 
     Made with ``MlflowClient`` against ``uri`` (no active fluent run: flows are threaded), nested under
     ``parent`` when given; ends FINISHED, or FAILED when the block raises or calls ``fail``. ``params``
     (a mapping or the Params dataclass) are logged flattened, so the UI's compare view shows them beside
-    the children's metrics.
+    the children's metrics. ``resume``: the id of an earlier run of the same group (a killed sweep's) to
+    reopen instead of creating one: RUNNING again, its ``failure`` tag gone, its tags updated.
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     from knn_diffusion.config import flatten
 
@@ -164,19 +188,28 @@ def group_run(name: str, experiment: str, uri: str, *, params: Any = None, tags:
     run_tags = {k: v for k, v in (tags or {}).items() if v}
     if parent:
         run_tags["mlflow.parentRunId"] = parent
-    run = GroupRun(client, with_retries(lambda: client.create_run(experiment_id, run_name=name,
-                                                                  tags=run_tags)).info.run_id)
+    if resume:
+        run = GroupRun(client, resume)
+        with_retries(lambda: client.log_batch(resume, tags=[RunTag(k, v) for k, v in run_tags.items()]))
+        if "failure" in with_retries(lambda: client.get_run(resume)).data.tags:
+            with_retries(lambda: client.delete_tag(resume, "failure"))
+        with_retries(lambda: client.update_run(resume, status="RUNNING"))
+    else:
+        run = GroupRun(client, with_retries(lambda: client.create_run(experiment_id, run_name=name,
+                                                                      tags=run_tags)).info.run_id)
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
         with_retries(lambda chunk=flat[i:i + 100]: client.log_batch(run.id, params=chunk))
     try:
         yield run
     except BaseException as err:
-        if not run.failure:
-            run.fail(f"{type(err).__name__}: {err}")
-        with_retries(lambda: client.set_terminated(run.id, "FAILED"))
+        if not run.finished:
+            if not run.failure:
+                run.fail(f"{type(err).__name__}: {err}")
+            with_retries(lambda: client.set_terminated(run.id, "FAILED"))
         raise
-    with_retries(lambda: client.set_terminated(run.id, "FAILED" if run.failure else "FINISHED"))
+    if not run.finished:
+        with_retries(lambda: client.set_terminated(run.id, "FAILED" if run.failure else "FINISHED"))
 
 
 @contextlib.contextmanager
