@@ -169,7 +169,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes; all mean one thing
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        detail = " ".join(str(err).split())
+        if "WeightsUnpickler error:" in detail:  # keep the cause, not torch's advice to load unsafely
+            detail = detail.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        reason = f"{type(err).__name__}: {detail[:200]}"
         if zipfile.is_zipfile(path):  # a torch.save file whose pickled objects need their code to be rebuilt
             raise ValueError(f"tokenizer.pretrained: {path}: its pickled objects cannot be read without running "
                              f"code from the file ({reason}); if you trust it, keep only the weights: "
