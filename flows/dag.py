@@ -47,6 +47,12 @@ def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     return list(graphlib.TopologicalSorter(stage_graph(dvc_yaml)).static_order())
 
 
+def named_stages(names: list[str], order: list[str]) -> dict[str, list[str]]:
+    """{name: the stages it means}: a stage, or a matrix/foreach entry's name alone for all its items (as
+    ``dvc repro evaluate`` does); an unknown name means none."""
+    return {name: [s for s in order if s == name or s.split("@")[0] == name] for name in names}
+
+
 def stage_backbones(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
     """{stage: backbone} for the stages that belong to one generator backbone (``meta: {backbone: ...}``)."""
     return {name: spec["meta"]["backbone"] for name, spec in dvc_stages(dvc_yaml).items()

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from flows.dag import stage_backbones, stage_graph, stage_order, without_backbones
+from flows.dag import named_stages, stage_backbones, stage_graph, stage_order, without_backbones
 from knn_diffusion.config import load_params
 from knn_diffusion.tracking import (FLOW_RUN_URL_ENV, PARENT_RUN_ENV, PIPELINE_RUN_ENV, git_commit, group_run,
                                     tracking_uri)
@@ -97,8 +97,7 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     graph = stage_graph(repo_path / "dvc.yaml")
     order = stage_order(repo_path / "dvc.yaml")
     if stages:
-        # a matrix stage's name alone means all its items, as for `dvc repro evaluate`
-        items = {name: [s for s in order if s == name or s.split("@")[0] == name] for name in stages}
+        items = named_stages(stages, order)  # "evaluate": evaluate@continuous and evaluate@discrete
         unknown = sorted(name for name, found in items.items() if not found)
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: dvc.yaml defines {order}")

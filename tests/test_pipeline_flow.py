@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.dag import stage_backbones, stage_graph, stage_order, without_backbones
+from flows.dag import named_stages, stage_backbones, stage_graph, stage_order, without_backbones
 from flows.pipeline import pipeline
 from knn_diffusion.stages.common import dvc_stages
 from tests.conftest import REPO
@@ -121,6 +121,9 @@ def test_sample_and_evaluate_are_one_stage_per_backbone_with_its_own_upstream():
         assert "train_continuous" in graph[f"{stage}@continuous"] and "train_discrete" in graph[f"{stage}@discrete"]
         assert "train_discrete" not in graph[f"{stage}@continuous"] and "train_continuous" not in graph[f"{stage}@discrete"]
     assert graph["human_eval"] == {"evaluate@continuous", "evaluate@discrete"}
+    assert named_stages(["evaluate", "sample@discrete", "knn", "sample@gan"], stage_order(REPO / "dvc.yaml")) == {
+        "evaluate": ["evaluate@continuous", "evaluate@discrete"], "sample@discrete": ["sample@discrete"],
+        "knn": ["knn"], "sample@gan": []}
     backbones = stage_backbones(REPO / "dvc.yaml")
     assert backbones["evaluate@discrete"] == backbones["sample@discrete"] == "discrete"
     # pipeline.backbones: [continuous] skips the discrete items, keeps human_eval (fed by evaluate@continuous)
