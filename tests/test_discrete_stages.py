@@ -86,7 +86,8 @@ def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(d
                    "evaluate.grid.k=[0,3]", "evaluate.grid.index_fraction=[1.0]", "evaluate.discrete.steps=3"])
     out = paths.evaluate_dir("discrete")
     facts = json.loads((out / "evaluate.json").read_text())
-    assert (facts["backbone"], facts["model_run_id"], facts["steps"], facts["truncation"]) == ("discrete", trained, 3, 0.9)
+    assert (facts["backbone"], facts["model_run_id"], facts["steps"], facts["truncation"]) == (
+        "discrete", trained, 3, 0.9)
     sidecars = [json.loads(p.read_text()) for p in sorted((out / "k3-frac1-g8-openmoji").glob("0*.json"))]
     assert len(sidecars) == 4 and {(s["backbone"], s["model_run_id"], s["guidance"]) for s in sidecars} == {
         ("discrete", trained, 8.0)}

@@ -119,7 +119,8 @@ def test_sample_and_evaluate_are_one_stage_per_backbone_with_its_own_upstream():
     for stage in ("sample", "evaluate"):
         assert stage not in graph
         assert "train_continuous" in graph[f"{stage}@continuous"] and "train_discrete" in graph[f"{stage}@discrete"]
-        assert "train_discrete" not in graph[f"{stage}@continuous"] and "train_continuous" not in graph[f"{stage}@discrete"]
+        assert "train_discrete" not in graph[f"{stage}@continuous"]
+        assert "train_continuous" not in graph[f"{stage}@discrete"]
     assert graph["human_eval"] == {"evaluate@continuous", "evaluate@discrete"}
     assert named_stages(["evaluate", "sample@discrete", "knn", "sample@gan"], stage_order(REPO / "dvc.yaml")) == {
         "evaluate": ["evaluate@continuous", "evaluate@discrete"], "sample@discrete": ["sample@discrete"],
