@@ -38,7 +38,8 @@ def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # n
     _commit(repo_copy)
     names = sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res", parallel=2)
     assert names == ["res-resolution-16", "res-resolution-24"]
-    assert sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res", parallel=2) == names  # rerun
+    # --fresh: every trial again, under a new parent (a plain rerun would find them all done)
+    assert sweep(axes=["data.resolution=16,24"], repo=str(repo_copy), prefix="res", parallel=2, fresh=True) == names
 
     shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=repo_copy, capture_output=True, text=True, check=True)
     for name in names:
@@ -49,6 +50,13 @@ def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # n
                                   filter_string=f"tags.pipeline_run = '{name}'")
         assert [r.info.status for r in runs] == ["FINISHED"], name  # the rerun came from DVC's run cache
         assert runs[0].data.params["data.resolution"] == resolution
+    parents = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
+                                 filter_string="tags.kind = 'sweep' and tags.`sweep.prefix` = 'res'")
+    assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"]
+    for parent in parents:
+        trials = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
+                                    filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted((t.info.run_name, t.info.status) for t in trials) == [(n, "FINISHED") for n in names]
 
 
 def test_sweep_logs_to_the_exported_then_the_configured_store(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_a_failing_trial_is_retried_then_fails_the_sweep_by_name(harness, repo_c
 
 
 # A stand-in for the evaluate stage, seconds per trial: one stage run tagged with its DVC input hashes and one
-# point child, as the real stage logs them. With KNN_TEST_BLOCK_K set it hangs in that trial (to be killed).
+# point child, as the real stage logs them. Under KNN_TEST_HOLD trials k=2 and k=3 wait in their stage (to be
+# killed, or left running) until the file "release" appears in that folder.
 FAKE_EVALUATE = """
 import os, time, yaml
 from knn_diffusion.stages.common import dvc_input_hashes
@@ -93,9 +95,11 @@ from knn_diffusion.tracking import child_run, repo_root, stage_run
 
 k = yaml.safe_load(open("params.yaml"))["train_continuous"]["k"]
 with stage_run("evaluate", {"train_continuous": {"k": k}}, tags=dvc_input_hashes(repo_root(), "evaluate")):
-    if str(k) == os.environ.get("KNN_TEST_BLOCK_K"):
-        open(os.environ["KNN_TEST_STARTED"], "w").close()
-        time.sleep(3600)
+    hold = os.environ.get("KNN_TEST_HOLD")
+    if hold and k in (2, 3):
+        open(os.path.join(hold, f"started-{k}"), "w").close()
+        while not os.path.exists(os.path.join(hold, "release")):
+            time.sleep(0.2)
     point = {"k": k, "trained_k": k, "guidance": 3, "index_fraction": 1.0, "index": "openmoji", "variant": "tokens",
              "fid_feature": "clip_image:test", "backbone": "continuous"}
     with child_run(f"k{k}", point, {"evaluate.kind": "grid_point"}) as run:
@@ -103,16 +107,6 @@ with stage_run("evaluate", {"train_continuous": {"k": k}}, tags=dvc_input_hashes
 os.makedirs("outputs/fake", exist_ok=True)
 open("outputs/fake/k.txt", "w").write(str(k))
 """
-
-
-def _processes_in(folder) -> list[psutil.Process]:
-    """Processes working in ``folder`` (this test's repo): the sweep's DVC calls, queue workers, stages."""
-    found = []
-    for proc in psutil.process_iter(["cwd"]):
-        cwd = proc.info.get("cwd") or ""
-        if cwd == str(folder) or cwd.startswith(f"{folder}/"):
-            found.append(proc)
-    return found
 
 
 @contextlib.contextmanager
@@ -131,73 +125,109 @@ def _flow_log():
         logger.setLevel(level)
 
 
+def _processes_in(folder) -> list[psutil.Process]:
+    """Processes working in ``folder`` (this test's repo): the sweep's DVC calls, queue workers, stages."""
+    found = []
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd") or ""
+        if cwd == str(folder) or cwd.startswith(f"{folder}/"):
+            found.append(proc)
+    return found
+
+
+def _experiments(repo) -> dict[str, dict]:
+    shown = json.loads(subprocess.run([DVC, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
+                                      check=True).stdout)
+    return {e["name"]: e for entry in shown for e in entry.get("experiments") or []}
+
+
 def _trial_status(name: str) -> str:
     found = _runs(kind="trial", **{"mlflow.runName": name})
     return found[0].info.status if found else ""
 
 
-def _exp_revs(repo) -> dict[str, str]:
-    shown = json.loads(subprocess.run([DVC, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
-                                      check=True).stdout)
-    return {e["name"]: e["revs"][0]["rev"] for entry in shown for e in entry.get("experiments") or []}
-
-
 def _tree(prefix: str) -> tuple:
-    """(parent runs of the sweep, {trial name: trial run}) of the latest parent."""
+    """(parent runs of the sweep, {trial name: trial run} of the latest parent)."""
     parents = _runs(kind="sweep", **{"mlflow.runName": f"sweep {prefix}"})
     trials = [r for r in _runs(kind="trial") if r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id]
     assert len({t.info.run_name for t in trials}) == len(trials), "one child per trial"
     return parents, {t.info.run_name: t for t in trials}
 
 
+def _release_when_resumed(parent_id: str, release: Path) -> threading.Thread:
+    """Let the held stages go on once a rerun has reopened the sweep's parent run (its process tag changed)."""
+    tag = mlflow.get_run(parent_id).data.tags["sweep.process"]
+
+    def watch():
+        while mlflow.get_run(parent_id).data.tags["sweep.process"] == tag:
+            time.sleep(0.3)
+        release.touch()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_killed_sweep_reruns_only_its_missing_trials(harness, repo_copy, tmp_path):  # noqa: F811
+    """kill-k-1 finished; kill-k-3's queue worker is SIGKILLed with the sweep; kill-k-2's worker survives (as
+    after Ctrl-C, which reaches the sweep but not DVC's daemonised workers). The rerun resumes the sweep."""
     (repo_copy / "fake_evaluate.py").write_text(FAKE_EVALUATE)
     _only(repo_copy, {"evaluate": {"cmd": "python fake_evaluate.py", "deps": ["fake_evaluate.py"],
                                    "params": ["train_continuous.k"], "outs": ["outputs/fake"]}})
-    axes, started = ["train_continuous.k=1,2,3"], tmp_path / "started"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "KNN_TEST_BLOCK_K": "2",
-           "KNN_TEST_STARTED": str(started)}
+    axes, hold = ["train_continuous.k=1,2,3"], tmp_path / "hold"
+    hold.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "KNN_TEST_HOLD": str(hold)}
     with open(tmp_path / "killed-sweep.log", "w") as log:
         killed = subprocess.Popen([sys.executable, "-m", "flows.sweep", *axes, "--repo", str(repo_copy),
-                                   "--prefix", "kill"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                   "--prefix", "kill", "--parallel", "2"], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
-        while not (started.exists() and _trial_status("kill-k-1") == "FINISHED"):
+        while not ((hold / "started-3").exists() and _trial_status("kill-k-1") == "FINISHED"):
             assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed-sweep.log").read_text()
-            time.sleep(0.5)  # until kill-k-1 has finished and kill-k-2 is in its stage
-    finally:  # SIGKILL the sweep, then its queue workers, their `dvc exp exec-run` and the stage
+            time.sleep(0.5)  # until kill-k-1 has finished, and kill-k-2 and kill-k-3 are in their stage
         killed.kill()
         killed.wait()
+        execution = psutil.Process(_experiments(repo_copy)["kill-k-3"]["executor"]["local"]["pid"])
+        worker = execution.parent()  # `dvc exp queue-worker`, below its `dvc queue start` daemon
+        for proc in [worker.parent(), worker, execution, *execution.children(recursive=True)]:
+            if proc.pid != 1:
+                proc.kill()
+        psutil.wait_procs([worker, execution], timeout=10)
+
+        (parent,), before = _tree("kill")
+        assert parent.info.status == "RUNNING"
+        assert {n: t.info.status for n, t in before.items()} == {"kill-k-1": "FINISHED", "kill-k-2": "RUNNING",
+                                                                 "kill-k-3": "RUNNING"}
+        queue = subprocess.run([DVC, "queue", "status"], cwd=repo_copy, capture_output=True, text=True).stdout
+        assert re.search(r"kill-k-3\s.*Running", queue), queue  # what DVC says of a task whose worker was killed
+        exps = _experiments(repo_copy)
+        dead_copy = exps["kill-k-3"]["executor"]["local"]["root"]
+
+        releaser = _release_when_resumed(parent.info.run_id, hold / "release")
+        with _flow_log() as log:
+            assert sweep(axes=axes, repo=str(repo_copy), prefix="kill", parallel=2) == ["kill-k-1", "kill-k-2",
+                                                                                        "kill-k-3"]
+        releaser.join(timeout=5)
+    finally:  # nothing of this test left running, whatever happened
+        killed.kill()
+        (hold / "release").touch()
+        psutil.wait_procs(_processes_in(repo_copy), timeout=60)
         for proc in _processes_in(repo_copy):
             proc.kill()
-        psutil.wait_procs(_processes_in(repo_copy), timeout=10)
-
-    (parent,), before = _tree("kill")
-    assert parent.info.status == "RUNNING"
-    assert {n: t.info.status for n, t in before.items()} == {"kill-k-1": "FINISHED", "kill-k-2": "RUNNING",
-                                                             "kill-k-3": "RUNNING"}
-    queue = subprocess.run([DVC, "queue", "status"], cwd=repo_copy, capture_output=True, text=True).stdout
-    assert re.search(r"kill-k-2\s.*Running", queue), queue  # what DVC says of a task whose worker was killed
-    exp_before = _exp_revs(repo_copy)
-    dead_copy = json.loads(subprocess.run([DVC, "exp", "show", "--json"], cwd=repo_copy, capture_output=True,
-                                          text=True, check=True).stdout)
-    dead_root = next(e["executor"]["local"]["root"] for entry in dead_copy for e in entry.get("experiments") or []
-                     if e["name"] == "kill-k-2")
-
-    with _flow_log() as log:
-        assert sweep(axes=axes, repo=str(repo_copy), prefix="kill") == ["kill-k-1", "kill-k-2", "kill-k-3"]
-    assert "kill-k-1: already done" in log.text and "kill-k-2: already done" not in log.text
-    assert _exp_revs(repo_copy)["kill-k-1"] == exp_before["kill-k-1"]  # not queued again
+    assert "kill-k-1: already done" in log.text and "kill-k-2: still running" in log.text
+    assert _experiments(repo_copy)["kill-k-1"]["revs"][0]["rev"] == exps["kill-k-1"]["revs"][0]["rev"]  # not rerun
     (resumed,), after = _tree("kill")
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
     assert {n: t.info.status for n, t in after.items()} == dict.fromkeys(before, "FINISHED")
     assert {n: t.info.run_id for n, t in after.items()} == {n: t.info.run_id for n, t in before.items()}
     stages = {name: sorted(r.info.status for r in _runs(stage="evaluate", pipeline_run=name)
                            if "evaluate.kind" not in r.data.tags) for name in after}
-    assert stages == {"kill-k-1": ["FINISHED"], "kill-k-2": ["FINISHED", "KILLED"], "kill-k-3": ["FINISHED"]}
+    # kill-k-1 not again, kill-k-2 once (waited for, not started twice), kill-k-3's stage run of the dead worker KILLED
+    assert stages == {"kill-k-1": ["FINISHED"], "kill-k-2": ["FINISHED"], "kill-k-3": ["FINISHED", "KILLED"]}
     assert "Running" not in subprocess.run([DVC, "queue", "status"], cwd=repo_copy, capture_output=True,
                                            text=True).stdout
-    assert not Path(dead_root).exists()  # the killed experiment's working copy
+    assert not Path(dead_copy).exists()  # the killed experiment's working copy
 
     # The same trial under another name: DVC restores its evaluation from the run cache, so no evaluate run
     # is logged; the report takes the rows of the identical earlier evaluation, and names it.
@@ -207,13 +237,12 @@ def test_a_killed_sweep_reruns_only_its_missing_trials(harness, repo_copy, tmp_p
     assert by_k[["pipeline_run", "k", "fid", "restored_from"]].values.tolist() == [["again-k-3", 3, 13.0, "kill-k-3"]]
     assert "identical earlier evaluation by kill-k-3" in (repo_copy / "outputs/report/again/tables.md").read_text()
 
-    # A finished sweep rerun does nothing; --fresh runs it again under a new parent.
-    assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="again") == ["again-k-3"]
+    # A finished sweep, rerun, has nothing to do (--fresh would run it again: tests/test_sweep.py).
+    revs = {name: exp["revs"][0]["rev"] for name, exp in _experiments(repo_copy).items()}
+    with _flow_log() as log:
+        assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="again") == ["again-k-3"]
+    assert "again-k-3: already done" in log.text
+    assert {name: exp["revs"][0]["rev"] for name, exp in _experiments(repo_copy).items()} == revs
     assert len(_tree("again")[0]) == 1
-    sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="again", fresh=True)
-    parents, trials = _tree("again")
-    assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"] and list(trials) == ["again-k-3"]
-    deadline = time.monotonic() + 30
-    while _processes_in(repo_copy) and time.monotonic() < deadline:  # idle queue workers exit by themselves
-        time.sleep(1)
+    psutil.wait_procs(_processes_in(repo_copy), timeout=30)  # idle queue workers exit by themselves
     assert _processes_in(repo_copy) == []
