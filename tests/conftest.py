@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_PIPELINE_RUN = "tiny-pipeline"  # the pipeline_run tag of tiny_pipeline's stage runs
+DVC_EXPERIMENT = "dvc-reproducibility"  # the MLflow experiment of dvc_pipeline's stage runs
 # Prefect's temporary server logs its shutdown at exit, after pytest has closed the captured streams.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -37,15 +39,34 @@ def tiny_pipeline(tmp_path_factory):
     import yaml
 
     from knn_diffusion.stages import embed, encoder, index, ingest, knn, sample, train_continuous
+    from knn_diffusion.tracking import PIPELINE_RUN_ENV
     from tests.test_stages_end_to_end import TINY
 
     root = tmp_path_factory.mktemp("tiny-pipeline")
     (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "tiny-pipeline"}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        mp.setenv(PIPELINE_RUN_ENV, TINY_PIPELINE_RUN)  # tags these stage runs apart from the copies' runs
         for stage in (ingest, encoder, embed, index, knn, train_continuous, sample):
             stage.main([])
     return root
+
+
+@pytest.fixture(scope="session")
+def dvc_pipeline(tmp_path_factory):
+    """Every stage of dvc.yaml reproduced once with the real ``dvc repro`` in a scratch git+DVC repo, each under
+    the stage-input tracer (``tests/dvc_repo.py``), committed as v1.
+
+    Never changed: tests that change it work on ``dvc_repo.copy_repo(dvc_pipeline, tmp_path / ...)``.
+    """
+    from tests import dvc_repo
+
+    root = tmp_path_factory.mktemp("dvc-pipeline")
+    params = dvc_repo.tiny_params(dvc_repo.tiny_open_clip(root), DVC_EXPERIMENT)
+    repo = dvc_repo.make_repo(root / "repo", params, traced=True)
+    dvc_repo.dvc(repo, "repro")
+    dvc_repo.commit(repo, "v1")
+    return repo
 
 
 def copy_outputs(source: Path, target: Path, *relative: str) -> Path:

@@ -13,9 +13,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete", "sample")
+PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete", "sample",
+            "evaluate", "human_eval", "human_eval_aggregate")
 # The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.
-TRACED = (*PIPELINE[:-1], "sample@continuous", "sample@discrete")
+TRACED = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete",
+          "sample@continuous", "sample@discrete", "evaluate@continuous", "evaluate@discrete", "human_eval",
+          "human_eval_aggregate")
+TRACES = ".traces"  # in the repo root (git-ignored): a copy of a traced repo writes its own traces
 
 
 def tiny_open_clip(folder: Path) -> tuple[str, str]:
@@ -57,31 +61,41 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params["train_discrete"]["sampling"]["steps"] = 2
     params["sample"].update({"prompts": ["an emoji of a red heart", "an emoji of a cat"], "indexes": ["openmoji"]})
     params["sample"]["continuous"]["steps"] = params["sample"]["discrete"]["steps"] = 2
+    # Two grid points (no kNN, k=3) and the retrieval baseline on four test-split captions.
+    params["evaluate"].update({"count": 4, "batch_size": 4, "kid_subsets": 2, "kid_subset_size": 2,
+                               "r_precision_candidates": 2, "grid_prompts": 2,
+                               "grid": {"k": [0, 3], "index_fraction": [1.0], "index": ["openmoji"]}})
+    params["evaluate"]["continuous"].update({"steps": 2, "guidance": [3.0]})
+    params["evaluate"]["discrete"].update({"steps": 2, "guidance": [8.0]})
+    params["human_eval"].update({"system_a": "outputs/evaluate/continuous/k3-frac1-g3-openmoji",
+                                 "system_b": "outputs/evaluate/continuous/retrieval_baseline", "screenshot": False})
     params["tracking"]["experiment"] = experiment
     return params
 
 
-def make_repo(root: Path, params: dict, stages: tuple[str, ...] = PIPELINE, traces: Path | None = None) -> Path:
+def make_repo(root: Path, params: dict, stages: tuple[str, ...] = PIPELINE, traced: bool = False) -> Path:
     """git init + dvc init in ``root`` with the project's src, its dvc.yaml limited to ``stages``, ``params``.
 
-    With ``traces``, each stage runs under ``stage_tracer.py``, which writes ``traces/<stage>.json`` (a matrix
-    stage's items: ``traces/<stage>@<item>.json``, DVC's names).
+    With ``traced``, each stage runs under ``stage_tracer.py``, which writes ``.traces/<stage>.json`` (a matrix
+    stage's items: ``.traces/<stage>@<item>.json``, DVC's names) relative to the repo root.
     """
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     spec["stages"] = {name: spec["stages"][name] for name in stages}
-    if traces is not None:
-        traces.mkdir(parents=True, exist_ok=True)
+    if traced:
+        (root / TRACES).mkdir()
+        (root / ".gitignore").write_text(f"/{TRACES}/\n")
         for name, stage in spec["stages"].items():
             module, *args = stage["cmd"].split(" -m ")[1].split()
             item = "@" + "-".join(f"${{item.{key}}}" for key in stage["matrix"]) if "matrix" in stage else ""
             stage["cmd"] = " ".join(["python", str(Path(__file__).parent / "stage_tracer.py"), module,
-                                     f"{traces / name}{item}.json", *args])
+                                     f"{TRACES}/{name}{item}.json", *args])
     (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copytree(REPO / "prompts", root / "prompts")
+    shutil.copytree(REPO / "results", root / "results")  # human_eval_aggregate's results_dir (no answers yet)
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=root, check=True)
     commit(root, "v0")
@@ -134,3 +148,9 @@ def lock(root: Path) -> dict:
 
 def locked_md5(root: Path, stage: str, path: str, kind: str = "outs") -> str:
     return next(item["md5"] for item in lock(root)[stage][kind] if item["path"] == path)
+
+
+def copy_repo(source: Path, target: Path) -> Path:
+    """A copy of a reproduced repo (git history, DVC cache, outputs, traces) to change without touching ``source``."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
