@@ -11,7 +11,7 @@ under ``.dvc/tmp``. The store and the experiment are created once, before the ru
 first use of a sqlite store races on its schema). A stage's MLflow run is tagged with its experiment's
 name (``pipeline_run``, from DVC's ``DVC_EXP_NAME``).
 
-Rerunning a sweep (same prefix, axes and git commit) resumes it: its MLflow parent run is reopened, a
+Rerunning a sweep (same prefix, axes, git commit and uncommitted changes) resumes it: its MLflow parent run is reopened, a
 trial whose DVC experiment succeeded with the same params and whose trial run FINISHED is "already done",
 and only the others run (their trial runs reopened; queue tasks the dead sweep left "Running" are killed
 and their working copies removed). ``--fresh`` runs every trial again under a new parent, replacing the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import re
@@ -50,6 +51,7 @@ from knn_diffusion.tracking import (TRIAL_RUNS_ENV, end_stale_descendants, git_c
                                     with_retries)
 
 POLL_SECONDS = 3
+SWEEP_IDENTITY = ("sweep.prefix", "sweep.axes", "sweep.workspace")  # with git.commit: what a rerun must match
 FINISHED = {"Success", "Failed"}
 
 
@@ -109,6 +111,12 @@ def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
     return status
 
 
+def workspace_changes(repo: Path) -> str:
+    """A hash of the uncommitted changes to tracked files (queued experiments run with them), '' when clean."""
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=repo, capture_output=True, check=True).stdout
+    return hashlib.sha256(diff).hexdigest()[:16] if diff else ""
+
+
 def process_tag() -> str:
     """This process as ``host:pid:start time`` (a pid alone may be reused), to tell a live sweep from a dead one."""
     me = psutil.Process()
@@ -127,7 +135,10 @@ def process_alive(tag: str) -> bool:
 
 
 def pid_alive(pid: int | None) -> bool:
-    return bool(pid) and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    try:
+        return bool(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def dvc_experiments(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -171,11 +182,12 @@ def trial_params_file(repo: Path, overrides: list[str]) -> dict:
 
 
 def earlier_sweep(client: Any, experiment_id: str, tags: dict[str, str]) -> Any | None:
-    """The latest parent run of this same sweep (prefix, axes, git commit), unless its process still runs."""
+    """The latest parent run of this same sweep (prefix, axes, git commit and uncommitted changes), unless
+    its process still runs."""
     runs = with_retries(lambda: client.search_runs(
         [experiment_id], f"tags.kind = 'sweep' and tags.`git.commit` = '{tags['git.commit']}'",
         order_by=["attributes.start_time DESC"], max_results=1000))
-    same = [r for r in runs if all(r.data.tags.get(k) == tags[k] for k in ("sweep.prefix", "sweep.axes"))]
+    same = [r for r in runs if all(r.data.tags.get(k, "") == tags[k] for k in SWEEP_IDENTITY)]
     if not same:
         return None
     latest = same[0]
@@ -219,6 +231,15 @@ def plan_trials(repo: Path, env: dict[str, str], combos: dict[str, list[str]], p
     return done, live, to_run
 
 
+def stop_dead_task(repo: Path, env: dict[str, str], name: str, dead: dict) -> None:
+    """A task DVC reports "Running" whose process is gone: ``dvc queue kill`` (DVC marks it failed), and its
+    working copy under .dvc/tmp/exps removed."""
+    _dvc(repo, env, "queue", "kill", name, check=False)
+    root = Path(dead["root"] or repo).resolve()
+    if root.is_relative_to((repo / ".dvc" / "tmp" / "exps").resolve()):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @task(cache_policy=NO_CACHE)
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the MLflow store's schema and the experiment once, before runs write to it concurrently."""
@@ -238,10 +259,7 @@ def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list
     logger = get_run_logger()
     if dead:
         logger.info("'%s' was left running by a dead worker (pid %s): dvc queue kill", name, dead["pid"])
-        _dvc(repo, env, "queue", "kill", name, check=False)
-        root = Path(dead["root"] or repo).resolve()
-        if root.is_relative_to((repo / ".dvc" / "tmp" / "exps").resolve()):
-            shutil.rmtree(root, ignore_errors=True)
+        stop_dead_task(repo, env, name, dead)
     if name in _dvc(repo, env, "exp", "list", "--name-only").stdout.split():
         logger.info("replacing the existing experiment '%s'", name)
         _dvc(repo, env, "exp", "remove", name)
@@ -254,11 +272,22 @@ def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list
 def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
               on_success: Callable[[str], None] = lambda name: None) -> dict[str, str]:
     """Start ``jobs`` queue workers and wait until every experiment in ``names`` has finished; ``on_success``
-    is called with each experiment's name as soon as it has succeeded."""
+    is called with each experiment's name as soon as it has succeeded. A task whose process died (its
+    worker killed) fails, and workers are started again, so a lost worker never leaves the sweep waiting."""
     logger = get_run_logger()
     _dvc(repo, env, "queue", "start", "-j", str(jobs))
     reported: dict[str, str] = {}
+    polls = 0
     while True:
+        polls += 1
+        if polls % 10 == 0 and "Running" in reported.values():  # about every 30 s
+            known = dvc_experiments(repo, env)
+            for name in [n for n, state in reported.items() if state == "Running"]:
+                running = known.get(name, {}).get("running")
+                if running and not pid_alive(running["pid"]):
+                    logger.warning("%s: its process (pid %s) died", name, running["pid"])
+                    stop_dead_task(repo, env, name, running)
+                    _dvc(repo, env, "queue", "start", "-j", str(jobs))
         status = queue_status(repo, env)
         for name in names:
             if status.get(name) != reported.get(name):
@@ -317,7 +346,8 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
     if len(combos) < len(expand_grid(axes)):
         raise ValueError(f"sweep axes {axes}: two trials get the same experiment name (names keep only each "
                          f"key's last part): {sorted(combos)}")
-    trial_params = {name: load_params(repo_path / "params.yaml", combo) for name, combo in combos.items()}  # bad values fail here
+    trial_params = {name: load_params(repo_path / "params.yaml", combo)  # bad values fail here
+                    for name, combo in combos.items()}
     names = list(combos)
     uri = sweep_tracking_uri(repo_path)
     experiment = next(iter(trial_params.values())).tracking.experiment
@@ -325,7 +355,7 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
     client = MlflowClient(uri)
     tags = {"git.commit": git_commit(repo_path)[0], "prefect.flow_run_url": flow_run.ui_url or ""}
     sweep_tags = {**tags, "kind": "sweep", "sweep.prefix": prefix, "sweep.axes": json.dumps(axes),
-                  "sweep.process": process_tag()}
+                  "sweep.workspace": workspace_changes(repo_path), "sweep.process": process_tag()}
     earlier = earlier_sweep(client, experiment_id, sweep_tags)
     if earlier is not None and fresh:
         logger.info("fresh: not resuming the earlier sweep run %s", earlier.info.run_id)

@@ -22,6 +22,8 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from flows.sweep import sweep
+from knn_diffusion.evaluation.report import read_same_inputs
+from knn_diffusion.tracking import with_retries
 from tests.conftest import REPO
 from tests.dvc_repo import DVC
 from tests.test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
@@ -98,8 +100,12 @@ with stage_run("evaluate", {"train_continuous": {"k": k}}, tags=dvc_input_hashes
     hold = os.environ.get("KNN_TEST_HOLD")
     if hold and k in (2, 3):
         open(os.path.join(hold, f"started-{k}"), "w").close()
-        while not os.path.exists(os.path.join(hold, "release")):
+        for _ in range(1500):
+            if os.path.exists(os.path.join(hold, "release")):
+                break
             time.sleep(0.2)
+        else:
+            raise SystemExit("held for 5 minutes: never released")
     point = {"k": k, "trained_k": k, "guidance": 3, "index_fraction": 1.0, "index": "openmoji", "variant": "tokens",
              "fid_feature": "clip_image:test", "backbone": "continuous"}
     with child_run(f"k{k}", point, {"evaluate.kind": "grid_point"}) as run:
@@ -156,11 +162,14 @@ def _tree(prefix: str) -> tuple:
 
 def _release_when_resumed(parent_id: str, release: Path) -> threading.Thread:
     """Let the held stages go on once a rerun has reopened the sweep's parent run (its process tag changed)."""
-    tag = mlflow.get_run(parent_id).data.tags["sweep.process"]
+    def process() -> str:
+        return with_retries(lambda: mlflow.get_run(parent_id)).data.tags["sweep.process"]
+
+    tag = process()
 
     def watch():
-        while mlflow.get_run(parent_id).data.tags["sweep.process"] == tag:
-            time.sleep(0.3)
+        while process() == tag:
+            time.sleep(0.5)
         release.touch()
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -230,18 +239,24 @@ def test_a_killed_sweep_reruns_only_its_missing_trials(harness, repo_copy, tmp_p
     assert not Path(dead_copy).exists()  # the killed experiment's working copy
 
     # The same trial under another name: DVC restores its evaluation from the run cache, so no evaluate run
-    # is logged; the report takes the rows of the identical earlier evaluation, and names it.
-    assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="again") == ["again-k-3"]
-    assert _runs(stage="evaluate", pipeline_run="again-k-3") == []
+    # is logged; the report takes the rows of the identical earlier evaluation (not the latest one), and names it.
+    assert sweep(axes=["train_continuous.k=1"], repo=str(repo_copy), prefix="again") == ["again-k-1"]
+    assert _runs(stage="evaluate", pipeline_run="again-k-1") == []
     by_k = pd.read_csv(repo_copy / "outputs" / "report" / "again" / "by_k.csv")
-    assert by_k[["pipeline_run", "k", "fid", "restored_from"]].values.tolist() == [["again-k-3", 3, 13.0, "kill-k-3"]]
-    assert "identical earlier evaluation by kill-k-3" in (repo_copy / "outputs/report/again/tables.md").read_text()
+    assert by_k[["pipeline_run", "k", "fid", "restored_from"]].values.tolist() == [["again-k-1", 1, 11.0, "kill-k-1"]]
+    assert "identical earlier evaluation by kill-k-1" in (repo_copy / "outputs/report/again/tables.md").read_text()
+    (source,) = [r for r in _runs(stage="evaluate", pipeline_run="kill-k-1") if "evaluate.kind" not in r.data.tags]
+    inputs = {"deps": {"fake_evaluate.py": source.data.tags["dvc.dep.fake_evaluate.py"]},
+              "params": {"train_continuous.k": 1}}
+    assert read_same_inputs(source, inputs)
+    assert not read_same_inputs(source, {**inputs, "params": {"train_continuous.k": 2}})
+    assert not read_same_inputs(source, {**inputs, "deps": {"fake_evaluate.py": "0" * 32}})
 
     # A finished sweep, rerun, has nothing to do (--fresh would run it again: tests/test_sweep.py).
     revs = {name: exp["revs"][0]["rev"] for name, exp in _experiments(repo_copy).items()}
     with _flow_log() as log:
-        assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="again") == ["again-k-3"]
-    assert "again-k-3: already done" in log.text
+        assert sweep(axes=["train_continuous.k=1"], repo=str(repo_copy), prefix="again") == ["again-k-1"]
+    assert "again-k-1: already done" in log.text
     assert {name: exp["revs"][0]["rev"] for name, exp in _experiments(repo_copy).items()} == revs
     assert len(_tree("again")[0]) == 1
     psutil.wait_procs(_processes_in(repo_copy), timeout=30)  # idle queue workers exit by themselves
