@@ -19,7 +19,7 @@ BUCKET = "knn-diffusion"
 
 def test_pipeline_run_lands_on_a_postgres_and_s3_tracking_server(tmp_path):
     repo = dvc_repo.make_repo(tmp_path / "repo", dvc_repo.tiny_params(dvc_repo.tiny_open_clip(tmp_path), "team"),
-                              stages=("ingest", "encoder", "embed"))
+                              stages=("ingest",))  # one stage with an artifact: stages are tested elsewhere
     with postgres() as database, s3_server(tmp_path, BUCKET) as s3, \
             mlflow_server(tmp_path, database, f"s3://{BUCKET}/mlflow", s3) as uri:
         env = {**dvc_repo.env(repo), "MLFLOW_TRACKING_URI": uri}
@@ -30,8 +30,7 @@ def test_pipeline_run_lands_on_a_postgres_and_s3_tracking_server(tmp_path):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("team")
         runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-        assert {"ingest", "encoder", "embed"} <= set(runs)
-        assert all(runs[s].info.status == "FINISHED" for s in ("ingest", "encoder", "embed"))
+        assert "ingest" in runs and runs["ingest"].info.status == "FINISHED"
         assert runs["ingest"].data.metrics["openmoji.images"] > 0
         # Artifacts go through the server into the bucket.
         logged = [a.path for a in client.list_artifacts(runs["ingest"].info.run_id, "samples")]
