@@ -83,3 +83,24 @@ def test_plus_adds_another_grids_trials():
     for bad in (["+", "a=1"], ["a=1", "+"], ["a=1", "+", "+", "b=2"]):
         with pytest.raises(ValueError, match="must stand between two grids"):
             expand_grid(bad)
+
+
+def test_a_sweep_whose_process_still_runs_is_not_resumed():
+    from mlflow import MlflowClient
+
+    from flows.sweep import earlier_sweep, process_tag
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("knn-diffusion") or client.create_experiment("knn-diffusion")
+    experiment_id = getattr(experiment, "experiment_id", experiment)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    identity = {"kind": "sweep", "git.commit": "f" * 40, "sweep.prefix": "alive", "sweep.axes": '["k=1"]'}
+    dead = client.create_run(experiment_id, tags={**identity, "sweep.process": f"{process_tag().split(':')[0]}:"
+                                                  f"{gone.pid}:0"}).info.run_id
+    lookup = {**identity, "sweep.workspace": ""}  # a clean checkout (the tag is left out when empty)
+    assert earlier_sweep(client, experiment_id, lookup).info.run_id == dead  # its process died: resumed
+    client.create_run(experiment_id, tags={**identity, "sweep.process": process_tag()})
+    with pytest.raises(RuntimeError, match="sweep 'alive' is still running"):
+        earlier_sweep(client, experiment_id, lookup)
+    assert earlier_sweep(client, experiment_id, {**lookup, "sweep.axes": '["k=2"]'}) is None  # another sweep
