@@ -23,6 +23,15 @@ def isolated_mlflow(tmp_path_factory):
     yield f"sqlite:///{db}"
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API server for every module whose flows need one (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run a test from an empty directory (stages write relative to the cwd, like under DVC)."""

@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.dag import named_stages, stage_backbones, stage_graph, stage_order, without_backbones
 from flows.pipeline import pipeline
@@ -20,10 +19,9 @@ from tests.conftest import REPO
 DVC = str(Path(sys.executable).parent / "dvc")
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture
+def harness(prefect_harness):
+    """The session's Prefect test harness (the sweep test modules import this fixture too)."""
 
 
 @pytest.fixture
