@@ -58,6 +58,10 @@ FINISHED = {"Success", "Failed"}
 GRID_SEPARATOR = "+"
 
 
+class SweepBusy(RuntimeError):
+    """The sweep, or one of its experiments, is being run by a live process: resuming it would run it twice."""
+
+
 def expand_grid(axes: list[str]) -> list[list[str]]:
     """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (the cartesian product). A '+' between axes
     starts another grid, whose trials are added: ['a=1,2', '+', 'b=y'] -> [['a=1'], ['a=2'], ['b=y']]."""
@@ -79,6 +83,16 @@ def expand_grid(axes: list[str]) -> list[list[str]]:
 def experiment_name(prefix: str, overrides: list[str]) -> str:
     body = "-".join(o.split(".")[-1] for o in overrides)
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{prefix}-{body}")[:90]
+
+
+def trials_of(axes: list[str], repo: Path, prefix: str) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """({experiment name: overrides}, {experiment name: its validated params}); bad axes or values raise."""
+    grid = expand_grid(axes)
+    combos = {experiment_name(prefix, combo): combo for combo in grid}
+    if len(combos) < len(grid):
+        raise ValueError(f"sweep axes {axes}: two trials get the same experiment name (names keep only each "
+                         f"key's last part): {sorted(combos)}")
+    return combos, {name: load_params(repo / "params.yaml", combo) for name, combo in combos.items()}
 
 
 def sweep_tracking_uri(repo: Path) -> str:
@@ -192,7 +206,7 @@ def earlier_sweep(client: Any, experiment_id: str, tags: dict[str, str]) -> Any 
         return None
     latest = same[0]
     if latest.info.status == "RUNNING" and process_alive(latest.data.tags.get("sweep.process", "")):
-        raise RuntimeError(f"sweep '{tags['sweep.prefix']}' is still running (process "
+        raise SweepBusy(f"sweep '{tags['sweep.prefix']}' is still running (process "
                            f"{latest.data.tags['sweep.process']}, MLflow run {latest.info.run_id}): wait for it to end")
     return latest
 
@@ -224,7 +238,7 @@ def plan_trials(repo: Path, env: dict[str, str], combos: dict[str, list[str]], p
               and name in previous and previous[name].info.status in ("FINISHED", "RUNNING")):
             done.append(name)
         elif running and pid_alive(running["pid"]):
-            raise RuntimeError(f"experiment '{name}' is being run by another process (pid {running['pid']}): "
+            raise SweepBusy(f"experiment '{name}' is being run by another process (pid {running['pid']}): "
                                f"wait for it, or stop it with `dvc queue kill {name}`")
         else:
             to_run[name] = running
@@ -333,7 +347,7 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
     and the trial's stage runs under it. It ends with the ablation report over the trials' evaluate
     runs (``outputs/report/<prefix>/``, also logged to the parent run).
 
-    A rerun of the same sweep (prefix, axes, git commit) resumes the latest one: the same parent run,
+    A rerun of the same sweep (prefix, axes, git commit, uncommitted changes) resumes the latest one: the same parent run,
     trials already done are not queued again, the others run under their earlier trial runs; trials
     a live queue worker of the dead sweep still runs are waited for. ``fresh``: run every trial again.
     """
@@ -342,12 +356,7 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
 
     logger = get_run_logger()
     repo_path = Path(repo).resolve()
-    combos = {experiment_name(prefix, combo): combo for combo in expand_grid(axes)}
-    if len(combos) < len(expand_grid(axes)):
-        raise ValueError(f"sweep axes {axes}: two trials get the same experiment name (names keep only each "
-                         f"key's last part): {sorted(combos)}")
-    trial_params = {name: load_params(repo_path / "params.yaml", combo)  # bad values fail here
-                    for name, combo in combos.items()}
+    combos, trial_params = trials_of(axes, repo_path, prefix)
     names = list(combos)
     uri = sweep_tracking_uri(repo_path)
     experiment = next(iter(trial_params.values())).tracking.experiment
@@ -422,9 +431,11 @@ def main(argv: list[str] | None = None) -> None:
                         "earlier run of this sweep (same prefix, axes and git commit) and skipping its done trials")
     args = parser.parse_args(argv)
     try:
+        trials_of(args.axes, Path(args.repo).resolve(), args.prefix)  # bad input: one line, before any flow run
         names = sweep(axes=args.axes, repo=args.repo, prefix=args.prefix, parallel=args.parallel, fresh=args.fresh)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ConfigError, ValueError, SweepBusy) as err:  # bad axes or values; a sweep already running
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print("experiments:", ", ".join(names), "\ncompare: dvc exp show  |  mlflow ui --backend-store-uri",
           sweep_tracking_uri(Path(args.repo).resolve()))
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flows.sweep import expand_grid, sweep, sweep_tracking_uri
+from tests.conftest import REPO
 from tests.test_pipeline_flow import DVC, harness, repo_copy  # noqa: F401 (fixtures)
 
 
@@ -88,7 +89,7 @@ def test_plus_adds_another_grids_trials():
 def test_a_sweep_whose_process_still_runs_is_not_resumed():
     from mlflow import MlflowClient
 
-    from flows.sweep import earlier_sweep, process_tag
+    from flows.sweep import SweepBusy, earlier_sweep, process_tag
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("knn-diffusion") or client.create_experiment("knn-diffusion")
@@ -101,6 +102,19 @@ def test_a_sweep_whose_process_still_runs_is_not_resumed():
     lookup = {**identity, "sweep.workspace": ""}  # a clean checkout (the tag is left out when empty)
     assert earlier_sweep(client, experiment_id, lookup).info.run_id == dead  # its process died: resumed
     client.create_run(experiment_id, tags={**identity, "sweep.process": process_tag()})
-    with pytest.raises(RuntimeError, match="sweep 'alive' is still running"):
+    with pytest.raises(SweepBusy, match="sweep 'alive' is still running"):
         earlier_sweep(client, experiment_id, lookup)
     assert earlier_sweep(client, experiment_id, {**lookup, "sweep.axes": '["k=2"]'}) is None  # another sweep
+
+
+def test_bad_axes_end_in_one_error_line_before_any_run(tmp_path, capsys):
+    from flows.sweep import main, trials_of
+
+    with pytest.raises(ValueError, match="two trials get the same experiment name"):
+        trials_of(["train_continuous.k=1", "+", "train_discrete.k=1"], REPO, "s")  # both would be 's-k-1'
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data.resolution=16,2", "--repo", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "data.resolution" in err and "Traceback" not in err
