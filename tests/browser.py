@@ -46,5 +46,6 @@ def show_columns(page, names: list[str]) -> None:
 def row_cells(page, name: str) -> list[str]:
     """The words in the MLflow runs table row of run ``name``, across the grid's pinned and scrolled parts
     (each part is a separate element with the same ``row-index``)."""
-    index = page.get_by_role("row").filter(has_text=name).first.get_attribute("row-index")
+    # the row holding an element whose whole text is the name: team-k-1's row is not team-k-10's
+    index = page.get_by_role("row").filter(has=page.get_by_text(name, exact=True)).first.get_attribute("row-index")
     return " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts()).split()
