@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,10 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
     for pool in ("cpu", "gpu"):
         run([prefect, "work-pool", "create", pool, "--type", "process"], origin, env)
     run([prefect, "--no-prompt", "deploy", "--all"], origin, env)
+    # Each worker in its own process group: stopping it also stops the flow-run processes it started.
     workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--type", "process"], cwd=tmp_path,
-                                env=env, stdout=open(tmp_path / f"worker-{pool}.log", "w"), stderr=subprocess.STDOUT)
+                                env=env, stdout=open(tmp_path / f"worker-{pool}.log", "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
                for pool in ("cpu", "gpu")]
     try:
         out = run([prefect, "deployment", "run", "knn-diffusion-pipeline/pools", "--watch",
@@ -88,8 +91,13 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
         raise
     finally:
         for worker in workers:
-            worker.terminate()
-            worker.wait(timeout=30)
+            os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker still waiting on its flow-run process
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
     assert "Completed" in out, out[-2000:]
 
     from prefect.client.orchestration import get_client
