@@ -58,7 +58,8 @@ def prefect_server(work: Path, database_url: str):
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PATH": f"{BIN}:{os.environ['PATH']}"}
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with background(cmd, work / "prefect-server.log", env=env) as proc:
-        wait_until(answers(f"http://127.0.0.1:{port}/api/health"), proc, work / "prefect-server.log", "prefect server", 180)
+        health = answers(f"http://127.0.0.1:{port}/api/health")
+        wait_until(health, proc, work / "prefect-server.log", "prefect server", 180)
         yield env
 
 
@@ -79,8 +80,9 @@ def mlflow_tree(uri: str, experiment: str, prefix: str) -> tuple[list[str], Coun
 
     lines, stages = [line(parent, 0)], Counter()
     for trial in sorted(children.get(parent.info.run_id, []), key=lambda r: r.info.start_time):
+        shown = ("train_continuous.k", "train_continuous.variant")
         lines.append(line(trial, 1) + "  " + ", ".join(
-            f"{k}={v}" for k, v in sorted(trial.data.params.items()) if k in ("train_continuous.k", "train_continuous.variant")))
+            f"{k}={v}" for k, v in sorted(trial.data.params.items()) if k in shown))
         for stage in sorted(children.get(trial.info.run_id, []), key=lambda r: r.info.start_time):
             lines.append(line(stage, 2))
             stages[stage.data.tags.get("stage", stage.info.run_name)] += 1
