@@ -22,7 +22,8 @@ repro:
 dvc:
 	$(VENV)/bin/dvc $(ARGS)
 
-# Tests marked slow (none yet); pytest's exit 5 means none were collected.
+# The slow tier (CI runs it after `make test`): sweeps through DVC's queue, work-pool deployments, the
+# Postgres/S3 tracking server, the cross-clone rollback and fresh venvs from the lock. Exit 5 = none collected.
 test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from tests import dvc_repo
+
+# Pushes two pipeline versions and pulls one into a second clone (~30 s): the slow tier.
+pytestmark = pytest.mark.slow
 
 INDEX_FILE = Path("data/index/openmoji/index.faiss")
 

@@ -34,6 +34,7 @@ def _cache_is_intact(repo: Path) -> int:
     return checked
 
 
+@pytest.mark.slow  # two queue workers, then a fresh rerun (~40 s)
 def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # noqa: F811
     assert expand_grid(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
     _commit(repo_copy)

@@ -30,6 +30,9 @@ from tests.test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
 from tests.browser import chromium_page, row_cells, show_columns
 from tests.team_servers import mlflow_server
 
+# Each test runs a sweep through DVC's queue against a Prefect server (35-80 s each): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def _only(repo, stages: dict) -> None:
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())

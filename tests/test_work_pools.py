@@ -71,6 +71,7 @@ def origin(tmp_path):
     return repo
 
 
+@pytest.mark.slow  # a Prefect server, two process workers and a DVC remote (~45 s)
 def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path, prefect_server, origin):
     env = {**prefect_server, "KNN_DIFFUSION_GIT_URL": str(origin)}
     prefect = str(BIN / "prefect")
