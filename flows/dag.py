@@ -53,6 +53,23 @@ def named_stages(names: list[str], order: list[str]) -> dict[str, list[str]]:
     return {name: [s for s in order if s == name or s.split("@")[0] == name] for name in names}
 
 
+def with_upstream(names: list[str], graph: dict[str, set[str]], order: list[str]) -> list[str]:
+    """The stages ``names`` mean (:func:`named_stages`) and every stage upstream of them, in ``order``;
+    an unknown name raises ValueError listing the stages."""
+    items = named_stages(names, order)  # "evaluate": evaluate@continuous and evaluate@discrete
+    unknown = sorted(name for name, found in items.items() if not found)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: dvc.yaml defines {order}")
+    wanted: set[str] = set()
+    pending = [s for found in items.values() for s in found]
+    while pending:
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            pending.extend(graph[name])
+    return [s for s in order if s in wanted]
+
+
 def stage_backbones(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
     """{stage: backbone} for the stages that belong to one generator backbone (``meta: {backbone: ...}``)."""
     return {name: spec["meta"]["backbone"] for name, spec in dvc_stages(dvc_yaml).items()

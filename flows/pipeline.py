@@ -11,76 +11,16 @@ record in Prefect, and a ``pipeline_run`` tag on every stage's MLflow run.
 from __future__ import annotations
 
 import argparse
-import collections
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.dag import named_stages, stage_backbones, stage_graph, stage_order, without_backbones
+from flows.dag import stage_backbones, stage_graph, stage_order, with_upstream, without_backbones
+from flows.dvc_cli import run_stage
 from knn_diffusion.config import load_params
 from knn_diffusion.tracking import (FLOW_RUN_URL_ENV, PARENT_RUN_ENV, PIPELINE_RUN_ENV, git_commit, group_run,
                                     tracking_uri)
-
-TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
-
-
-class StageFailed(RuntimeError):
-    """A stage exited non-zero for a reason retrying will not fix."""
-
-
-class TransientStageError(RuntimeError):
-    """A stage failed for a reason that may pass (lock contention, I/O hiccup)."""
-
-
-def _retry_only_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except TransientStageError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def stage_env(run_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a DVC subprocess: this venv's ``python`` first, and ``run_env``: what the stages'
-    MLflow runs are grouped and nested by (tracking.PIPELINE_RUN_ENV, PARENT_RUN_ENV, FLOW_RUN_URL_ENV)."""
-    env = {**os.environ, **(run_env or {})}
-    # DVC stages call `python`; make that the interpreter running this flow (the project venv).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # ...and let it import the checkout's own code, the code DVC hashes as the stage's deps: a worker's
-    # clone (or a queued experiment's copy) runs its revision, not whatever version is installed. Relative
-    # on purpose: each Python resolves it against the directory it starts in, the stage's workspace.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, ["src", env.get("PYTHONPATH", "")]))
-    env.setdefault("TQDM_MININTERVAL", "10")  # output is piped: fewer, longer-spaced progress lines
-    return env
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_transient,
-      task_run_name="dvc repro {stage}")
-def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = False) -> str:
-    """Reproduce one stage through DVC, streaming its output; returns the tail of that output."""
-    logger = get_run_logger()
-    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
-    logger.info("%s (in %s)", " ".join(cmd[1:]), repo)
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            tail.append(line.rstrip())
-    output = "\n".join(tail)
-    if proc.returncode != 0:
-        kind = TransientStageError if any(m in output for m in TRANSIENT_MARKERS) else StageFailed
-        raise kind(f"stage '{stage}' failed (exit {proc.returncode}); last output:\n{output}")
-    return output
 
 
 @flow(name="knn-diffusion-pipeline", log_prints=True)
@@ -97,18 +37,7 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     graph = stage_graph(repo_path / "dvc.yaml")
     order = stage_order(repo_path / "dvc.yaml")
     if stages:
-        items = named_stages(stages, order)  # "evaluate": evaluate@continuous and evaluate@discrete
-        unknown = sorted(name for name, found in items.items() if not found)
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}: dvc.yaml defines {order}")
-        wanted: set[str] = set()
-        pending = [s for found in items.values() for s in found]
-        while pending:
-            name = pending.pop()
-            if name not in wanted:
-                wanted.add(name)
-                pending.extend(graph[name])
-        order = [s for s in order if s in wanted]
+        order = with_upstream(stages, graph, order)
     run_id, url = str(flow_run.get_id() or ""), flow_run.ui_url or ""
     params = load_params(repo_path / "params.yaml")
     if not stages:  # the whole DAG: only the backbones params.yaml asks for (pipeline.backbones)
@@ -128,14 +57,15 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
 
             run_on_pools(order, repo_path, run_env, force, repo_url, publish_branch)
             return order
-        # At most ``parallel_stages`` at once: a stage already uses every core of the machine (two
-        # training stages side by side on 2 cores ran 5x slower each), so the default is one at a time.
+        # At most ``parallel_stages`` at once, each with cores / parallel_stages threads (two training stages
+        # side by side on 2 cores, each with 2 threads, ran 5x slower each), so the default is one at a time.
+        side_by_side = max(parallel_stages, 1)
         futures: dict[str, PrefectFuture] = {}
         for i, name in enumerate(order):
             upstream = [futures[u] for u in graph[name] if u in futures]
-            if i >= max(parallel_stages, 1):  # the stage parallel_stages places back must have finished
-                upstream.append(futures[order[i - max(parallel_stages, 1)]])
-            futures[name] = run_stage.submit(name, str(repo_path), run_env, force, wait_for=upstream)
+            if i >= side_by_side:  # the stage parallel_stages places back must have finished
+                upstream.append(futures[order[i - side_by_side]])
+            futures[name] = run_stage.submit(name, str(repo_path), run_env, force, side_by_side, wait_for=upstream)
         for name in order:
             futures[name].result()  # raises -> the flow run ends Failed, never Completed
     return order
@@ -151,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo-url", default="", help="with --pools: the git URL workers clone (default: --repo)")
     parser.add_argument("--publish-branch", default="", help="with --pools: push the final dvc.lock to this branch")
     parser.add_argument("--parallel-stages", type=int, default=1,
-                        help="independent stages run at once on this machine (default 1: each uses every core)")
+                        help="independent stages run at once on this machine, each with cores / N threads "
+                        "(default 1: each uses every core)")
     args = parser.parse_args(argv)
     pipeline(repo=args.repo, stages=args.stages or None, force=args.force, pools=args.pools,
              repo_url=args.repo_url, publish_branch=args.publish_branch, parallel_stages=args.parallel_stages)

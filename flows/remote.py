@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dag import stage_graph
-from flows.pipeline import run_stage, stage_env
+from flows.dvc_cli import run_stage, stage_env
 from knn_diffusion.stages.common import dvc_stages
 from knn_diffusion.tracking import PIPELINE_RUN_ENV
 

@@ -118,7 +118,7 @@ def test_sweep_ends_with_the_report_logged_to_its_parent_run(store, tmp_path):
     import mlflow
     from prefect.logging import disable_run_logger
 
-    from flows.sweep import write_sweep_report
+    from flows.sweep_tracking import write_sweep_report
 
     client = MlflowClient()
     parent = client.create_run(client.get_experiment_by_name(store).experiment_id, run_name="sweep s").info.run_id

@@ -11,7 +11,9 @@ import mlflow
 import pytest
 import yaml
 
-from flows.sweep import expand_grid, sweep, sweep_tracking_uri
+from flows.sweep import sweep
+from flows.sweep_plan import expand_grid
+from flows.sweep_tracking import sweep_tracking_uri
 from tests.conftest import REPO
 from tests.test_pipeline_flow import DVC, harness, repo_copy  # noqa: F401 (fixtures)
 
@@ -90,7 +92,9 @@ def test_plus_adds_another_grids_trials():
 def test_a_sweep_whose_process_still_runs_is_not_resumed():
     from mlflow import MlflowClient
 
-    from flows.sweep import SweepBusy, earlier_sweep, process_tag
+    from flows.liveness import process_tag
+    from flows.sweep_plan import SweepBusy
+    from flows.sweep_tracking import earlier_sweep
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("knn-diffusion") or client.create_experiment("knn-diffusion")
@@ -109,7 +113,8 @@ def test_a_sweep_whose_process_still_runs_is_not_resumed():
 
 
 def test_bad_axes_end_in_one_error_line_before_any_run(tmp_path, capsys):
-    from flows.sweep import main, trials_of
+    from flows.sweep import main
+    from flows.sweep_plan import trials_of
 
     with pytest.raises(ValueError, match="two trials get the same experiment name"):
         trials_of(["train_continuous.k=1", "+", "train_discrete.k=1"], REPO, "s")  # both would be 's-k-1'

@@ -125,7 +125,7 @@ def test_pipeline_deployment_routes_stages_to_pools_through_the_remote(tmp_path,
 def test_stages_run_the_code_of_the_checkout_they_run_in(tmp_path):
     """A worker's clone (or a queued experiment's copy) executes its own src/, the code DVC hashed as the
     stage's deps - not the version installed in the environment."""
-    from flows.pipeline import stage_env
+    from flows.dvc_cli import stage_env
 
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__"))

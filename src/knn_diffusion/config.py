@@ -90,6 +90,15 @@ class TrackingConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a stage computes, never what: read by every stage, not a DVC param (stages/common.py)."""
+
+    # torch intra-op threads of each stage process; 0: OMP_NUM_THREADS when set (the flows set it to
+    # cores / stage processes side by side), else every core this process may use.
+    threads: int = field(default=0, metadata=between(0))
+
+
+@dataclass
 class ContinuousSampleSettings(ContinuousSampler):
     guidance: float = field(default=3.0, metadata=between(0, 50))  # classifier-free guidance scale
 
@@ -148,6 +157,7 @@ class Params:
     human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # ----------------------------------------------------------------------------------------------

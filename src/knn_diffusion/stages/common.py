@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
 import sys
 from functools import lru_cache, partial
 from pathlib import Path
@@ -23,8 +24,12 @@ from knn_diffusion.config import Backbone, ConfigError, Params, load_params, to_
 from knn_diffusion.tracking import StageRun, repo_root, stage_run
 
 log = logging.getLogger(__name__)
-# Read by every stage without being declared: it changes where runs are logged, never an output.
-UNTRACKED_SECTIONS = ("tracking",)
+# Read by every stage without being declared: where runs are logged, and how many threads compute (the
+# last bits of a float, never what a stage means: DVC's run cache serves a run made at another thread count,
+# so a `--parallel 2` sweep never retrains what a plain run made).
+UNTRACKED_SECTIONS = ("tracking", "runtime")
+# What the flows set for the stage processes they start, and what torch, faiss and child processes read.
+THREADS_ENV = "OMP_NUM_THREADS"
 # The project's own dvc.yaml, for stages run outside a DVC repo (tests, ad-hoc runs in a scratch dir).
 PROJECT_DVC_YAML = Path(__file__).resolve().parents[3] / "dvc.yaml"
 
@@ -122,6 +127,27 @@ def stage_params(params: Params, stage: str) -> ParamsView:
     return ParamsView(params, stage, tuple(declared_params(stage)) + UNTRACKED_SECTIONS)
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_process(side_by_side: int = 1) -> int:
+    """Threads for each of ``side_by_side`` processes sharing this one's budget: an exported
+    ``OMP_NUM_THREADS`` (the whole run's), else the usable cores, divided among them (at least 1)."""
+    budget = int(os.environ.get(THREADS_ENV) or 0) or usable_cores()
+    return max(1, budget // max(side_by_side, 1))
+
+
+def pin_threads(threads: int) -> int:
+    """Use ``threads`` (``runtime.threads``; 0: :func:`threads_per_process`) in this process and those it
+    starts. Training on a CPU gives the same bytes only at the same thread count."""
+    count = threads or threads_per_process()
+    os.environ[THREADS_ENV] = str(count)  # torchrun ranks, Dask workers, and a torch imported later
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+    return count
+
+
 class WrongInterpreterError(RuntimeError):
     """A stage started by a Python that is not this checkout's environment."""
 
@@ -175,6 +201,7 @@ def run_stage(name: str, body: Callable[..., None], argv: list[str] | None = Non
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    pin_threads(params.runtime.threads)
     try:
         body(params)
     except (UndeclaredParamError, *user_errors) as err:
@@ -219,6 +246,7 @@ def tracked(stage: str, params: ParamsView, *sections: str, tags: dict[str, str]
         raise UndeclaredParamError(f"stage '{stage}' logs params {missing} that dvc.yaml does not declare for it")
     base = stage.split("@")[0]
     with stage_run(base, params.declared_plain(), params.tracking.experiment, params.tracking.tracking_uri,
-                   tags={**dvc_input_hashes(repo_root(), stage), "dvc.stage": stage, **(tags or {})},
+                   tags={**dvc_input_hashes(repo_root(), stage), "dvc.stage": stage,
+                         "runtime.threads": os.environ.get(THREADS_ENV, ""), **(tags or {})},
                    run_name=stage) as run:
         yield run

@@ -1,0 +1,102 @@
+"""A sweep's trials through DVC's experiment queue: queue them, start the workers, wait for the queue, and
+clean up after a worker that died.
+
+Each trial is queued with ``dvc exp run --queue --pull``: it runs in a copy of the workspace under
+``.dvc/tmp/exps`` and pulls what it lacks (the baseline's outputs) from the default DVC remote instead of
+recomputing it, so a fresh worker reruns only what its params change.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.dvc_cli import dvc, dvc_experiments, queue_status
+from flows.liveness import pid_alive
+
+POLL_SECONDS = 3
+FINISHED = {"Success", "Failed"}
+
+
+def stop_dead_task(repo: Path, env: dict[str, str], name: str, dead: dict) -> None:
+    """A task DVC reports "Running" whose process is gone: ``dvc queue kill`` (DVC marks it failed), and its
+    working copy under .dvc/tmp/exps removed."""
+    dvc(repo, env, "queue", "kill", name, check=False)
+    root = Path(dead["root"] or repo).resolve()
+    if root.is_relative_to((repo / ".dvc" / "tmp" / "exps").resolve()):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def remote_for_experiments(repo: Path, env: dict[str, str]) -> str:
+    """The default DVC remote as the queued experiments will see it ('' when none is configured).
+
+    Its URL as .dvc/config holds it may be relative (the project's ``../.dvcstore``), which a copy under
+    .dvc/tmp/exps resolves inside itself; DVC copies the workspace's .dvc/config.local into each copy, so
+    a local path is pinned there, absolute (config.local is git-ignored)."""
+    name = dvc(repo, env, "remote", "default", check=False).stdout.strip()
+    if not name:
+        return ""
+    listed = dict(line.split()[:2] for line in dvc(repo, env, "remote", "list").stdout.splitlines() if line.strip())
+    url = listed.get(name, "")
+    if url and "://" not in url:  # DVC lists a local remote's path resolved against its config file
+        dvc(repo, env, "remote", "modify", "--local", name, "url", url)
+    return url
+
+
+@task(cache_policy=NO_CACHE, task_run_name="queue {name}")
+def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list[str], dead: dict | None = None,
+                     pull: bool = True) -> str:
+    """Queue one combination; an experiment (or finished queue task) of the same name is replaced, and a
+    ``dead`` task of that name (its worker died with a killed sweep) is killed and its working copy removed.
+    ``pull``: the experiment pulls missing outputs from the default remote rather than recompute them."""
+    logger = get_run_logger()
+    if dead:
+        logger.info("'%s' was left running by a dead worker (pid %s): dvc queue kill", name, dead["pid"])
+        stop_dead_task(repo, env, name, dead)
+    if name in dvc(repo, env, "exp", "list", "--name-only").stdout.split():
+        logger.info("replacing the existing experiment '%s'", name)
+        dvc(repo, env, "exp", "remove", name)
+    dvc(repo, env, "queue", "remove", name, check=False)  # a finished task of an earlier sweep
+    dvc(repo, env, "exp", "run", "--queue", *(["--pull"] if pull else []), "-n", name,
+        *itertools.chain.from_iterable(("-S", o) for o in overrides))
+    return name
+
+
+@task(cache_policy=NO_CACHE)
+def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
+              on_success: Callable[[str], None] = lambda name: None) -> dict[str, str]:
+    """Start ``jobs`` queue workers and wait until every experiment in ``names`` has finished; ``on_success``
+    is called with each experiment's name as soon as it has succeeded. A task whose process died (its
+    worker killed) fails, and workers are started again, so a lost worker never leaves the sweep waiting."""
+    logger = get_run_logger()
+    dvc(repo, env, "queue", "start", "-j", str(jobs))
+    reported: dict[str, str] = {}
+    polls = 0
+    while True:
+        polls += 1
+        if polls % 10 == 0 and "Running" in reported.values():  # about every 30 s
+            known = dvc_experiments(repo, env)
+            for name in [n for n, state in reported.items() if state == "Running"]:
+                running = known.get(name, {}).get("running")
+                if running and not pid_alive(running["pid"]):
+                    logger.warning("%s: its process (pid %s) died", name, running["pid"])
+                    stop_dead_task(repo, env, name, running)
+                    dvc(repo, env, "queue", "start", "-j", str(jobs))
+        status = queue_status(repo, env)
+        for name in names:
+            if status.get(name) != reported.get(name):
+                logger.info("%s: %s", name, status.get(name, "?"))
+                if status.get(name) == "Success":
+                    on_success(name)
+        reported = {name: status.get(name, "?") for name in names}
+        if all(state in FINISHED for state in reported.values()):
+            return reported
+        if not any(state in ("Queued", "Running") for state in reported.values()):
+            raise RuntimeError(f"experiments neither queued, running nor finished: {reported}")
+        time.sleep(POLL_SECONDS)
