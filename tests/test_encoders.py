@@ -257,6 +257,19 @@ def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pair
     assert (tmp_path / "resumed" / STATE_FILE).is_file()
 
 
+def test_a_finished_alignment_called_again_trains_again(tmp_path, glyph_pairs):
+    """`dvc repro --force encoder`: the state folder still holds the finished run, which is not "resumed"
+    at its last step (the run would train nothing and record the old weights as new)."""
+    images, names = glyph_pairs
+    cfg = short_alignment(6, checkpoint_every=3)
+    first = train_alignment(images, names, cfg, tmp_path / "out", state_dir=tmp_path / "state")
+    steps_run = []
+    again = train_alignment(images, names, cfg, tmp_path / "out", state_dir=tmp_path / "state",
+                            on_log=lambda s, m: steps_run.append(s))
+    assert steps_run == list(range(1, 7))
+    assert again.fingerprint == first.fingerprint  # same inputs, same thread count: the same weights
+
+
 def test_recall_with_repeated_names_and_chance_level(tiny_encoder):
     """Chance is exact: m relevant among N, k drawn -> 1 - C(N-m, k) / C(N, k)."""
     images = random_images(10)

@@ -105,14 +105,18 @@ def _save_state(path: Path, step: int, run_key: str, encoder: Encoder, optimizer
                     "generator": generator.get_state()}, tmp)
 
 
-def _load_state(path: Path, run_key: str, encoder: Encoder, optimizer, scheduler,
+def _load_state(path: Path, run_key: str, steps: int, encoder: Encoder, optimizer, scheduler,
                 generator: torch.Generator) -> int:
-    """Restore a matching checkpoint; returns the step to continue from (0 when none matches)."""
+    """Restore the checkpoint of a killed run of the same data and settings; returns the step to continue
+    from (0 when there is none, or that run finished: calling a finished run again means training again)."""
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("run_key") != run_key:
         log.warning("%s: checkpoint is from other data or settings; starting from step 0", path)
+        return 0
+    if int(state["step"]) >= steps:
+        log.info("%s: that run finished; training again from step 0", path)
         return 0
     params = dict(encoder.model.named_parameters())
     with torch.no_grad():
@@ -161,7 +165,7 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
                                    {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(a.warmup, a.steps))
     generator = torch.Generator().manual_seed(a.seed)
-    start = _load_state(state_path, run_key, encoder, optimizer, scheduler, generator) if resume else 0
+    start = _load_state(state_path, run_key, a.steps, encoder, optimizer, scheduler, generator) if resume else 0
 
     loss_fn = ClipLoss()
     batch_size = min(a.batch_size, len(images))
