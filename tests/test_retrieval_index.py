@@ -38,8 +38,9 @@ def ivf(data):
 def test_factory_by_size_and_budget():
     assert choose_factory(4_500, 512) == "Flat"  # OpenMoji-sized: exact
     assert choose_factory(10_000_000, 512, bytes_per_vector=4096) == "Flat"  # budget holds float32
-    assert choose_factory(1_000_000, 512, 256) == "IVF1024,PQ512x4fs"  # 256 B of codes per vector
-    assert choose_factory(1_000_000, 512, 64) == "IVF1024,PQ128x4fs"
+    # codes of at most d / 4 bytes, and a float16 re-rank store
+    assert choose_factory(1_000_000, 512, 256) == "IVF1024,PQ256x4fs,Refine(SQfp16)"
+    assert choose_factory(1_000_000, 512, 64) == "IVF1024,PQ128x4fs,Refine(SQfp16)"
     assert choose_factory(500_000_000, 512, 256).startswith("IVF16384_HNSW32,")  # big: HNSW quantizer
     for n, budget in [(200_000, 256), (3_000_000, 128)]:  # every choice is a valid factory string
         assert faiss.index_factory(512, choose_factory(n, 512, budget), faiss.METRIC_INNER_PRODUCT).d == 512
@@ -76,6 +77,31 @@ def test_tuning_reaches_target_with_smallest_nprobe(data, ivf):
     # Re-ranking is what gets past the recall cap of the PQ codes.
     plain = Searcher(index, params)
     assert recall_at_k(plain.search(queries, 10).ids, truth, 10) < recall
+
+
+def test_refine_index_reranks_from_its_memory_mapped_store(tmp_path, data):
+    """The large-set default: faiss re-ranks against the index's own float16 store, which load_index
+    maps from disk; content ids (not row positions) come back, and id selectors still apply."""
+    vectors, ids, queries, truth = data
+    index, info = build_index(vectors, ids, "IVF64,PQ16x4fs,Refine(SQfp16)", train_size=4_000,
+                              use_gpu="never", progress=False)
+    memory = index_bytes_per_vector(index)
+    # 8 B of codes, 8 B of IVF row ids, 8 B of the id table, fast-scan padding; the store apart
+    assert 8 + 16 <= memory["codes_and_ids"] < 8 + 16 + 3 and memory["rerank_store"] == 2 * D
+    searcher = Searcher(index, rerank_factor=8)
+    params, recall = tune_search_params(searcher, queries, truth, k=10, target_recall=0.9)
+    assert recall >= 0.9 and searcher.refines and not searcher.exact_scores
+    assert recall > recall_at_k(Searcher(index, params, rerank_factor=1).search(queries, 10).ids, truth, 10)
+    save_index(index, tmp_path / "idx", {"fingerprint": "enc-a", "search_params": params,
+                                         "rerank_factor": searcher.rerank_factor})
+    loaded = Searcher.open(tmp_path / "idx", "enc-a", D)  # the re-rank factor from the sidecar
+    assert loaded.rerank_factor == searcher.rerank_factor
+    found = loaded.search(queries, 10)
+    np.testing.assert_array_equal(found.ids, searcher.search(queries, 10).ids)
+    assert np.isin(found.ids, ids).all()
+    allowed = ids[::3]
+    filtered = loaded.search(queries, 10, selector=faiss.IDSelectorBatch(allowed)).ids
+    assert np.isin(filtered, allowed).all()
 
 
 def test_tuning_lowers_hnsw_quantizer_ef(data):

@@ -5,18 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import faiss
 import numpy as np
 
 from knn_diffusion.retrieval.config import IndexConfig
 from knn_diffusion.retrieval.index import build_index, save_index, sidecar_from
-from knn_diffusion.retrieval.search import (Searcher, VectorGetter, exact_neighbours, tune_search_params,
+from knn_diffusion.retrieval.search import (Searcher, VectorGetter, exact_neighbours, is_exact, tune_search_params,
                                             vectors_by_id, without_ids)
-
-
-def is_exact(index: faiss.Index) -> bool:
-    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
-    return isinstance(faiss.downcast_index(inner), faiss.IndexFlat)
 
 
 def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, fingerprint: str,

@@ -34,15 +34,22 @@ METRIC = "inner_product"  # on L2-normalised vectors = cosine similarity
 FLAT_MAX_VECTORS = 50_000
 # From this many inverted lists on, a flat coarse quantizer costs more than the list scan; use HNSW.
 HNSW_QUANTIZER_MIN_LISTS = 16_384
+# The exact re-rank store of large indexes: float16 copies of the (unit) vectors, memory-mapped on load.
+RERANK_STORE = "Refine(SQfp16)"
+# PQ codes of at most d / 4 bytes (4 bits per 2 dims): measured no slower to reach recall 0.95 with the
+# re-rank than d / 2 bytes, and half the RAM (docs/benchmarks.md, Retrieval).
+CODE_BYTES_PER_DIM_DIVISOR = 4
 
 
 def choose_factory(n: int, d: int, bytes_per_vector: int = 256) -> str:
     """Pick a faiss factory string for ``n`` vectors of dimension ``d`` within a code-size budget.
 
     Small collections, or budgets that hold the raw float32 vector, get exact ``Flat``. Large ones get
-    an inverted file with about sqrt(n) lists (k-means cost on 2 cores is what limits build time) and
-    4-bit fast-scan PQ codes filling the budget (paper: 256 B per 512-d vector). ``Searcher`` re-ranks
-    a longer candidate list exactly, which lifts the recall cap that any PQ code has.
+    an inverted file with about sqrt(n) lists (k-means cost on 2 cores is what limits build time),
+    4-bit fast-scan PQ codes of at most ``bytes_per_vector`` (and at most ``d / 4`` bytes: finer codes
+    only slow the scan once the re-rank does the precision), and ``Refine(SQfp16)``: faiss re-scores
+    ``k * k_factor`` candidates against a float16 copy of every vector, which ``load_index``
+    memory-maps (page cache, not index RAM). See docs/benchmarks.md for the measurements behind it.
     """
     if n < 1 or d < 1:
         raise ValueError(f"choose_factory: need n >= 1 and d >= 1, got n={n}, d={d}")
@@ -51,8 +58,17 @@ def choose_factory(n: int, d: int, bytes_per_vector: int = 256) -> str:
     nlist = 2 ** round(math.log2(math.sqrt(n)))
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_MIN_LISTS else f"IVF{nlist}"
     # Fast-scan PQ: M sub-quantizers of 4 bits each -> M / 2 bytes; M must divide d.
-    m = max(m for m in range(1, min(d, 2 * bytes_per_vector) + 1) if d % m == 0)
-    return f"{coarse},PQ{m}x4fs"
+    code_bytes = min(bytes_per_vector, d // CODE_BYTES_PER_DIM_DIVISOR)
+    m = max(m for m in range(1, min(d, 2 * max(code_bytes, 1)) + 1) if d % m == 0)
+    return f"{coarse},PQ{m}x4fs,{RERANK_STORE}"
+
+
+def refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The ``IndexRefine`` inside ``index`` (directly or under an ``IndexIDMap``), else None."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +139,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", *,
         index.train(normalised(vectors[sample]))
         if ivf is not None:
             ivf.clustering_index = None
-    if faiss.try_extract_index_ivf(index) is None:
-        index = faiss.IndexIDMap(index)  # only inverted files store ids themselves
+    if faiss.try_extract_index_ivf(index) is None or refine_of(index) is not None:
+        index = faiss.IndexIDMap(index)  # only bare inverted files store ids themselves
 
     for lo in tqdm(range(0, n, batch), desc=f"add {factory}", unit="batch", disable=not progress):
         index.add_with_ids(normalised(vectors[lo:lo + batch]), ids[lo:lo + batch])
@@ -138,13 +154,18 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", *,
 
 
 def index_bytes_per_vector(index: faiss.Index) -> dict[str, float]:
-    """RAM per vector from the index internals: codes + stored ids, and everything serialised.
+    """RAM per vector from the index internals: codes + stored ids, the re-rank store, and everything
+    serialised.
 
     ``codes_and_ids``: for an inverted file, the bytes its lists hold (fast-scan lists pad each list
-    to a block of 32 codes) plus 8 bytes per id; for a flat/IDMap index, ``code_size`` + 8.
-    ``serialised``: the whole index file (adds quantizer, codebooks, padding) divided by ``ntotal``.
+    to a block of 32 codes) plus 8 bytes per id, plus 8 more for an ``IndexIDMap``'s id table; for a
+    flat/IDMap index, ``code_size`` + 8. ``rerank_store``: the refine store's code size (memory-mapped
+    by ``load_index``: page cache, reported apart). ``serialised``: the whole index file / ``ntotal``.
     """
     ntotal = max(index.ntotal, 1)
+    top = faiss.downcast_index(index)
+    id_table = 8 if isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)) else 0
+    refine = refine_of(index)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         invlists = ivf.invlists
@@ -154,12 +175,14 @@ def index_bytes_per_vector(index: faiss.Index) -> dict[str, float]:
                              for i in range(block.nlist))
         else:
             code_bytes = ivf.ntotal * invlists.code_size
-        codes_and_ids = (code_bytes + 8 * ivf.ntotal) / ntotal
+        codes_and_ids = (code_bytes + 8 * ivf.ntotal) / ntotal + id_table
     else:
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        inner = faiss.downcast_index(top.index) if id_table else top
         codes_and_ids = getattr(inner, "code_size", 4 * index.d) + 8
+    rerank_store = faiss.downcast_index(refine.refine_index).code_size if refine is not None else 0
     serialised = faiss.serialize_index(index).nbytes / ntotal
-    return {"codes_and_ids": round(codes_and_ids, 2), "serialised": round(serialised, 2)}
+    return {"codes_and_ids": round(codes_and_ids, 2), "rerank_store": rerank_store,
+            "serialised": round(serialised, 2)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ def training_neighbours(searcher: Searcher | faiss.Index, vectors: np.ndarray, i
     embeddings ``vectors`` (N, d), best first, without self or duplicates.
 
     ``content_hashes`` is indexed by image id (``content_hashes[i]`` is the hash of image i) and
-    covers every id the index can return. Scores are exact cosines when the searcher re-ranks or
-    the index is exact; otherwise identical embeddings are found by fetching them with
-    ``searcher.get_vectors`` when it has one.
+    covers every id the index can return. Scores are exact cosines when the searcher re-ranks
+    against the stored embeddings or the index is exact; otherwise (codes, or the float16 re-rank
+    store) identical embeddings are found by fetching them with ``searcher.get_vectors`` when it has one.
     """
     searcher = searcher if isinstance(searcher, Searcher) else Searcher(searcher)
     ids = np.asarray(ids, dtype=np.int64)
@@ -49,7 +49,7 @@ def training_neighbours(searcher: Searcher | faiss.Index, vectors: np.ndarray, i
         while True:
             found = searcher.search(queries, want)
             scores = found.scores
-            if searcher.rerank_factor == 1 and searcher.get_vectors is not None:
+            if not searcher.exact_scores and searcher.get_vectors is not None:
                 scores = _exact_cosines(searcher, queries, found.ids)
             drop = (found.ids == query_ids[:, None]) | (scores >= duplicate_cosine)
             if content_hashes is not None:

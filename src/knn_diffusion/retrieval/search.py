@@ -2,8 +2,10 @@
 
 A PQ code caps recall (about 0.5-0.8 10-recall@10 on clustered 512-d data) however many lists are
 probed. ``Searcher`` lifts the cap by fetching ``k * rerank_factor`` candidates and re-scoring them
-exactly against the full embeddings, which ``get_vectors`` reads from the (memory-mapped) embedding
-store, so RAM holds only the codes and ids.
+exactly. Indexes from ``choose_factory`` carry their re-rank store (``IndexRefine`` over a
+memory-mapped float16 copy), so faiss re-scores in C++ and ``rerank_factor`` is its ``k_factor``;
+for any other index ``get_vectors`` reads the full embeddings from the (memory-mapped) embedding
+store. Either way RAM holds only the codes and ids.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from knn_diffusion.retrieval.index import load_index, normalised
+from knn_diffusion.retrieval.index import load_index, normalised, refine_of
 
 # ids (m,) int64 -> (m, d) float32 embeddings of those images
 VectorGetter = Callable[[np.ndarray], np.ndarray]
@@ -47,14 +49,31 @@ def vectors_by_id(ids: np.ndarray, rows: np.ndarray | Callable[[np.ndarray], np.
     return get_vectors
 
 
+def is_exact(index: faiss.Index) -> bool:
+    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
+    return isinstance(faiss.downcast_index(inner), faiss.IndexFlat)
+
+
 def search_parameters(index: faiss.Index, params: dict[str, int],
-                      selector: faiss.IDSelector | None = None) -> faiss.SearchParameters:
-    """faiss ``SearchParameters`` carrying nprobe / efSearch and an optional id selector.
+                      selector: faiss.IDSelector | None = None, rerank_factor: int = 1) -> faiss.SearchParameters:
+    """faiss ``SearchParameters`` carrying nprobe / efSearch, the re-rank factor and an optional id selector.
 
     Handles the wrappers the factory produces: ``IndexPreTransform`` (OPQ) and ``IndexIDMap`` pass
-    parameters to the index inside; IVF takes nprobe and, for an HNSW coarse quantizer, its efSearch.
+    parameters to the index inside; an ``IndexIDMap`` over an ``IndexRefine`` translates the selector
+    to row positions itself (IndexRefine passes only its base's parameters on); IVF takes nprobe and,
+    for an HNSW coarse quantizer, its efSearch.
     """
     index = faiss.downcast_index(index)
+    refine = refine_of(index)
+    if refine is not None:
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) and selector is not None:
+            translated = faiss.IDSelectorTranslated(index.id_map, selector)
+            translated.keep_alive = selector
+            selector = translated
+        base = search_parameters(refine.base_index, params, selector)
+        out = faiss.IndexRefineSearchParameters(k_factor=float(rerank_factor), base_index_params=base)
+        out.keep_alive = base  # SWIG holds a raw pointer
+        return out
     if isinstance(index, faiss.IndexPreTransform):
         inner = search_parameters(index.index, params, selector)
         outer = faiss.SearchParametersPreTransform(index_params=inner)
@@ -107,7 +126,8 @@ class Searcher:
     def __init__(self, index: faiss.Index, search_params: dict[str, int] | None = None, *,
                  get_vectors: VectorGetter | None = None, rerank_factor: int = 1,
                  batch_size: int = 256):
-        if rerank_factor > 1 and get_vectors is None:
+        self.refines = refine_of(index) is not None  # faiss re-ranks against the index's own store
+        if rerank_factor > 1 and get_vectors is None and not self.refines:
             raise ValueError("rerank_factor > 1 needs get_vectors to fetch the full embeddings")
         self.index = index
         self.search_params = dict(search_params or {})
@@ -125,13 +145,19 @@ class Searcher:
         """
         index, meta = load_index(path, expected_fingerprint, expected_dim, mmap=mmap)
         if rerank_factor is None:
-            rerank_factor = meta.get("rerank_factor", 1) if get_vectors is not None else 1
+            tuned = meta.get("rerank_factor", 1)
+            rerank_factor = tuned if get_vectors is not None or refine_of(index) is not None else 1
         return cls(index, meta.get("search_params", {}), get_vectors=get_vectors,
                    rerank_factor=rerank_factor, batch_size=batch_size)
 
     @property
     def dim(self) -> int:
         return self.index.d
+
+    @property
+    def exact_scores(self) -> bool:
+        """Whether returned scores are float32 cosines (exact index or re-rank against the store)."""
+        return is_exact(self.index) or (self.rerank_factor > 1 and not self.refines)
 
     def search(self, queries: np.ndarray, k: int, *, selector: faiss.IDSelector | None = None,
                return_vectors: bool = False) -> SearchResult:
@@ -158,7 +184,7 @@ class Searcher:
         return SearchResult(ids, scores, vectors)
 
     def _search_batch(self, queries: np.ndarray, k: int, selector) -> tuple[np.ndarray, np.ndarray]:
-        candidates = min(k * self.rerank_factor, self.index.ntotal)
+        candidates = k if self.refines else min(k * self.rerank_factor, self.index.ntotal)
         scores, ids = self._candidates(queries, candidates, self.search_params, selector)
         short = (ids >= 0).sum(axis=1) < k
         params = self.search_params
@@ -169,16 +195,17 @@ class Searcher:
                                  f"some queries, fewer than k={k}")
             scores[short], ids[short] = self._candidates(queries[short], candidates, params, selector)
             short = (ids >= 0).sum(axis=1) < k
-        if self.rerank_factor > 1:
+        if self.rerank_factor > 1 and not self.refines:
             scores = self._exact_scores(queries, ids)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
         return ids[:, :k], scores[:, :k]
 
     def _candidates(self, queries, k, params, selector):
-        if not params and selector is None:
+        if not params and selector is None and not self.refines:
             return self.index.search(queries, k)
-        return self.index.search(queries, k, params=search_parameters(self.index, params, selector))
+        return self.index.search(queries, k, params=search_parameters(self.index, params, selector,
+                                                                      self.rerank_factor))
 
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Cosine of each query (Q, d) with its candidates' stored embeddings; -inf for missing ids."""
@@ -216,8 +243,9 @@ def exact_neighbours(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, 
 
 def search_parameter_grid(index: faiss.Index) -> dict[str, list[int]]:
     """The values faiss' ``ParameterSpace`` offers for this index (nprobe, quantizer_efSearch, ...)."""
+    refine = refine_of(index)
     space = faiss.ParameterSpace()
-    space.initialize(index)
+    space.initialize(refine.base_index if refine is not None else index)
     ranges = (space.parameter_ranges.at(i) for i in range(space.parameter_ranges.size()))
     return {r.name: [int(v) for v in faiss.vector_to_array(r.values)] for r in ranges
             if r.name in ("nprobe", "quantizer_efSearch", "efSearch")}
