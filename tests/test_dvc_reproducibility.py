@@ -142,7 +142,7 @@ def test_inference_settings_are_not_inputs_of_the_index_or_training():
 def test_index_fraction_reruns_only_sample_and_evaluate(repo):
     assert status(repo) == {}
     set_param(repo, "retrieval.index_fraction", 0.3)
-    set_param(repo, "retrieval.score_filter", {"low": 0.5, "high": 1.0})
+    set_param(repo, "retrieval.global_score_filter", {"low": 0.5, "high": 1.0})
     try:
         assert set(status(repo)) == {"sample@continuous", "sample@discrete", "evaluate@continuous", "evaluate@discrete"}
     finally:

@@ -14,6 +14,7 @@ import yaml
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
+from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
 from tests.test_encoders import TINY_CLIP
 from tests.browser import chromium_page, row_cells, show_columns
@@ -140,6 +141,26 @@ def test_rerun_writes_identical_outputs(evaluated, monkeypatch):
     evaluate.main(["--model", "continuous"])
     assert (out / "points.csv").read_bytes() == before
     assert (out / "grid.png").read_bytes() == grid
+
+
+def test_score_quantile_points_draw_the_papers_fig8(evaluated, tmp_path, monkeypatch):
+    """The per-query score quantile as a grid axis: each quantile point scores its generated images and
+    their neighbours (means with bootstrap CIs), and the stage draws Fig. 8 from them."""
+    root = copy_outputs(evaluated, tmp_path / "quantiles", "data", "models")
+    monkeypatch.chdir(root)
+    evaluate.main(["evaluate.retrieval_baseline=false", "evaluate.grid.k=[2]", "evaluate.grid.index_fraction=[1.0]",
+                   "evaluate.grid.score_quantile=[1,2]", "retrieval.score_quantiles=2"])
+    out = root / paths.evaluate_dir("continuous")
+    rows = list(csv.DictReader(open(out / "score_quantiles.csv")))
+    assert [r["point"] for r in rows] == ["k2-frac1-g3-openmoji-q1", "k2-frac1-g3-openmoji-q2"]
+    for row in rows:
+        for name in ("generated_score", "neighbour_score"):
+            assert float(row[f"{name}_ci_low"]) <= float(row[name]) <= float(row[f"{name}_ci_high"])
+    # the neighbours of the high quantile score higher than those of the low one, query by query
+    assert float(rows[0]["neighbour_score"]) < float(rows[1]["neighbour_score"])
+    assert (out / "score_quantiles.png").stat().st_size > 0
+    record = json.loads(next((out / "k2-frac1-g3-openmoji-q2").glob("0000-*.json")).read_text())
+    assert record["score_quantile"] == [2, 2]
 
 
 def test_missing_prompts_file_is_one_error_line(evaluated, monkeypatch, capsys):

@@ -1,4 +1,5 @@
-"""Inference-time retrieval: index subsets and the score filter as id selectors over the full index."""
+"""Inference-time retrieval: index subsets and the global score filter as id selectors over the full
+index; the per-query score quantile among each query's neighbours."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import pytest
 from knn_diffusion.encoders.store import begin_embedding, finish_embedding, emb_name, ids_name
 from knn_diffusion.io import save_npy
 from knn_diffusion.retrieval.build import build_tuned_index
-from knn_diffusion.retrieval.config import IndexConfig
+from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
 from knn_diffusion.retrieval.index import load_index
 from knn_diffusion.retrieval.inference import SCORES_FILE, allowed_ids, index_ids, open_neighbour_search
+from knn_diffusion.retrieval.scores import per_query_quantile
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.retrieval.synthetic import clustered_vectors
 
 N, D, K = 2_000, 32, 5
 
 
-@pytest.fixture(scope="module", params=["Flat", "IVF16,PQ16x4fs"])
+@pytest.fixture(scope="module", params=["Flat", "IVF16,PQ16x4fs,Refine(SQfp16)"])
 def built(request, tmp_path_factory):
     """An embedding store of N vectors (ids not 0..N-1) and a full index over it with a score column."""
     root = tmp_path_factory.mktemp("inference")
@@ -44,7 +46,8 @@ def test_index_ids_lists_every_stored_id(built):
 def test_subset_search_returns_k_ids_from_the_subset_only(built):
     root, vectors, ids, _ = built
     queries = vectors[::97]
-    knn, sidecar = open_neighbour_search(root / "index", root / "embed", "enc", D, index_fraction=0.3, subset_seed=0)
+    knn, sidecar = open_neighbour_search(root / "index", root / "embed", "enc", D,
+                                         RetrievalConfig(index_fraction=0.3, subset_seed=0))
     found, scores, neighbours = knn(queries, K)
     subset = set(ids[subset_mask(ids, 0.3, 0)].tolist())
     assert found.shape == (len(queries), K) and neighbours.shape == (len(queries), K, D)
@@ -54,16 +57,53 @@ def test_subset_search_returns_k_ids_from_the_subset_only(built):
     assert not set(full(queries, K)[0].ravel().tolist()) <= subset  # the full index does retrieve outside it
 
 
-def test_nested_subsets_and_score_filter_combine(built):
+def test_nested_subsets_and_global_score_filter_combine(built):
     root, vectors, ids, scores = built
     small = set(allowed_ids(ids, index_fraction=0.1).tolist())
     large = set(allowed_ids(ids, index_fraction=0.3).tolist())
     assert small < large and 0.05 < len(small) / N < 0.15  # the 10% subset lies inside the 30% one
-    knn, sidecar = open_neighbour_search(root / "index", root / "embed", "enc", D, index_fraction=0.1,
-                                         score_low=0.5)
+    knn, sidecar = open_neighbour_search(root / "index", root / "embed", "enc", D, RetrievalConfig(
+        index_fraction=0.1, global_score_filter=ScoreFilterConfig(low=0.5)))
     found = knn(vectors[:40], K)[0]
     top_half = set(ids[scores >= np.quantile(scores, 0.5)].tolist())
     assert set(found.ravel().tolist()) <= small & top_half
     assert sidecar["retrievable"] == len(small & top_half)
     with pytest.raises(ValueError, match=f"only {len(small & top_half)} images"):
         knn(vectors[:1], len(small & top_half) + 1)
+
+
+def test_per_query_quantile_split_follows_a_planted_score_order():
+    """Six neighbours per query, Q=3, k=2: each quantile holds the two with the planted scores' rank,
+    returned in similarity order."""
+    ids = np.array([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
+    similarity = np.linspace(1, 0.5, 6)[None].repeat(2, 0)  # best match first
+    planted = np.array([[5, 0, 3, 1, 4, 2], [0, 1, 2, 3, 4, 5]], np.float32)  # score per neighbour
+    low = per_query_quantile(ids, similarity, planted, 2, 1, 3)[0]
+    high, high_similarity = per_query_quantile(ids, similarity, planted, 2, 3, 3)
+    np.testing.assert_array_equal(low, [[11, 13], [20, 21]])
+    np.testing.assert_array_equal(high, [[10, 14], [24, 25]])
+    assert (np.diff(high_similarity, axis=1) <= 0).all()
+    with pytest.raises(ValueError, match="expected 1..3"):
+        per_query_quantile(ids, similarity, planted, 2, 4, 3)
+
+
+def test_score_quantile_conditions_on_one_score_group_of_the_k_q_nearest(built):
+    root, vectors, ids, scores = built
+    queries = vectors[::211]
+    nearest, _ = open_neighbour_search(root / "index", root / "embed", "enc", D)
+    pool = nearest(queries, K * 4)[0]  # the k * Q nearest of each query
+    score_of = dict(zip(ids.tolist(), scores.tolist()))
+    means = []
+    for quantile in (1, 4):
+        knn, sidecar = open_neighbour_search(root / "index", root / "embed", "enc", D,
+                                             RetrievalConfig(score_quantile=quantile, score_quantiles=4))
+        found, similarity, vectors_found = knn(queries, K)
+        assert found.shape == (len(queries), K) and vectors_found.shape == (len(queries), K, D)
+        assert sidecar["score_quantile"] == [quantile, 4]
+        for row, candidates in zip(found, pool):
+            ranked = sorted(candidates.tolist(), key=score_of.get)  # ascending score
+            assert set(row.tolist()) == set(ranked[(quantile - 1) * K:quantile * K])
+        means.append(np.mean([score_of[i] for i in found.ravel().tolist()]))
+    assert means[0] < means[1]
+    with pytest.raises(ValueError, match="score_quantile=5"):
+        open_neighbour_search(root / "index", root / "embed", "enc", D, RetrievalConfig(score_quantile=5, score_quantiles=4))

@@ -62,11 +62,11 @@ def test_samples_for_own_and_swapped_index(tiny_pipeline):
     assert set(noto_ids["neighbour_ids"]) <= set(noto_index_ids.tolist())
 
 
-def test_generate_cli_with_index_swap_and_score_filter(tiny_pipeline, tmp_path, monkeypatch):
+def test_generate_cli_with_index_swap_and_global_score_filter(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny_pipeline)
     out = tmp_path / "gen"
     cli_main(["generate", "an emoji of a dog", "--index", "noto", "--steps", "2", "--k", "2", "--out", str(out),
-              "--set", "retrieval.score_filter.low=0.5"])
+              "--set", "retrieval.global_score_filter.low=0.5"])
     record = json.loads(next(out.glob("0000-*.json")).read_text())
     column = np.load(tiny_pipeline / paths.index_dir("noto") / SCORES_FILE)
     threshold = np.quantile(column["scores"], 0.5)

@@ -111,9 +111,7 @@ def neighbour_search(index: str | os.PathLike, index_root: Path, embed_root: Pat
                      retrieval: RetrievalConfig) -> tuple[NeighbourSearch, dict[str, Any]]:
     """``open_neighbour_search`` for an index name or directory, with the params' retrieval settings."""
     index_dir, embeddings_dir = resolve_index(index, index_root, embed_root)
-    return open_neighbour_search(index_dir, embeddings_dir, fingerprint, dim,
-                                 index_fraction=retrieval.index_fraction, subset_seed=retrieval.subset_seed,
-                                 score_low=retrieval.score_filter.low, score_high=retrieval.score_filter.high)
+    return open_neighbour_search(index_dir, embeddings_dir, fingerprint, dim, retrieval)
 
 
 def read_prompts(path: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
@@ -198,7 +196,8 @@ def generate(generator: Generator, *, out_dir: str | os.PathLike, knn: Neighbour
             "index_fingerprint": index_sidecar.get("sha256", ""),
             "index_fraction": index_sidecar.get("index_fraction", 1.0),
             "subset_seed": index_sidecar.get("subset_seed", 0),
-            "score_filter": index_sidecar.get("score_filter", [0.0, 1.0]),
+            "global_score_filter": index_sidecar.get("global_score_filter", [0.0, 1.0]),
+            "score_quantile": index_sidecar.get("score_quantile", [0, 0]),
             "image": f"{stem}.png",
         }
         save_png(out_dir / f"{stem}.png", images[i])

@@ -17,6 +17,9 @@ class EvaluateGridConfig:
     index_fraction: list[float] = field(default_factory=lambda: [0.3, 1.0], metadata=between(0, 1, low_open=True))
     # Indexes to retrieve from: the generator dataset's own, or a swapped one (e.g. noto).
     index: list[str] = field(default_factory=lambda: ["openmoji"])
+    # Per-query score quantile q of retrieval.score_quantiles (paper Fig. 8; 0 = off, 1 = lowest scores).
+    # Points with q > 0 also score the generated images and their neighbours (the report's Fig. 8 plot).
+    score_quantile: list[int] = field(default_factory=lambda: [0], metadata=between(0, 100))
 
 
 @dataclass

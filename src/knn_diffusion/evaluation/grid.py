@@ -1,7 +1,7 @@
 """What the evaluation scores: held-out prompts, inference-time grid points, the retrieval baseline.
 
-A grid point varies only what inference can change (k, index fraction, guidance, retrieval index), so
-one trained model covers the whole grid. k=0 conditions on the text embedding alone (the paper's "no
+A grid point varies only what inference can change (k, index fraction, guidance, retrieval index,
+per-query score quantile), so one trained model covers the whole grid. k=0 conditions on the text embedding alone (the paper's "no
 kNN at inference"); it retrieves nothing, so it is one point per guidance, whatever the index settings.
 """
 
@@ -31,12 +31,14 @@ class GridPoint:
     guidance: float
     index_fraction: float | None = None  # None when k=0
     index: str | None = None
+    score_quantile: int | None = None  # None when k=0; 0 = all neighbours
 
     @property
     def name(self) -> str:
         if self.k == 0:
             return f"k0-g{self.guidance:g}"
-        return f"k{self.k}-frac{self.index_fraction:g}-g{self.guidance:g}-{self.index}"
+        quantile = f"-q{self.score_quantile}" if self.score_quantile else ""
+        return f"k{self.k}-frac{self.index_fraction:g}-g{self.guidance:g}-{self.index}{quantile}"
 
     def params(self) -> dict[str, str | int | float]:
         """MLflow params of the point (strings '-' where a setting does not apply)."""
@@ -48,12 +50,13 @@ def grid_points(grid: EvaluateGridConfig, guidance_scales: list[float], trained:
     guidance; a ``no_knn`` model only at k=0; a ``concat_linear`` model only at its trained k (its
     projection fixes K)."""
     points: list[GridPoint] = []
-    for k, fraction, guidance, index in itertools.product(grid.k, grid.index_fraction, guidance_scales, grid.index):
+    for k, fraction, guidance, index, quantile in itertools.product(grid.k, grid.index_fraction, guidance_scales,
+                                                                    grid.index, grid.score_quantile):
         if trained.variant == ConditioningVariant.no_knn:
             k = 0
         elif trained.variant == ConditioningVariant.concat_linear and k != trained.k:
             continue
-        point = GridPoint(0, guidance) if k == 0 else GridPoint(k, guidance, fraction, index)
+        point = GridPoint(0, guidance) if k == 0 else GridPoint(k, guidance, fraction, index, quantile)
         if point not in points:
             points.append(point)
     return points

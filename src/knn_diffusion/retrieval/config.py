@@ -31,13 +31,21 @@ class ScoreFilterConfig:
 @dataclass
 class RetrievalConfig:
     """Inference-time retrieval (``sample``, ``generate``, ``evaluate``): which part of the full index
-    neighbours may come from. Applied with a faiss id selector, so neither the index nor the model is
-    rebuilt (paper Sec. 6.5 index-size ablation; Fig. 7-8 score quantiles)."""
+    neighbours may come from. Subsets and the global score filter are a faiss id selector, so neither
+    the index nor the model is rebuilt (paper Sec. 6.5 index-size ablation); the per-query score
+    quantile picks among each query's neighbours (Fig. 7-8)."""
 
     # Deterministic nested subset of the index: the 10% subset lies inside the 30% one (same seed).
     index_fraction: float = field(default=1.0, metadata=between(0, 1, low_open=True))
     subset_seed: int = 0
-    score_filter: ScoreFilterConfig = field(default_factory=ScoreFilterConfig)
+    # Before the search: only images whose score lies in this quantile range of the whole index's
+    # score column (the same images for every query).
+    global_score_filter: ScoreFilterConfig = field(default_factory=ScoreFilterConfig)
+    # After the search, per query (the paper's Sec. 4.2, Fig. 8): retrieve k * score_quantiles
+    # neighbours, split them by score into score_quantiles equal groups, keep group score_quantile
+    # (1 = lowest scores .. score_quantiles = highest). 0 = off.
+    score_quantile: int = field(default=0, metadata=between(0, 100))
+    score_quantiles: int = field(default=5, metadata=between(1, 100))
 
 
 @dataclass
@@ -57,7 +65,8 @@ class IndexConfig:
     # Splits of the generator dataset that go into its index (keeps val/test images out of training
     # neighbours and out of retrieval during evaluation); other datasets are indexed whole.
     generator_splits: list[str] = field(default_factory=lambda: ["train"])
-    # The per-image score column written beside each index (filtered at inference by retrieval.score_filter).
+    # The per-image score column written beside each index (read at inference by retrieval.global_score_filter
+    # and retrieval.score_quantile).
     scorer: Scorer = Scorer.auto
     scorer_weights: str = ""  # .safetensors / .npz / .pth holding ``weight`` (1, d) and ``bias`` (1,)
 

@@ -1,10 +1,12 @@
 """Inference-time retrieval: kNN from a part of the full index, chosen without rebuilding anything.
 
 The paper's index-size ablation (Sec. 6.5) keeps one trained model and varies the images it may
-retrieve from; its score-quantile experiment (Fig. 7-8) does the same by image score. Both are one
-faiss id selector over the full index here: the nested ``index_fraction`` subset of
-:mod:`.subsets` intersected with the score-quantile range (quantiles of the whole index's score
-column, so a filter means the same images at every fraction). Training neighbours never use this.
+retrieve from: one faiss id selector over the full index, the nested ``index_fraction`` subset of
+:mod:`.subsets`, optionally intersected with a global score-quantile range (quantiles of the whole
+index's score column, so a filter means the same images at every fraction and for every query).
+The paper's score-quantile experiment (Sec. 4.2, Fig. 7-8) is per query instead: each query's
+k * Q neighbours are split by score into Q groups and one group conditions the model. Training
+neighbours never use any of this.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import faiss
 import numpy as np
 
 from knn_diffusion.encoders.store import EmbeddingStore
+from knn_diffusion.retrieval.config import RetrievalConfig
 from knn_diffusion.retrieval.index import read_sidecar
-from knn_diffusion.retrieval.scores import filter_active, quantile_ids
+from knn_diffusion.retrieval.scores import filter_active, per_query_quantile, quantile_ids, score_lookup
 from knn_diffusion.retrieval.search import Searcher, vectors_by_id
 from knn_diffusion.retrieval.subsets import subset_mask
 
@@ -55,48 +58,69 @@ def allowed_ids(ids: np.ndarray, *, index_fraction: float = 1.0, subset_seed: in
     keep = ids[subset_mask(ids, index_fraction, subset_seed)]
     if filter_active(score_low, score_high):
         if score_column is None:
-            raise ValueError("retrieval.score_filter is set but the index has no score column "
+            raise ValueError("retrieval.global_score_filter is set but the index has no score column "
                              f"({SCORES_FILE}); rebuild it with the index stage")
         keep = np.intersect1d(keep, quantile_ids(score_column[1], score_column[0], score_low, score_high))
     return np.sort(keep)
 
 
+def read_score_column(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, scores) of the score column the index stage wrote beside the index, or None."""
+    path = Path(index_dir) / SCORES_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["ids"], data["scores"]
+
+
 def open_neighbour_search(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike, fingerprint: str,
-                          dim: int, *, index_fraction: float = 1.0, subset_seed: int = 0, score_low: float = 0.0,
-                          score_high: float = 1.0) -> tuple[NeighbourSearch, dict[str, Any]]:
-    """A ``knn(queries, k)`` over the index at ``index_dir`` restricted to the configured part of it.
+                          dim: int, retrieval: RetrievalConfig | None = None) -> tuple[NeighbourSearch, dict[str, Any]]:
+    """A ``knn(queries, k)`` over the index at ``index_dir`` restricted to the part of it that
+    ``retrieval`` selects (subset and global score filter), and with its per-query score quantile.
 
     Neighbour embeddings are read from the embedding store at ``embeddings_dir`` (the one the index
     was built from). Every query gets exactly k results from the allowed ids, or a ValueError says
     how many are allowed. The returned sidecar is the index's, plus the retrieval settings and the
     number of retrievable images.
     """
+    retrieval = retrieval or RetrievalConfig()
+    fraction, seed = retrieval.index_fraction, retrieval.subset_seed
+    low, high = retrieval.global_score_filter.low, retrieval.global_score_filter.high
+    quantile, quantiles = retrieval.score_quantile, retrieval.score_quantiles
+    if quantile > quantiles:
+        raise ValueError(f"retrieval.score_quantile={quantile}: expected 0 (off) or 1..score_quantiles={quantiles}")
     index_dir = Path(index_dir)
     store = EmbeddingStore.open(embeddings_dir)
     searcher = Searcher.open(index_dir, fingerprint, dim, get_vectors=vectors_by_id(store.ids, store.get))
     sidecar = read_sidecar(index_dir)
+    filtering = filter_active(low, high)
+    column = read_score_column(index_dir) if filtering or quantile else None
+    if quantile and column is None:
+        raise ValueError(f"retrieval.score_quantile={quantile} needs the index's score column ({index_dir / SCORES_FILE}); "
+                         "rebuild it with the index stage")
     selector, allowed = None, searcher.index.ntotal
-    filtering = filter_active(score_low, score_high)
-    if index_fraction < 1 or filtering:
-        column = None
-        if filtering and (index_dir / SCORES_FILE).is_file():
-            with np.load(index_dir / SCORES_FILE) as data:
-                column = (data["ids"], data["scores"])
-        keep = allowed_ids(index_ids(searcher.index), index_fraction=index_fraction, subset_seed=subset_seed,
-                           score_column=column, score_low=score_low, score_high=score_high)
+    if fraction < 1 or filtering:
+        keep = allowed_ids(index_ids(searcher.index), index_fraction=fraction, subset_seed=seed,
+                           score_column=column, score_low=low, score_high=high)
         if len(keep) == 0:
-            raise ValueError(f"{index_dir}: no image passes index_fraction={index_fraction} and score filter "
-                             f"[{score_low}, {score_high})")
+            raise ValueError(f"{index_dir}: no image passes index_fraction={fraction} and global score filter "
+                             f"[{low}, {high})")
         selector, allowed = faiss.IDSelectorBatch(keep), len(keep)
-        log.info("retrieval from %d of %d images of %s (index_fraction=%s, score quantiles [%s, %s))", allowed,
-                 searcher.index.ntotal, index_dir, index_fraction, score_low, score_high)
+        log.info("retrieval from %d of %d images of %s (index_fraction=%s, global score quantiles [%s, %s))",
+                 allowed, searcher.index.ntotal, index_dir, fraction, low, high)
+    score_of = score_lookup(*column) if quantile else None
 
     def knn(queries: np.ndarray, k: int):
-        if k > allowed:
-            raise ValueError(f"k={k} neighbours asked, but only {allowed} images of {index_dir} are retrievable "
-                             f"(index_fraction={index_fraction}, score filter [{score_low}, {score_high}))")
-        found = searcher.search(queries, k, selector=selector, return_vectors=True)
-        return found.ids, found.scores, found.vectors
+        wanted = k * quantiles if quantile else k
+        if wanted > allowed:
+            raise ValueError(f"k={k} neighbours asked{f' x {quantiles} score quantiles' if quantile else ''}, but only "
+                             f"{allowed} images of {index_dir} are retrievable (index_fraction={fraction}, "
+                             f"global score filter [{low}, {high}))")
+        found = searcher.search(queries, wanted, selector=selector, return_vectors=not quantile)
+        if not quantile:
+            return found.ids, found.scores, found.vectors
+        ids, similarities = per_query_quantile(found.ids, found.scores, score_of(found.ids), k, quantile, quantiles)
+        return ids, similarities, searcher.get_vectors(ids.ravel()).reshape(*ids.shape, -1)
 
-    return knn, {**sidecar, "index_fraction": index_fraction, "subset_seed": subset_seed,
-                 "score_filter": [score_low, score_high], "retrievable": allowed}
+    return knn, {**sidecar, "index_fraction": fraction, "subset_seed": seed, "global_score_filter": [low, high],
+                 "score_quantile": [quantile, quantiles], "retrievable": allowed}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -149,3 +149,38 @@ def quantile_selector(scores: np.ndarray, ids: np.ndarray, low_q: float, high_q:
     selector = faiss.IDSelectorBatch(allowed)
     selector.allowed_count = len(allowed)
     return selector
+
+
+def score_lookup(score_ids: np.ndarray, scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """ids (any shape) -> their scores from the column (``score_ids`` (N,), ``scores`` (N,)); a KeyError
+    names ids the column lacks."""
+    score_ids, scores = np.asarray(score_ids, np.int64), np.asarray(scores, np.float32)
+    order = np.argsort(score_ids, kind="stable")
+    sorted_ids, sorted_scores = score_ids[order], scores[order]
+
+    def lookup(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        slots = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+        missing = sorted_ids[slots] != ids if len(sorted_ids) else np.ones(ids.shape, bool)
+        if missing.any():
+            raise KeyError(f"ids without a score in the score column: {ids[missing][:5].tolist()}")
+        return sorted_scores[slots]
+
+    return lookup
+
+
+def per_query_quantile(ids: np.ndarray, similarities: np.ndarray, neighbour_scores: np.ndarray, k: int,
+                       quantile: int, quantiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's per-query score quantiles (Sec. 4.2, Fig. 8): of each query's k * ``quantiles``
+    neighbours (ids, similarities, and ``neighbour_scores``, all (N, k * quantiles), best match first),
+    the k in score quantile ``quantile`` (1 = lowest scores .. ``quantiles`` = highest), kept in
+    their similarity order. Returns (ids (N, k), similarities (N, k)).
+    """
+    if not 1 <= quantile <= quantiles:
+        raise ValueError(f"score quantile {quantile}: expected 1..{quantiles}")
+    if ids.shape != (len(ids), k * quantiles) or similarities.shape != ids.shape or neighbour_scores.shape != ids.shape:
+        raise ValueError(f"per_query_quantile: expected (N, {k * quantiles}) ids, similarities and scores, got "
+                         f"{ids.shape}, {similarities.shape}, {neighbour_scores.shape}")
+    by_score = np.argsort(neighbour_scores, axis=1, kind="stable")  # ascending score
+    chosen = np.sort(by_score[:, (quantile - 1) * k:quantile * k], axis=1)  # back to similarity order
+    return np.take_along_axis(ids, chosen, 1), np.take_along_axis(similarities, chosen, 1)

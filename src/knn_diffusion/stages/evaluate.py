@@ -5,11 +5,12 @@ scales of the grid (``evaluate.<model>``); both backbones are scored on the same
 reference images and metrics, so ``metrics/evaluate-continuous.json`` and ``-discrete.json`` compare them.
 
 Prompts are the generator dataset's test-split captions (or ``evaluate.prompts_file``); the test split's
-images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index) is
+images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index, score quantile) is
 generated with the same model and seeds and becomes one MLflow child run of this stage's run, so the
 MLflow UI compares the points side by side; the first retrieved image per prompt is scored the same
 way as the retrieval baseline. Outputs: a generate-style folder per point under ``outputs/evaluate/<model>/``,
-``points.csv``, a prompts x settings ``grid.png``, the facts in ``evaluate.json``, and the numbers in
+``points.csv``, a prompts x settings ``grid.png``, with score-quantile points ``score_quantiles.csv`` and
+the paper's Fig. 8 as ``score_quantiles.png``, the facts in ``evaluate.json``, and the numbers in
 ``metrics/evaluate-<model>.json``. The stage's MLflow run and its point runs are tagged ``model``.
 """
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,10 +32,14 @@ from knn_diffusion.encoders.factory import load_encoder, load_open_clip
 from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, retrieval_baseline, settings_grid,
                                            test_split_prompts)
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features
+from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
+from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles, point_score_metrics
 from knn_diffusion.generation import generate, load_generator, neighbour_search, read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.models.config import ConditioningVariant
+from knn_diffusion.retrieval.inference import read_score_column
+from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.stages.embed import EVAL_TEMPLATE
@@ -85,7 +91,8 @@ def evaluate_stage(params, model: str) -> None:
     with tracked(f"evaluate@{model}", params, tags={"model": model}) as run, atomic_dir(paths.evaluate_dir(model)) as out:
         run.tags({"fid_feature": scorer.feature})
         for point in tqdm(points, desc="evaluate", unit="point"):
-            retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0)
+            retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0,
+                                            score_quantile=point.score_quantile or 0)
             knn, sidecar = neighbour_search(point.index or cfg.grid.index[0], paths.INDEX, paths.EMBED,
                                             encoder.fingerprint, encoder.dim, retrieval)
             start = time.perf_counter()
@@ -96,6 +103,9 @@ def evaluate_stage(params, model: str) -> None:
             generated = time.perf_counter()
             scores = scorer.score(images, prompts)
             timing = {"generate_s": generated - start, "score_s": time.perf_counter() - generated}
+            if point.score_quantile:  # paper Fig. 8: the images' score against their neighbours'
+                scores.update(point_score_metrics(records, images, read_score_column(paths.index_dir(point.index)),
+                                                  params.index.scorer, params.index.scorer_weights, encoder, cfg.seed))
             with child_run(point.name, {**common, **point.params()}, {"evaluate.kind": "grid_point"}) as child:
                 child.metrics({**scores, **timing, "images_per_s": len(images) / (time.perf_counter() - start)})
             table.append({"point": point.name, **point.params(), **scores, **timing})
@@ -114,6 +124,15 @@ def evaluate_stage(params, model: str) -> None:
             table.append({"point": BASELINE, **baseline, **scores})
             columns[BASELINE] = images
         write_table(out / "points.csv", table)
+        quantile_rows = pd.DataFrame([row for row in table if row.get("score_quantile") not in (None, 0, "-")])
+        if len(quantile_rows):
+            quantile_rows["label"] = [f"k{r.k} frac{r.index_fraction:g} g{r.guidance:g} {r.index}"
+                                      for r in quantile_rows.itertuples()]
+            quantile_rows[["point", "label", "score_quantile", *QUANTILE_COLUMNS]].to_csv(
+                out / "score_quantiles.csv", index=False, float_format="%.6f")
+            plot_score_quantiles(quantile_rows, out / "score_quantiles.png",
+                                 resolve_scorer(params.index.scorer, params.index.scorer_weights).value)
+            run.artifact(out / "score_quantiles.png", "evaluate")
         grid = settings_grid(columns, cfg.grid_prompts)
         save_png(out / "grid.png", grid)
         write_json(out / "evaluate.json", {**common, "prompts_source": cfg.prompts_file or "test_split_captions",
