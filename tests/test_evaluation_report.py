@@ -148,3 +148,22 @@ def test_backbones_get_their_own_rows_at_their_own_guidance(tmp_path):
     assert sorted(zip(baseline["backbone"], baseline["system"])) == [
         ("continuous", "model"), ("continuous", "retrieval baseline (1st neighbour)"),
         ("discrete", "model"), ("discrete", "retrieval baseline (1st neighbour)")]
+
+
+def test_score_quantile_points_give_the_fig8_plot(tmp_path):
+    """Grid points with a per-query score quantile carry generated/neighbour score means and CIs: the
+    report draws them as the paper's Fig. 8 and links the plot from tables.md."""
+    log_model("report-quantiles", "tokens", "tiny", 10, GRID, "demo")
+    common = {"fid_feature": FEATURE, "variant": "tokens", "trained_k": 10, "backbone": "continuous"}
+    with stage_run("evaluate", {}, "report-quantiles", tags={"pipeline_run": "demo", "model": "continuous"},
+                   run_name="evaluate@continuous"):
+        for quantile in (1, 3, 5):
+            params = {"k": 10, "guidance": 3.0, "index_fraction": 1.0, "index": "openmoji", "score_quantile": quantile}
+            with child_run(f"k10-frac1-g3-openmoji-q{quantile}", {**common, **params},
+                           {"evaluate.kind": "grid_point"}) as run:
+                run.metrics({"fid": 20.0, "kid_mean": 0.2, "kid_std": 0.001, "clip_score": 0.3, "r_precision": 0.5,
+                             **{f"{name}{suffix}": quantile + offset for name in ("generated_score", "neighbour_score")
+                                for suffix, offset in (("", 0.0), ("_ci_low", -0.5), ("_ci_high", 0.5))}})
+    written = write_report(evaluate_runs(MlflowClient(), "report-quantiles"), tmp_path, title="t")
+    assert tmp_path / "score_quantiles.png" in written
+    assert "![](score_quantiles.png)" in (tmp_path / "tables.md").read_text()

@@ -4,7 +4,7 @@ Every evaluate grid point (and retrieval baseline) is an MLflow child run with i
 and FID/KID/CLIP score/R-precision as metrics. This module selects those runs (one experiment, some
 pipeline runs or sweep experiments), joins each to the training run of its model (model size), and
 cuts paper-style tables: by k, by index fraction, by guidance, by conditioning variant, by model size,
-kNN vs no kNN, model vs retrieval baseline. Every row names the run, git commit and DVC input hashes
+kNN vs no kNN, model vs retrieval baseline; and Fig. 8 from score-quantile points. Every row names the run, git commit and DVC input hashes
 it comes from. FID/KID values of different feature networks are never put in one column.
 
 A sweep trial whose evaluate outputs DVC restored from its run cache logs no evaluate run; given that
@@ -24,6 +24,8 @@ from typing import Callable
 import pandas as pd
 
 from knn_diffusion.evaluation.grid import BASELINE, NOT_APPLICABLE
+from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
+from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles
 
 METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
 SOURCE_COLUMNS = ("run_id", "git_commit", "data_version", "restored_from")
@@ -85,8 +87,8 @@ def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[s
         "backbone": p.get("backbone", ""), "trained_k": _number(p.get("trained_k")),
         "k": _number(p.get("k")), "index_fraction": _number(p.get("index_fraction")),
         "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
-        "fid_feature": p.get("fid_feature", ""),
-        **{m: run.data.metrics.get(m) for m in METRICS},
+        "fid_feature": p.get("fid_feature", ""), "score_quantile": _number(p.get("score_quantile")),
+        **{m: run.data.metrics.get(m) for m in (*METRICS, *QUANTILE_COLUMNS)},
         "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
         "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
         "restored_from": restored_from, "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,
@@ -122,7 +124,8 @@ def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = Non
             rows += [_point_row(client, r, name, source, sizes) for r in points
                      if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     columns = ["kind", "point", "pipeline_run", "variant", "model_size", "backbone", "trained_k", "k",
-               "index_fraction", "guidance", "index", "fid_feature", *METRICS, *SOURCE_COLUMNS, "dvc_deps", "start_time"]
+               "index_fraction", "guidance", "index", "fid_feature", "score_quantile", *METRICS, *QUANTILE_COLUMNS,
+               *SOURCE_COLUMNS, "dvc_deps", "start_time"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -256,6 +259,12 @@ def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, *, title: str, 
         path = out_dir / f"{name}.csv"
         frame.to_csv(path, index=False, float_format="%.6f")
         written.append(path)
+    quantiles = runs[runs["score_quantile"].fillna(0) > 0].dropna(subset=QUANTILE_COLUMNS)
+    if len(quantiles):  # the paper's Fig. 8
+        labels = quantiles[["pipeline_run", "backbone", "k", "index_fraction", "guidance", "index"]].astype(str)
+        written.append(plot_score_quantiles(quantiles.assign(label=labels.agg(" ".join, axis=1)),
+                                            out_dir / "score_quantiles.png"))
+        sections += ["## Per-query score quantiles (Fig. 8)", "", "![](score_quantiles.png)", ""]
     (out_dir / "tables.md").write_text("\n".join(sections + [appendix] if appendix else sections))
     written.append(out_dir / "tables.md")
     return written + plot_tables(tables, out_dir)
