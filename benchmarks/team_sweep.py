@@ -14,21 +14,19 @@ UI's runs table with the sweep expanded. Everything is stopped at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from glob import glob
 from pathlib import Path
 
 from tests.browser import chromium_page, row_cells, show_columns
-from tests.team_servers import (S3_CREDENTIALS, answers, background, free_port, mlflow_server, postgres, s3_server,
-                                wait_until)
+from knn_diffusion.stack.processes import background
+from knn_diffusion.stack.services import (create_database, database_url, mlflow_server, postgres, prefect_server,
+                                          s3_keys, s3_server)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,25 +40,11 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: float = 600) -> str:
     return done.stdout
 
 
-def create_database(sqlalchemy_url: str, name: str) -> str:
+def prefect_db(mlflow_db: str) -> str:
     """A second database on the same Postgres; returns its asyncpg URL (what the Prefect server speaks)."""
-    port = re.search(r":(\d+)/", sqlalchemy_url).group(1)
-    createdb = Path(sorted(glob("/usr/lib/postgresql/*/bin/createdb"))[-1])
-    subprocess.run([str(createdb), "-h", "127.0.0.1", "-p", port, "-U", "postgres", name], check=True)
-    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{name}"
-
-
-@contextlib.contextmanager
-def prefect_server(work: Path, database_url: str):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_API_DATABASE_CONNECTION_URL": database_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(cmd, work / "prefect-server.log", env=env) as proc:
-        health = answers(f"http://127.0.0.1:{port}/api/health")
-        wait_until(health, proc, work / "prefect-server.log", "prefect server", 180)
-        yield env
+    port = int(re.search(r":(\d+)/", mlflow_db).group(1))
+    create_database("127.0.0.1", port, "prefect")
+    return database_url("127.0.0.1", port, "prefect", driver="asyncpg")
 
 
 def mlflow_tree(uri: str, experiment: str, prefix: str) -> tuple[list[str], Counter]:
@@ -119,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with postgres("mlflow") as mlflow_db, s3_server(work, "team") as s3, \
             mlflow_server(work, mlflow_db, "s3://team/mlflow", s3_endpoint=s3) as tracking, \
-            prefect_server(work, create_database(mlflow_db, "prefect")) as env:
-        env = {**env, "KNN_DIFFUSION_GIT_URL": str(origin), "MLFLOW_TRACKING_URI": tracking,
+            prefect_server(work / "prefect-home", work / "prefect-server.log", prefect_db(mlflow_db)) as env:
+        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "KNN_DIFFUSION_GIT_URL": str(origin), "MLFLOW_TRACKING_URI": tracking,
                # the flow process imports the cloned revision, not this (possibly edited) checkout
                "PYTHONPATH": str(origin / "src"), "TQDM_MININTERVAL": "30"}
         prefect = str(BIN / "prefect")
@@ -148,12 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nUI rows (screenshot:", work / "mlflow-sweep.png", "):")
         for name, row in cells.items():
             print(" ", name, "|", " ".join(row))
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=s3, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="team")
-                for o in page.get("Contents", [])]
+        keys = s3_keys(s3, "team")
         print(f"\nS3 bucket 'team': {len(keys)} artifact objects, e.g.", *keys[:5], sep="\n  ")
 
 

@@ -18,7 +18,7 @@ from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
 from tests.test_encoders import TINY_CLIP
 from tests.browser import chromium_page, row_cells, show_columns
-from tests.team_servers import mlflow_server
+from knn_diffusion.stack.services import mlflow_server
 
 EXPERIMENT = "evaluate-stage"
 TINY = {

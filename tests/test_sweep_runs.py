@@ -28,7 +28,7 @@ from tests.conftest import REPO
 from tests.dvc_repo import DVC
 from tests.test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
 from tests.browser import chromium_page, row_cells, show_columns
-from tests.team_servers import mlflow_server
+from knn_diffusion.stack.services import mlflow_server
 
 # Each test runs a sweep through DVC's queue against a Prefect server (35-80 s each): the slow tier.
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests import dvc_repo
-from tests.team_servers import mlflow_server, postgres, s3_keys, s3_server
+from knn_diffusion.stack.services import mlflow_server, postgres, s3_keys, s3_server
 
 # Starts Postgres, an S3 server and mlflow server (~30 s): the slow tier.
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.team_servers import answers, background, free_port, wait_until
+from knn_diffusion.stack.services import prefect_server as start_prefect_server
 
 BIN = Path(sys.executable).parent
 # Two stand-in stages (the real ones are tested elsewhere): routing, data hand-over and the lock matter here.
@@ -42,14 +42,8 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on loopback with its own home (sqlite), stopped at the end."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(cmd, tmp_path / "server.log", env=env) as server:
-        wait_until(answers(f"http://127.0.0.1:{port}/api/health"), server, tmp_path / "server.log", "prefect server")
-        yield env
+    with start_prefect_server(tmp_path / "prefect-home", tmp_path / "server.log") as env:
+        yield {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
 @pytest.fixture

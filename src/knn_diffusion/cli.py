@@ -13,6 +13,7 @@ import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
 from knn_diffusion.config_fields import check_field
+from knn_diffusion.stack.processes import StackError
 
 
 def list_presets() -> list[str]:
@@ -173,6 +174,24 @@ def _report_command(args: argparse.Namespace) -> None:
     print(f"logged to MLflow run {run_id} (experiment '{args.experiment}')")
 
 
+def _stack_command(args: argparse.Namespace) -> None:
+    """Start, stop or show the team stack as local processes (knn_diffusion/stack/)."""
+    from knn_diffusion.stack.command import DEFAULT_PORTS, down, status, up
+
+    if args.action == "up":
+        ports = {name: getattr(args, f"{name}_port") for name in DEFAULT_PORTS if getattr(args, f"{name}_port")}
+        settings = up(Path(args.data_dir), host=args.host, ports=ports)
+        for service, address, health in status(settings.data_dir):
+            print(f"{service:<12} {address:<22} {health}")
+        print(f"source {settings.env_file}   # MLFLOW_TRACKING_URI, PREFECT_API_URL, the S3 remote")
+    elif args.action == "down":
+        stopped = down(Path(args.data_dir))
+        print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    else:
+        for service, address, health in status(Path(args.data_dir)):
+            print(f"{service:<12} {address:<22} {health}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knn-diffusion")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--feature", default=None, help="the FID/KID feature to report when runs used several")
     r.add_argument("--out", default="outputs/report", help="output directory")
     r.set_defaults(handler=_report_command)
+
+    from knn_diffusion.stack.command import DEFAULT_PORTS
+
+    s = commands.add_parser("stack", help="the team stack (Postgres, S3, MLflow, Prefect, workers) as local processes")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--data-dir", default=".stack", help="databases, bucket snapshot, logs, stack.env (default: .stack)")
+    s.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: loopback)")
+    for name, port in DEFAULT_PORTS.items():
+        s.add_argument(f"--{name}-port", type=_positive_int, default=None, help=f"default {port}")
+    s.set_defaults(handler=_stack_command)
     return parser
 
 
@@ -203,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # input the user can fix: one line, no traceback
+    except (ConfigError, ValueError, FileNotFoundError, StackError) as err:  # input the user can fix: one line, no traceback
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
