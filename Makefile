@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-slow lock gpu-preset clean-outputs repro dvc
+.PHONY: setup demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,11 @@ dvc:
 # Postgres/S3 tracking server, the cross-clone rollback and fresh venvs from the lock. Exit 5 = none collected.
 test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# docker/compose.yaml built and started under docker or podman, a pipeline deployment run through it
+# (tests/test_container_stack.py; the first run downloads a wheelhouse and builds the image).
+test-stack: setup
+	$(PY) -m pytest -q -s -m stack tests/test_container_stack.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
