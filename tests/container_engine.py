@@ -57,7 +57,12 @@ class Engine:
 
     def ensure_local_bases(self, mirror: str = "http://deb.debian.org/debian") -> None:
         """The base images from Debian's mirror when no registry answers (about a minute)."""
-        if all(self.has_image(name) for name in LOCAL_BASES) or self.registry_answers():
+        present = [name for name in LOCAL_BASES if self.has_image(name)]
+        if present:  # one rootfs serves every name: a new import would void the build cache
+            for name in set(LOCAL_BASES) - set(present):
+                self("tag", present[0], name)
+            return
+        if self.registry_answers():
             return
         root = Path(tempfile.mkdtemp(prefix="knn-rootfs-"))
         try:
