@@ -26,12 +26,13 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from knn_diffusion.io import atomic_path
-from knn_diffusion.sampling import sample
-from knn_diffusion.training.config import ContinuousTrainConfig, Precision
-from knn_diffusion.training.continuous import denoiser_config, diffusion_loss
-from knn_diffusion.training.loop import autocast_dtype, optimizer_step, step_generator
+from knn_diffusion.models.continuous.config import ContinuousTrainConfig
+from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.models.continuous.training import denoiser_config, diffusion_loss
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
+from knn_diffusion.training.config import Precision
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
-from knn_diffusion.models.unet import ContinuousDenoiser
+from knn_diffusion.training.loop import autocast_dtype, optimizer_step, step_generator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from knn_diffusion.discrete_sampling import sample_tokens
 from knn_diffusion.models.config import ConditioningConfig
-from knn_diffusion.models.discrete.config import DiscreteConfig, TransitionConfig, load_transformer_preset
+from knn_diffusion.models.discrete.config import (DiscreteConfig, DiscreteTrainConfig, TransitionConfig,
+                                                  load_transformer_preset)
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
-from knn_diffusion.training.config import DiscreteTrainConfig, Precision
-from knn_diffusion.training.discrete import discrete_loss
+from knn_diffusion.models.discrete.sampler import sample_tokens
+from knn_diffusion.models.discrete.training import discrete_loss
+from knn_diffusion.training.config import Precision
 from knn_diffusion.training.loop import autocast_dtype, optimizer_step
 
 REPO = Path(__file__).resolve().parents[1]

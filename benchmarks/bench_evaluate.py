@@ -29,9 +29,9 @@ from knn_diffusion.config import load_params
 from knn_diffusion.encoders.aligned import build_aligned
 from knn_diffusion.evaluation.grid import grid_points
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings
-from knn_diffusion.generation import ContinuousGenerator
-from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.training.continuous import denoiser_config
+from knn_diffusion.models.continuous.generator import ContinuousGenerator
+from knn_diffusion.models.continuous.training import denoiser_config
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 
 
 def timed(fn, repeats: int) -> float:

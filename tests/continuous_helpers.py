@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, DenoiserConfig, UNetConfig
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
+from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig
 
 # Two levels, attention at the lower one: the smallest U-Net that still cross-attends (~0.1M params).
 MICRO_UNET = {"block_out_channels": [32, 32], "attention": [False, True], "layers_per_block": 1,

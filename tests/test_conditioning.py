@@ -10,10 +10,10 @@ import torch
 from tests.continuous_helpers import micro_config
 from knn_diffusion.config_fields import ConfigError
 from knn_diffusion.models.conditioning import Conditioner, drop_conditions, null_condition
-from knn_diffusion.models.config import (ConditioningConfig, ConditioningVariant, DenoiserConfig, UNetConfig,
-                                         list_presets, load_unet_preset)
-from knn_diffusion.models.unet import ContinuousDenoiser, count_parameters
-from knn_diffusion.sampling import guided_epsilon
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, list_presets
+from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig, load_unet_preset
+from knn_diffusion.models.continuous.sampler import guided_epsilon
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser, count_parameters
 
 B, K, D = 4, 3, 16
 EXPECTED_TOKENS = {

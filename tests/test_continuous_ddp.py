@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from tests.continuous_helpers import write_micro_preset
-from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
+from knn_diffusion.models.continuous.generator import load_denoiser
+from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings
     from pathlib import Path
     from knn_diffusion.training.config import ContinuousTrainConfig
-    from knn_diffusion.training.continuous import train_continuous
+    from knn_diffusion.models.continuous.training import train_continuous
 
     out = Path(sys.argv[1])
     cfg = ContinuousTrainConfig(preset=str(out.parent / "unet-micro.json"), k=2, batch_size=8, max_steps=40,

@@ -9,10 +9,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings, write_micro_preset
-from knn_diffusion.sampling import sample
-from knn_diffusion.training.checkpoint import load_denoiser
-from knn_diffusion.training.config import ContinuousTrainConfig
-from knn_diffusion.training.continuous import train_continuous
+from knn_diffusion.models.continuous.config import ContinuousTrainConfig
+from knn_diffusion.models.continuous.generator import load_denoiser
+from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.models.continuous.training import train_continuous
 
 N, SIDE, D, K = 8, 8, 16, 2
 

@@ -11,16 +11,16 @@ from PIL import Image
 
 from tests.continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, square_images, unit_embeddings,
                                 write_micro_preset)
-from knn_diffusion.models.config import ConditioningVariant, SchedulerName
-from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.images import image_grid
-from knn_diffusion.generation import ContinuousGenerator, generate
 from knn_diffusion.cli import add_generate_arguments, load_image_embeddings
-from knn_diffusion.sampling import sample
-from knn_diffusion.training.checkpoint import (load_denoiser, read_checkpoint_config, restore_training_state,
-                                               save_checkpoint)
-from knn_diffusion.training.config import ContinuousTrainConfig
-from knn_diffusion.training.continuous import train_continuous
+from knn_diffusion.generation import generate
+from knn_diffusion.images import image_grid
+from knn_diffusion.models.config import ConditioningVariant
+from knn_diffusion.models.continuous.config import ContinuousTrainConfig, SchedulerName
+from knn_diffusion.models.continuous.generator import ContinuousGenerator, load_denoiser
+from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.models.continuous.training import train_continuous
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
+from knn_diffusion.training.checkpoint import read_checkpoint_config, restore_training_state, save_checkpoint
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler
 
 N, D, K, SIDE = 12, 16, 3, 8

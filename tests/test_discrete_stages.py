@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import copy_outputs
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.generation import load_generator
+from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.stages import evaluate, paths, sample, tokenizer, train_discrete
 from knn_diffusion.training.checkpoint import read_checkpoint_config
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from knn_diffusion.config import build_params, flatten
-from knn_diffusion.generation import ContinuousGenerator, load_generator
-from knn_diffusion.models.unet import ContinuousDenoiser
+from knn_diffusion.models.backbones import load_generator
+from knn_diffusion.models.continuous.generator import ContinuousGenerator
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.stages.common import (UndeclaredParamError, declared_params, dvc_stages, run_stage, stage_params,
                                          tracked)
 from knn_diffusion.training.checkpoint import save_checkpoint

@@ -122,7 +122,7 @@ def test_old_state_folders_are_pruned(train_dir):
 
 def test_cond_dropout_defaults_to_zero_as_in_the_paper():
     from tests.conftest import REPO
-    from knn_diffusion.training.config import ContinuousTrainConfig
+    from knn_diffusion.models.continuous.config import ContinuousTrainConfig
 
     assert ContinuousTrainConfig().cond_dropout == 0
     assert load_params(REPO / "params.yaml").train_continuous.cond_dropout == 0

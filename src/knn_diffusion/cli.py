@@ -71,7 +71,8 @@ def _positive_int(text: str) -> int:
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``knn-diffusion generate``; ``None`` defaults mean "from params / the trained run"."""
-    from knn_diffusion.models.config import ConditioningVariant, SchedulerName
+    from knn_diffusion.models.config import ConditioningVariant
+    from knn_diffusion.models.continuous.config import SchedulerName
 
     parser.add_argument("prompts", nargs="*", help="text prompts, one image each")
     parser.add_argument("--k", type=int, default=None, help="neighbours to retrieve (default: as trained)")
@@ -97,7 +98,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def check_generate_arguments(args: argparse.Namespace) -> None:
     """Refuse bad options before anything loads; numeric limits are the params schema's own ranges."""
     from knn_diffusion.config import ContinuousSampleSettings
-    from knn_diffusion.training.config import ContinuousTrainConfig
+    from knn_diffusion.models.continuous.config import ContinuousTrainConfig
 
     for number, prompt in enumerate(args.prompts, 1):
         if not prompt.strip():
@@ -123,7 +124,8 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
 def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
     from knn_diffusion.encoders.factory import load_encoder
-    from knn_diffusion.generation import generate, load_generator, neighbour_search
+    from knn_diffusion.generation import generate, neighbour_search
+    from knn_diffusion.models.backbones import load_generator
     from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths
     from knn_diffusion.training.checkpoint import read_checkpoint_config

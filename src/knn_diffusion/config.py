@@ -26,13 +26,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from knn_diffusion.config_fields import ConfigError, between, out_of_range  # noqa: F401 (ConfigError re-exported)
+from knn_diffusion.config_fields import ConfigError, between, flatten, out_of_range, to_plain  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
-from knn_diffusion.models.config import ContinuousSampler, DiscreteSampler
+from knn_diffusion.models.continuous.config import ContinuousSampler, ContinuousTrainConfig
+from knn_diffusion.models.discrete.config import DiscreteSampler, DiscreteTrainConfig, TokenizerConfig
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
-from knn_diffusion.training.config import ContinuousTrainConfig, DiscreteTrainConfig, TokenizerConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -261,25 +261,6 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: Iterable[st
             raise ConfigError(f"{path}: key '{key}' has value {value!r} with '${{...}}' interpolation, "
                               "which `dvc exp run -S` would destroy; write a literal value")
     return build_params(raw, overrides, where=str(path))
-
-
-def to_plain(params: Any) -> Any:
-    """Dataclasses/enums -> plain YAML-able python (for logging and writing params files)."""
-    return OmegaConf.to_container(OmegaConf.structured(params), enum_to_str=True)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {'a.b.c': value}; MLflow params are flat."""
-    if dataclasses.is_dataclass(tree):
-        tree = to_plain(tree)
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def write_params(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> None:

@@ -1,10 +1,13 @@
-"""Field metadata and the error type shared by every params section (kept apart to avoid import cycles)."""
+"""Field metadata, the error type and the plain-data helpers shared by every params section (kept apart to
+avoid import cycles: any module may import this one)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Any
+
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -15,7 +18,6 @@ def between(low: float | None = None, high: float | None = None, *, low_open: bo
             high_open: bool = False) -> dict[str, Any]:
     """Field metadata for a numeric range; ``None`` leaves that side unbounded."""
     return {"range": (low, high, low_open, high_open)}
-
 
 
 def out_of_range(metadata: Any, value: Any) -> str | None:
@@ -37,3 +39,22 @@ def check_field(owner: type, name: str, value: Any, label: str) -> None:
     problem = out_of_range(next(f for f in dataclasses.fields(owner) if f.name == name).metadata, value)
     if problem:
         raise ConfigError(f"{label} {value!r}: {problem}")
+
+
+def to_plain(params: Any) -> Any:
+    """Dataclasses/enums -> plain YAML-able python (for logging and writing params files)."""
+    return OmegaConf.to_container(OmegaConf.structured(params), enum_to_str=True)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {'a.b.c': value}; MLflow params are flat."""
+    if dataclasses.is_dataclass(tree):
+        tree = to_plain(tree)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -2,33 +2,27 @@
 ``generate`` and ``evaluate``).
 
 A *generator* is whatever turns (B, 1+K, d) conditions into images; each backbone wraps its model in
-one (:class:`ContinuousGenerator` here) and :func:`load_generator` picks the wrapper from the
-checkpoint's ``backbone`` field, so callers never branch on the backbone. The neighbours come from
-:func:`knn_diffusion.retrieval.inference.open_neighbour_search` with the inference-time retrieval
-settings (index subset, score filter).
+one (``models/<backbone>/generator.py``) and :func:`knn_diffusion.models.backbones.load_generator`
+picks the wrapper from the checkpoint's ``backbone`` field, so this module never branches on the
+backbone. The neighbours come from :func:`knn_diffusion.retrieval.inference.open_neighbour_search`
+with the inference-time retrieval settings (index subset, score filter).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from knn_diffusion.discrete_sampling import DISCRETE, load_discrete_generator
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.io import write_json
-from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, SchedulerName
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
 from knn_diffusion.retrieval.config import RetrievalConfig
 from knn_diffusion.retrieval.index import read_sidecar
 from knn_diffusion.retrieval.inference import NeighbourSearch, open_neighbour_search
-from knn_diffusion.sampling import sample
-from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
-
-CONTINUOUS = "continuous"
 
 
 class Generator(Protocol):
@@ -46,55 +40,6 @@ class Generator(Protocol):
 class TextEncoder(Protocol):
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """(N, d) float32 embeddings in the joint space."""
-
-
-@dataclass
-class ContinuousGenerator:
-    """The pixel-space U-Net DDPM with a diffusers sampler (``scheduler``)."""
-
-    model: Any  # models.unet.ContinuousDenoiser
-    scheduler: SchedulerName = SchedulerName.dpm_solver_pp_sde
-    run_id: str = ""
-    backbone: str = CONTINUOUS
-    settings: dict[str, Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.scheduler = SchedulerName(self.scheduler)
-        self.settings = {"scheduler": self.scheduler.value}
-
-    @property
-    def conditioning(self) -> ConditioningConfig:
-        return self.model.config.conditioning
-
-    def sample(self, cond: np.ndarray, *, guidance: float, steps: int, seeds: Sequence[int]) -> np.ndarray:
-        return sample(self.model, cond, guidance=guidance, scheduler=self.scheduler, steps=steps, seed=list(seeds))
-
-
-def _load_continuous(checkpoint_dir: Path, config: dict, *, scheduler: SchedulerName | str | None = None) -> Generator:
-    return ContinuousGenerator(load_denoiser(checkpoint_dir), scheduler or SchedulerName.dpm_solver_pp_sde,
-                               run_id=str(config.get("mlflow_run_id", "")))
-
-
-# backbone name -> loader(checkpoint dir, its config.json, **sampler options); each backbone adds its entry.
-GENERATOR_LOADERS: dict[str, Callable[..., Generator]] = {CONTINUOUS: _load_continuous,
-                                                          DISCRETE: load_discrete_generator}
-
-
-def load_generator(checkpoint_dir: str | os.PathLike, *, backbone: str | None = None, **options: Any) -> Generator:
-    """The generator saved in ``checkpoint_dir``; checkpoints from before the ``backbone`` field are continuous.
-
-    ``backbone``: the one the caller asked for (``--model``); a checkpoint of another is refused.
-    ``options``: the backbone's sampler options (``ContinuousSampler.generator_options()``: ``scheduler``;
-    ``DiscreteSampler``'s: ``truncation``).
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    config = read_checkpoint_config(checkpoint_dir)
-    found = config.get("backbone", CONTINUOUS)
-    if backbone is not None and found != backbone:
-        raise ValueError(f"{checkpoint_dir}: a {found} checkpoint, but the {backbone} model was asked for")
-    if found not in GENERATOR_LOADERS:
-        raise ValueError(f"{checkpoint_dir}: backbone {found!r}: expected one of {sorted(GENERATOR_LOADERS)}")
-    return GENERATOR_LOADERS[found](checkpoint_dir, config, **options)
 
 
 def resolve_index(index: str | os.PathLike, index_root: Path, embed_root: Path) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ from open_clip import ClipLoss
 from open_clip.hf_model import HFTextEncoder
 from tqdm.auto import tqdm
 
-from knn_diffusion.config import to_plain
+from knn_diffusion.config_fields import to_plain
 from knn_diffusion.encoders.aligned import build_aligned, save_aligned
 from knn_diffusion.encoders.config import EncoderConfig
 from knn_diffusion.encoders.encoder import Encoder, as_uint8_batch

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from knn_diffusion.config_fields import between
-from knn_diffusion.models.config import ContinuousSampler, DiscreteSampler
+from knn_diffusion.models.continuous.config import ContinuousSampler
+from knn_diffusion.models.discrete.config import DiscreteSampler
 
 
 @dataclass

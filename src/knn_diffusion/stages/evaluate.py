@@ -34,9 +34,10 @@ from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, retrieva
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles, point_score_metrics
-from knn_diffusion.generation import generate, load_generator, neighbour_search, read_prompts
+from knn_diffusion.generation import generate, neighbour_search, read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.models.config import ConditioningVariant
 from knn_diffusion.retrieval.inference import read_score_column
 from knn_diffusion.retrieval.scores import resolve_scorer

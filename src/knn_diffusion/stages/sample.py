@@ -17,8 +17,9 @@ import numpy as np
 
 from knn_diffusion.config import Params
 from knn_diffusion.encoders.factory import load_encoder
-from knn_diffusion.generation import generate, load_generator, neighbour_search, read_prompts
+from knn_diffusion.generation import generate, neighbour_search, read_prompts
 from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 

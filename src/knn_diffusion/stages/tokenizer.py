@@ -21,10 +21,10 @@ from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.images import image_grid
 from knn_diffusion.io import save_npy, write_json
+from knn_diffusion.models.discrete.taming import content_sha256, find_config, load_pretrained_tokenizer
+from knn_diffusion.models.discrete.vq_training import remap_tokenizer, tokenize, train_tokenizer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
-from knn_diffusion.models.discrete.taming import content_sha256, find_config, load_pretrained_tokenizer
-from knn_diffusion.training.tokenizer import remap_tokenizer, tokenize, train_tokenizer
 
 log = logging.getLogger(__name__)
 HELD_OUT = 256  # val images measured for PSNR/SSIM

@@ -13,12 +13,12 @@ itself under ``torchrun`` (gloo on CPU, nccl on GPU); only rank 0 logs to MLflow
 from __future__ import annotations
 
 from knn_diffusion.config import Params
+from knn_diffusion.models.continuous.training import train_continuous
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
 from knn_diffusion.stages.train_common import (  # noqa: F401 (run_key, eval_conditions: used by tests)
     claim_state_dir, eval_conditions, is_main_rank, load_training_inputs, relaunch_under_torchrun, run_key,
     tracked_training)
-from knn_diffusion.training.continuous import train_continuous
 
 def train_stage(params: Params) -> None:
     cfg = params.train_continuous

@@ -181,7 +181,7 @@ def group_run(name: str, experiment: str, uri: str, *, params: Any = None, tags:
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
-    from knn_diffusion.config import flatten
+    from knn_diffusion.config_fields import flatten
 
     client = MlflowClient(uri)
     experiment_id = with_retries(lambda: experiment_id_for(experiment, client))
@@ -220,7 +220,7 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
     the run is named ``run_name`` (default: the stage)."""
     import mlflow
 
-    from knn_diffusion.config import flatten
+    from knn_diffusion.config_fields import flatten
 
     root = repo_root()
     mlflow.set_tracking_uri(tracking_uri(configured_uri))

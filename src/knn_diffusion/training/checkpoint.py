@@ -23,8 +23,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from knn_diffusion.io import atomic_dir, read_json, write_json
-from knn_diffusion.models.config import DenoiserConfig
-from knn_diffusion.models.unet import ContinuousDenoiser
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -148,12 +146,3 @@ def prune_run_dirs(folder: str | os.PathLike, keep: int, current: str | os.PathL
     for old in stale:
         shutil.rmtree(old, ignore_errors=True)
     return stale
-
-
-def load_denoiser(path: str | os.PathLike, *, ema: bool = True,
-                  device: str | torch.device = "cpu") -> ContinuousDenoiser:
-    """Rebuild a continuous model from its checkpoint directory, in eval mode."""
-    config = DenoiserConfig.from_dict(read_checkpoint_config(path)["model"])
-    model = ContinuousDenoiser(config)
-    load_weights(path, model, ema=ema)
-    return model.to(device).eval()

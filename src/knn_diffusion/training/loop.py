@@ -25,7 +25,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from knn_diffusion.config import to_plain
+from knn_diffusion.config_fields import to_plain
 from knn_diffusion.images import image_grid
 from knn_diffusion.training.checkpoint import (list_checkpoints, prune_checkpoints, restore_training_state,
                                                resume_step, save_checkpoint, step_checkpoint_path)

@@ -1,11 +1,19 @@
-"""Constructor configs of the discrete backbone (stored in every checkpoint; no torch imports)."""
+"""Configs of the discrete backbone: its constructor config (stored in every checkpoint), its sampler and
+its params sections (``tokenizer``, ``train_discrete``, the ``discrete`` keys of ``sample`` / ``evaluate``).
+
+No torch here: ``knn_diffusion.config`` assembles the params schema from these dataclasses.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from knn_diffusion.config_fields import ConfigError, between
-from knn_diffusion.models.config import ConditioningConfig, config_to_dict, read_preset
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, config_to_dict, read_preset
+from knn_diffusion.training.config import Precision
+
+DISCRETE = "discrete"  # the backbone's name in checkpoints, dvc.yaml items and params
 
 
 @dataclass
@@ -79,3 +87,77 @@ class DiscreteConfig:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model config: {err!s}; expected the keys of DiscreteConfig "
                               "(transformer, conditioning, transition)") from None
+
+
+@dataclass
+class DiscreteSampler:
+    """How the discrete backbone samples at inference: ``steps`` of its N-step chain (fewer: strided) and
+    truncation to the top-r mass of the conditional prediction (1: off)."""
+
+    steps: int = field(default=25, metadata=between(1, 10000))
+    truncation: float = field(default=0.9, metadata=between(0, 1, low_open=True))
+
+    def generator_options(self) -> dict:
+        return {"truncation": self.truncation}
+
+
+@dataclass
+class TokenizerConfig:
+    """The ``tokenizer`` params section. With ``pretrained`` set nothing is trained (``vq`` and the
+    training keys are unused): the VQ comes from that file or folder and is only remapped and measured."""
+
+    pretrained: str = ""  # a taming-transformers VQGAN .ckpt or a diffusers VQModel folder; empty: train one
+    pretrained_config: str = ""  # the .ckpt's taming config YAML; empty: config.yaml beside it or ../configs/
+    vq: VQConfig = field(default_factory=VQConfig)
+    steps: int = field(default=400, metadata=between(1))
+    batch_size: int = field(default=32, metadata=between(1))
+    lr: float = field(default=3e-3, metadata=between(0, 1, low_open=True))
+    commitment: float = field(default=0.25, metadata=between(0, 10))  # beta of ||z - sg(e)||^2
+    seed: int = 0
+    log_every: int = field(default=20, metadata=between(1))
+    encode_batch: int = field(default=256, metadata=between(1))
+
+
+class TimestepSampling(str, Enum):
+    uniform = "uniform"
+    importance = "importance"  # p(n) ~ sqrt(E[L_n^2]) after a uniform warm-up (Nichol & Dhariwal 2021)
+
+
+@dataclass
+class DiscreteSamplingConfig:
+    """How the sample grids logged during training are drawn (from fixed eval conditions)."""
+
+    steps: int = field(default=25, metadata=between(1, 10000))  # <= transition.steps; fewer: strided
+    guidance: float = field(default=8.0, metadata=between(0, 50))  # paper: lambda = 8
+    truncation: float = field(default=1.0, metadata=between(0, 1, low_open=True))  # keep top-r mass; 1: off
+    seed: int = 0
+
+
+@dataclass
+class DiscreteTrainConfig:
+    """The ``train_discrete`` section; shared keys mean the same as in ``train_continuous``."""
+
+    preset: str = "tiny"  # a name from list_presets("transformer") or a .json path
+    variant: ConditioningVariant = ConditioningVariant.tokens
+    k: int = field(default=10, metadata=between(0, 256))
+    cond_dropout: float = field(default=0.0, metadata=between(0, 1))  # paper: 0 (null condition untrained)
+    batch_size: int = field(default=32, metadata=between(1))
+    max_steps: int = field(default=800, metadata=between(1))  # tiny, 8x8 tokens, 2 CPU cores: 1.5-3 min
+    lr: float = field(default=2e-3, metadata=between(0, 1, low_open=True))
+    warmup_steps: int = field(default=50, metadata=between(0))
+    weight_decay: float = field(default=0.0, metadata=between(0, 1))
+    grad_clip: float = field(default=1.0, metadata=between(0))
+    ema_decay: float = field(default=0.999, metadata=between(0, 1))
+    precision: Precision = Precision.auto
+    transition: TransitionConfig = field(default_factory=TransitionConfig)
+    aux_weight: float = field(default=1.0, metadata=between(0))  # VQ-Diffusion: 5e-4 of a summed loss
+    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    seed: int = 0
+    checkpoint_every: int = field(default=250, metadata=between(1))
+    keep_checkpoints: int = field(default=2, metadata=between(1))
+    keep_runs: int = field(default=2, metadata=between(1))  # resumable state folders kept (as train_continuous)
+    log_every: int = field(default=10, metadata=between(1))
+    sample_every: int = field(default=0, metadata=between(0))  # 0: only at the end
+    num_workers: int = field(default=0, metadata=between(0, 64))
+    nproc_per_node: int = field(default=1, metadata=between(1, 64))
+    sampling: DiscreteSamplingConfig = field(default_factory=DiscreteSamplingConfig)

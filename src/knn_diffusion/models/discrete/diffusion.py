@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from knn_diffusion.models.discrete.config import DiscreteConfig
-from knn_diffusion.models.discrete.transition import MaskUniformTransition
 from knn_diffusion.models.discrete.transformer import TokenDenoiser
+from knn_diffusion.models.discrete.transition import MaskUniformTransition
 
 HISTORY_DECAY = 0.9   # moving average of L_n^2 per step (VQ-Diffusion's importance sampling)
 MIN_VISITS = 10       # uniform sampling until every step has been seen this often

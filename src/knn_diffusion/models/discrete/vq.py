@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from knn_diffusion.config_fields import ConfigError
-from knn_diffusion.models.discrete.config import VQConfig
 from knn_diffusion.io import atomic_dir, save_npy, write_json
+from knn_diffusion.models.discrete.config import VQConfig
 
 CODES_FILE = "used_codes.npy"
 LOGITS_FILE = "code_logits.safetensors"  # only for a Gumbel-softmax VQ: the 1x1 conv latents -> code logits

@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from knn_diffusion.models.conditioning import Conditioner
-from knn_diffusion.models.config import DenoiserConfig, UNetConfig, validate_unet
+from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig, validate_unet
 
 
 def build_unet(config: UNetConfig) -> UNet2DConditionModel:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
+from knn_diffusion.models.discrete.config import TokenizerConfig
 from knn_diffusion.models.discrete.vq import Tokenizer, build_vq, to_unit_range, used_codes
-from knn_diffusion.training.config import TokenizerConfig
 
 
 @dataclass

@@ -16,15 +16,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from knn_diffusion.models.conditioning import drop_conditions
-from knn_diffusion.models.config import (BetaSchedule, ConditioningConfig, ConditioningVariant, DenoiserConfig,
-                                         NoiseConfig, load_unet_preset)
-from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.sampling import sample
-from knn_diffusion.training.config import ContinuousTrainConfig
+from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
+from knn_diffusion.models.continuous.config import (BACKBONE, BetaSchedule, ContinuousTrainConfig, DenoiserConfig,
+                                                    NoiseConfig, load_unet_preset)
+from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.data import ConditionedImages, EmbeddingSource
 from knn_diffusion.training.loop import ImagesFn, LogFn, train_loop
-
-BACKBONE = "continuous"  # recorded in every checkpoint, so a loader can tell the backbones apart
 
 
 def denoiser_config(cfg: ContinuousTrainConfig, resolution: int, embed_dim: int) -> DenoiserConfig:

@@ -1,4 +1,4 @@
-"""Sampling the discrete backbone: all-[MASK] token maps -> reverse mask+uniform chain -> VQ decoder.
+"""Sampling the discrete backbone: all-[MASK] token maps -> reverse mask+uniform chain -> token maps.
 
 Classifier-free guidance acts on the predicted log p(x_0 | x_n) (the paper's proposal for discrete
 models, supplement 6.7): log p = log p_null + lambda * (log p_cond - log p_null), renormalised, with
@@ -9,23 +9,14 @@ steps n -> m with the exact multi-step posterior q(x_m | x_n, x_0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from knn_diffusion.models.conditioning import null_condition
-from knn_diffusion.models.config import ConditioningConfig
-from knn_diffusion.models.discrete.config import DiscreteConfig
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
 from knn_diffusion.models.discrete.transition import LOG_ZERO
-from knn_diffusion.models.discrete.vq import Tokenizer
-from knn_diffusion.training.checkpoint import load_weights
-
-DISCRETE = "discrete"
-TOKENIZER_DIR = "tokenizer"  # inside a discrete checkpoint: the VQ that decodes its tokens
 
 
 def guided_log_x0(model: DiscreteDiffusion, x_n: torch.Tensor, n: torch.Tensor, cond: torch.Tensor,
@@ -93,45 +84,3 @@ def sample_tokens(model: DiscreteDiffusion, cond: torch.Tensor | np.ndarray, *, 
                 x = sample_rows(log_prev, generators)
     model.train(was_training)
     return x
-
-
-@dataclass
-class DiscreteGenerator:
-    """The transformer over VQ tokens with its tokenizer; implements generation's Generator protocol."""
-
-    model: DiscreteDiffusion
-    tokenizer: Tokenizer
-    truncation: float = 1.0
-    run_id: str = ""
-    backbone: str = DISCRETE
-    settings: dict[str, Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.settings = {"truncation": self.truncation, "sampler": "vq-diffusion"}
-
-    @property
-    def conditioning(self) -> ConditioningConfig:
-        return self.model.config.conditioning
-
-    def sample(self, cond: np.ndarray, *, guidance: float, steps: int, seeds: Sequence[int]) -> np.ndarray:
-        """cond (B, 1+K, d) float32 -> uint8 images (B, H, W, 3)."""
-        tokens = sample_tokens(self.model, cond, guidance=guidance, steps=steps, truncation=self.truncation,
-                               seeds=seeds)
-        t = self.model.config.transformer
-        return self.tokenizer.decode(tokens.view(-1, t.height, t.width))
-
-
-def load_discrete_generator(checkpoint_dir: Path, config: dict, *, truncation: float | None = None,
-                            ema: bool = True) -> DiscreteGenerator:
-    """A discrete checkpoint directory (weights + config.json + ``tokenizer/``) -> generator, eval mode.
-
-    ``truncation`` defaults to the one the run's preview grids used (``train_discrete.sampling``).
-    """
-    model = DiscreteDiffusion(DiscreteConfig.from_dict(config["model"]))
-    load_weights(checkpoint_dir, model, ema=ema)
-    tokenizer = Tokenizer.load(Path(checkpoint_dir) / TOKENIZER_DIR)
-    if tokenizer.num_codes != model.num_codes:
-        raise ValueError(f"{checkpoint_dir}: tokenizer has {tokenizer.num_codes} codes, the model {model.num_codes}")
-    if truncation is None:
-        truncation = float(config.get("train", {}).get("sampling", {}).get("truncation", 1.0))
-    return DiscreteGenerator(model.eval(), tokenizer, truncation, run_id=str(config.get("mlflow_run_id", "")))

@@ -15,8 +15,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from knn_diffusion.models.conditioning import null_condition
-from knn_diffusion.models.config import BetaSchedule, NoiseConfig, SchedulerName
-from knn_diffusion.models.unet import ContinuousDenoiser
+from knn_diffusion.models.continuous.config import BetaSchedule, NoiseConfig, SchedulerName
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 
 
 def make_scheduler(name: SchedulerName | str, noise: NoiseConfig):

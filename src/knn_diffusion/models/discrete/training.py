@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knn_diffusion.discrete_sampling import DISCRETE, DiscreteGenerator
 from knn_diffusion.models.conditioning import drop_conditions
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
-from knn_diffusion.models.discrete.config import DiscreteConfig, load_transformer_preset
+from knn_diffusion.models.discrete.config import (DISCRETE, DiscreteConfig, DiscreteTrainConfig, TimestepSampling,
+                                                  load_transformer_preset)
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
+from knn_diffusion.models.discrete.generator import DiscreteGenerator
 from knn_diffusion.models.discrete.transition import one_hot_log
 from knn_diffusion.models.discrete.vq import Tokenizer
-from knn_diffusion.training.config import DiscreteTrainConfig, TimestepSampling
 from knn_diffusion.training.data import ConditionedTokens, EmbeddingSource
 from knn_diffusion.training.loop import ImagesFn, LogFn, train_loop
 

@@ -1,0 +1,1 @@
+"""The continuous backbone: a pixel-space U-Net DDPM conditioned on kNN embeddings."""
