@@ -22,9 +22,9 @@ from knn_diffusion.config import load_params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.evaluation.metrics import clip_score
-from knn_diffusion.generation import neighbour_search
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.models.backbones import load_generator
+from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.embed import EVAL_TEMPLATE
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.truncation is not None:
         generator.truncation = args.truncation
     encoder = load_encoder(params.encoder, paths.ENCODER)
-    knn, _ = neighbour_search(name, paths.INDEX, paths.EMBED, encoder.fingerprint, encoder.dim, params.retrieval)
+    knn = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim).open(name).knn
     queries = np.asarray(encoder.encode_texts(prompts), dtype=np.float32)  # (P, d)
     k = generator.conditioning.k
     _, _, neighbours = knn(queries, k)

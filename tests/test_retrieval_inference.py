@@ -9,6 +9,7 @@ import pytest
 from knn_diffusion.encoders.store import begin_embedding, finish_embedding, emb_name, ids_name
 from knn_diffusion.io import save_npy
 from knn_diffusion.retrieval.build import build_tuned_index
+from knn_diffusion.retrieval.backends import LocalRoots, open_backend
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
 from knn_diffusion.retrieval.index import load_index
 from knn_diffusion.retrieval.inference import SCORES_FILE, allowed_ids, index_ids, open_neighbour_search
@@ -106,4 +107,30 @@ def test_score_quantile_conditions_on_one_score_group_of_the_k_q_nearest(built):
         means.append(np.mean([score_of[i] for i in found.ravel().tolist()]))
     assert means[0] < means[1]
     with pytest.raises(ValueError, match="score_quantile=5"):
-        open_neighbour_search(root / "index", root / "embed", "enc", D, RetrievalConfig(score_quantile=5, score_quantiles=4))
+        open_neighbour_search(root / "index", root / "embed", "enc", D,
+                              RetrievalConfig(score_quantile=5, score_quantiles=4))
+
+
+def test_local_backend_returns_content_ids_and_refuses_another_encoder(built, tmp_path):
+    """The backend the stages use (retrieval.backend=local) gives the same ids as the search it wraps,
+    checks the encoder fingerprint before searching, and names the choices for an unknown backend."""
+    root, vectors, ids, _ = built
+    roots = LocalRoots(index=tmp_path / "index", embed=tmp_path / "embed", ingest=tmp_path / "ingest")
+    for folder, target in ((roots.index, root / "index"), (roots.embed, root / "embed")):  # the stages' layout
+        folder.mkdir()
+        (folder / "index").symlink_to(target)
+    backend = open_backend(RetrievalConfig(), roots, "enc", D)
+    assert backend.has("index") and not backend.has("nowhere")
+    neighbours = backend.open("index")
+    direct, _ = open_neighbour_search(root / "index", root / "embed", "enc", D)
+    np.testing.assert_array_equal(neighbours.knn(vectors[:20], K)[0], direct(vectors[:20], K)[0])
+    assert set(neighbours.knn(vectors[:20], K)[0].ravel().tolist()) <= set(ids.tolist())
+    assert neighbours.score_column is not None
+    with pytest.raises(ValueError, match="'enc'.*'other-encoder'"):
+        open_backend(RetrievalConfig(), roots, "other-encoder", D).open("index")
+    with pytest.raises(FileNotFoundError, match="index 'nowhere'"):
+        backend.open("nowhere")
+    with pytest.raises(FileNotFoundError, match="no ingested images"):
+        neighbours.images(ids[:2])
+    with pytest.raises(ValueError, match=r"retrieval.backend='http': expected one of \['local'\]"):
+        open_backend(RetrievalConfig(backend="http"), roots, "enc", D)

@@ -124,8 +124,9 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
 def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
     from knn_diffusion.encoders.factory import load_encoder
-    from knn_diffusion.generation import generate, neighbour_search
+    from knn_diffusion.generation import generate
     from knn_diffusion.models.backbones import load_generator
+    from knn_diffusion.retrieval.backends import open_backend
     from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths
     from knn_diffusion.training.checkpoint import read_checkpoint_config
@@ -149,8 +150,9 @@ def _generate_command(args: argparse.Namespace) -> None:
         options["scheduler"] = args.scheduler
     generator = load_generator(checkpoint, backbone=backbone, **options)
     encoder = load_encoder(params.encoder, paths.ENCODER)
-    knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
-                                    encoder.fingerprint, encoder.dim, params.retrieval)
+    backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
+    neighbours = backend.open(args.index or params.data.generator_dataset)
+    knn, sidecar = neighbours.knn, neighbours.sidecar
     with atomic_dir(Path(args.out).resolve()) as out:  # a failed run leaves --out as it was
         records = generate(generator, out_dir=out, knn=knn, prompts=args.prompts or None,
                            encoder=encoder if args.prompts else None, image_embeddings=embeddings,

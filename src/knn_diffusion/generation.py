@@ -4,8 +4,9 @@
 A *generator* is whatever turns (B, 1+K, d) conditions into images; each backbone wraps its model in
 one (``models/<backbone>/generator.py``) and :func:`knn_diffusion.models.backbones.load_generator`
 picks the wrapper from the checkpoint's ``backbone`` field, so this module never branches on the
-backbone. The neighbours come from :func:`knn_diffusion.retrieval.inference.open_neighbour_search`
-with the inference-time retrieval settings (index subset, score filter).
+backbone. The neighbours come from the retrieval backend
+(:func:`knn_diffusion.retrieval.backends.open_backend`) with the inference-time retrieval settings
+(index subset, score filter, score quantile).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import numpy as np
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.io import write_json
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
-from knn_diffusion.retrieval.config import RetrievalConfig
-from knn_diffusion.retrieval.index import read_sidecar
-from knn_diffusion.retrieval.inference import NeighbourSearch, open_neighbour_search
+from knn_diffusion.retrieval.inference import NeighbourSearch
 
 
 class Generator(Protocol):
@@ -42,21 +41,6 @@ class TextEncoder(Protocol):
         """(N, d) float32 embeddings in the joint space."""
 
 
-def resolve_index(index: str | os.PathLike, index_root: Path, embed_root: Path) -> tuple[Path, Path]:
-    """(index dir, embeddings dir) for an index directory or the name of a dataset with an index under
-    ``index_root``; the embeddings are those of the dataset the index was built on."""
-    index_dir = Path(index) if Path(index).is_dir() else index_root / str(index)
-    if not index_dir.is_dir():
-        raise FileNotFoundError(f"index '{index}': neither a directory nor a dataset with an index under {index_root}")
-    dataset = read_sidecar(index_dir).get("dataset", index_dir.name)
-    return index_dir, embed_root / dataset
-
-
-def neighbour_search(index: str | os.PathLike, index_root: Path, embed_root: Path, fingerprint: str, dim: int,
-                     retrieval: RetrievalConfig) -> tuple[NeighbourSearch, dict[str, Any]]:
-    """``open_neighbour_search`` for an index name or directory, with the params' retrieval settings."""
-    index_dir, embeddings_dir = resolve_index(index, index_root, embed_root)
-    return open_neighbour_search(index_dir, embeddings_dir, fingerprint, dim, retrieval)
 
 
 def read_prompts(path: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:

@@ -1,8 +1,9 @@
 """What the evaluation scores: held-out prompts, inference-time grid points, the retrieval baseline.
 
 A grid point varies only what inference can change (k, index fraction, guidance, retrieval index,
-per-query score quantile), so one trained model covers the whole grid. k=0 conditions on the text embedding alone (the paper's "no
-kNN at inference"); it retrieves nothing, so it is one point per guidance, whatever the index settings.
+per-query score quantile), so one trained model covers the whole grid. k=0 conditions on the text
+embedding alone (the paper's "no kNN at inference"); it retrieves nothing, so it is one point per
+guidance, whatever the index settings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -78,12 +80,12 @@ def draw(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=min(count, len(rows)), replace=False))
 
 
-def retrieval_baseline(knn, index_sidecar: dict, images: ImageStore, prompts: list[str], queries: np.ndarray,
-                       out_dir: str | os.PathLike) -> np.ndarray:
+def retrieval_baseline(knn, index_sidecar: dict, images: Callable[[np.ndarray], np.ndarray], prompts: list[str],
+                       queries: np.ndarray, out_dir: str | os.PathLike) -> np.ndarray:
     """The first retrieved image per prompt (the paper's "Nearest Neighbor" column of Fig. 2), written
     like ``generate``'s output (PNG + sidecar per prompt, ``grid.png``); returns the images (N, H, W, 3)."""
     ids, scores, _ = knn(queries, 1)  # (N, 1)
-    picked = images[ids[:, 0]]
+    picked = images(ids[:, 0])  # through the retrieval backend
     out_dir = Path(out_dir)
     for i, prompt in enumerate(prompts):
         stem = f"{i:04d}-{_slug(prompt)}"

@@ -23,7 +23,8 @@ GENERATED, NEIGHBOURS = "generated_score", "neighbour_score"
 COLUMNS = [f"{name}{suffix}" for name in (GENERATED, NEIGHBOURS) for suffix in ("", "_ci_low", "_ci_high")]
 
 
-def score_quantile_metrics(generated_scores: np.ndarray, neighbour_scores: np.ndarray, seed: int = 0) -> dict[str, float]:
+def score_quantile_metrics(generated_scores: np.ndarray, neighbour_scores: np.ndarray,
+                           seed: int = 0) -> dict[str, float]:
     """Means with CIs of the generated images' scores (N,) and of each image's mean neighbour score (N, k)."""
     generated = mean_interval(np.asarray(generated_scores, np.float64), seed=seed)
     neighbours = mean_interval(np.asarray(neighbour_scores, np.float64).mean(axis=1), seed=seed)

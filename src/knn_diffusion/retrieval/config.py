@@ -46,6 +46,9 @@ class RetrievalConfig:
     # (1 = lowest scores .. score_quantiles = highest). 0 = off.
     score_quantile: int = field(default=0, metadata=between(0, 100))
     score_quantiles: int = field(default=5, metadata=between(1, 100))
+    # Where neighbours come from: a name in retrieval.backends.BACKENDS ('local': the index stage's FAISS
+    # indexes, searched in-process).
+    backend: str = "local"
 
 
 @dataclass
@@ -58,7 +61,8 @@ class IndexConfig:
     target_recall: float = field(default=0.95, metadata=between(0, 1, high_open=False))
     tune_k: int = field(default=10, metadata=between(1, 1000))
     tune_queries: int = field(default=1_000, metadata=between(10))
-    # Candidates per result re-scored exactly against the stored (memory-mapped) embeddings; 1 = off.
+    # Widest candidates-per-result ratio the tuner may use (it keeps the smallest that reaches target_recall):
+    # re-scored against the index's memory-mapped float16 store (auto factory), else the stored embeddings; 1 = off.
     rerank_factor: int = field(default=10, metadata=between(1, 1000))
     use_gpu: GpuUse = GpuUse.auto
     seed: int = 0

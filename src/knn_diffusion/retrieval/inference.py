@@ -96,8 +96,8 @@ def open_neighbour_search(index_dir: str | os.PathLike, embeddings_dir: str | os
     filtering = filter_active(low, high)
     column = read_score_column(index_dir) if filtering or quantile else None
     if quantile and column is None:
-        raise ValueError(f"retrieval.score_quantile={quantile} needs the index's score column ({index_dir / SCORES_FILE}); "
-                         "rebuild it with the index stage")
+        raise ValueError(f"retrieval.score_quantile={quantile} needs the index's score column "
+                         f"({index_dir / SCORES_FILE}); rebuild it with the index stage")
     selector, allowed = None, searcher.index.ntotal
     if fraction < 1 or filtering:
         keep = allowed_ids(index_ids(searcher.index), index_fraction=fraction, subset_seed=seed,

@@ -34,12 +34,12 @@ from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, retrieva
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles, point_score_metrics
-from knn_diffusion.generation import generate, neighbour_search, read_prompts
+from knn_diffusion.generation import generate, read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.models.config import ConditioningVariant
-from knn_diffusion.retrieval.inference import read_score_column
+from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
@@ -81,6 +81,7 @@ def evaluate_stage(params, model: str) -> None:
                          kid_settings=KidSettings(cfg.kid_subsets, cfg.kid_subset_size, cfg.seed),
                          r_candidates=cfg.r_precision_candidates, r_seed=cfg.r_precision_seed)
     points = grid_points(cfg.grid, sampler.guidance, generator.conditioning)
+    backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
     log.info("%d prompts (%s), %d reference images, %d grid points, features %s", len(prompts),
              cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
     common = {"fid_feature": scorer.feature, "eval_encoder": judge.fingerprint, "backbone": generator.backbone,
@@ -94,19 +95,18 @@ def evaluate_stage(params, model: str) -> None:
         for point in tqdm(points, desc="evaluate", unit="point"):
             retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0,
                                             score_quantile=point.score_quantile or 0)
-            knn, sidecar = neighbour_search(point.index or cfg.grid.index[0], paths.INDEX, paths.EMBED,
-                                            encoder.fingerprint, encoder.dim, retrieval)
+            neighbours = backend.open(point.index or cfg.grid.index[0], retrieval)
             start = time.perf_counter()
-            records = generate(generator, out_dir=out / point.name, knn=knn, prompts=prompts, encoder=encoder,
-                               k=point.k, guidance=point.guidance, steps=sampler.steps, seed=cfg.seed,
-                               batch_size=cfg.batch_size, index_sidecar=sidecar)
+            records = generate(generator, out_dir=out / point.name, knn=neighbours.knn, prompts=prompts,
+                               encoder=encoder, k=point.k, guidance=point.guidance, steps=sampler.steps,
+                               seed=cfg.seed, batch_size=cfg.batch_size, index_sidecar=neighbours.sidecar)
             images = read_images(out / point.name, records)
             generated = time.perf_counter()
             scores = scorer.score(images, prompts)
             timing = {"generate_s": generated - start, "score_s": time.perf_counter() - generated}
             if point.score_quantile:  # paper Fig. 8: the images' score against their neighbours'
-                scores.update(point_score_metrics(records, images, read_score_column(paths.index_dir(point.index)),
-                                                  params.index.scorer, params.index.scorer_weights, encoder, cfg.seed))
+                scores.update(point_score_metrics(records, images, neighbours.score_column, params.index.scorer,
+                                                  params.index.scorer_weights, encoder, cfg.seed))
             with child_run(point.name, {**common, **point.params()}, {"evaluate.kind": "grid_point"}) as child:
                 child.metrics({**scores, **timing, "images_per_s": len(images) / (time.perf_counter() - start)})
             table.append({"point": point.name, **point.params(), **scores, **timing})
@@ -114,10 +114,9 @@ def evaluate_stage(params, model: str) -> None:
             log.info("%s: %s", point.name, ", ".join(f"{m} {scores[m]:.4f}" for m in METRIC_NAMES))
         if cfg.retrieval_baseline:
             index = cfg.grid.index[0]
-            knn, sidecar = neighbour_search(index, paths.INDEX, paths.EMBED, encoder.fingerprint, encoder.dim,
-                                            params.retrieval)
-            images = retrieval_baseline(knn, sidecar, ImageStore.open(paths.dataset_dir(sidecar.get("dataset", index))),
-                                        prompts, encoder.encode_texts(prompts), out / BASELINE)
+            neighbours = backend.open(index)
+            images = retrieval_baseline(neighbours.knn, neighbours.sidecar, neighbours.images, prompts,
+                                        encoder.encode_texts(prompts), out / BASELINE)
             scores = scorer.score(images, prompts)
             baseline = {"k": 1, "guidance": "-", "index_fraction": params.retrieval.index_fraction, "index": index}
             with child_run(BASELINE, {**common, **baseline}, {"evaluate.kind": BASELINE}) as child:

@@ -4,7 +4,8 @@ The factory is chosen by size and memory budget unless params name one; nprobe/e
 the target recall against exact search; the sidecar records factory, fingerprint, recall and device:
 only what a rebuild reproduces, so an unchanged index keeps its DVC hash (the build time goes to
 metrics/index.json). Beside each index, ``scores.npz`` holds a per-image score column (colourfulness,
-or the LAION aesthetic head when its weights are given) for ``retrieval.global_score_filter`` and ``retrieval.score_quantile`` at inference.
+or the LAION aesthetic head when its weights are given) for ``retrieval.global_score_filter`` and
+``retrieval.score_quantile`` at inference.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def embedded_datasets() -> list[str]:
 
 
 def write_score_column(cfg: IndexConfig, store: EmbeddingStore, ids: np.ndarray, index_dir: Path) -> None:
-    """Per-image scores beside the index, for ``retrieval.global_score_filter`` and ``retrieval.score_quantile`` at inference (paper Fig. 7-8)."""
+    """Per-image scores beside the index, for ``retrieval.global_score_filter`` and ``retrieval.score_quantile``
+    at inference (paper Fig. 7-8)."""
     scorer = resolve_scorer(cfg.scorer, cfg.scorer_weights)
     embeddings, batches = None, None
     if scorer == Scorer.laion_aesthetic:

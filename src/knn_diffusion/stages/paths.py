@@ -62,6 +62,13 @@ def index_dir(name: str) -> Path:
     return INDEX / name
 
 
+def retrieval_roots():
+    """Where the local retrieval backend finds indexes, embeddings and images."""
+    from knn_diffusion.retrieval.backends import LocalRoots
+
+    return LocalRoots(index=INDEX, embed=EMBED, ingest=INGEST)
+
+
 def model_dir(backbone: str) -> Path:
     """The final checkpoint of a backbone's training stage (``models/continuous``, ``models/discrete``)."""
     return CONTINUOUS_MODEL.parent / backbone

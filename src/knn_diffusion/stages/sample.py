@@ -17,9 +17,10 @@ import numpy as np
 
 from knn_diffusion.config import Params
 from knn_diffusion.encoders.factory import load_encoder
-from knn_diffusion.generation import generate, neighbour_search, read_prompts
+from knn_diffusion.generation import generate, read_prompts
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.models.backbones import load_generator
+from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 
@@ -34,16 +35,16 @@ def sample_stage(params: Params, model: str) -> None:
         prompts = read_prompts(s.prompts_file, within=paths.PROMPTS) if s.prompts_file else s.prompts
         generator = load_generator(paths.model_dir(model), backbone=model, **sampler.generator_options())
         encoder = load_encoder(params.encoder, paths.ENCODER)
+        backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
         with atomic_dir(paths.samples_dir(model)) as out:
             for index in s.indexes:
-                if not paths.index_dir(index).is_dir():
+                if not backend.has(index):
                     log.warning("index '%s' not built (dataset not ingested?); skipping it", index)
                     continue
-                knn, sidecar = neighbour_search(index, paths.INDEX, paths.EMBED, encoder.fingerprint, encoder.dim,
-                                                params.retrieval)
-                records = generate(generator, out_dir=out / index, knn=knn, prompts=prompts, encoder=encoder,
-                                   guidance=sampler.guidance, steps=sampler.steps, seed=s.seed,
-                                   index_sidecar=sidecar)
+                neighbours = backend.open(index)
+                records = generate(generator, out_dir=out / index, knn=neighbours.knn, prompts=prompts,
+                                   encoder=encoder, guidance=sampler.guidance, steps=sampler.steps, seed=s.seed,
+                                   index_sidecar=neighbours.sidecar)
                 run.artifact(out / index / "grid.png", f"samples/{index}")
                 report[index] = {"images": len(records), "mean_top1_score": float(np.mean(
                     [r["neighbour_scores"][0] for r in records if r["neighbour_scores"]] or [0.0]))}
