@@ -128,7 +128,8 @@ def index_rows(factory: str, role: str, database, ids, tune_queries, eval_querie
         rows.append(measure(name, lambda q: searcher.search(q, K).ids, eval_queries,
                             truth[len(tune_queries):], args.min_seconds, role=role,
                             build_s=info.build_seconds, bytes_per_vector=memory["codes_and_ids"],
-                            rerank_store_bytes_per_vector=memory["rerank_store"] if rerank > 1 else 0,
+                            rerank_store_bytes_per_vector=(memory["rerank_store"] or 4 * database.shape[1])
+                            if rerank > 1 else 0,
                             serialised_bytes_per_vector=memory["serialised"], params=params,
                             tune_recall=round(tune_recall, 4)))
     return rows[::-1]  # the re-ranked row first
