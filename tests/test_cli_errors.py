@@ -92,16 +92,21 @@ def test_failed_run_keeps_an_earlier_output(at_pipeline, tmp_path, capsys):
 
 
 def test_sidecar_names_the_run_of_the_checkpoint_used(at_pipeline, tmp_path):
-    """--checkpoint elsewhere: the run id comes from that checkpoint, not from metrics/train_continuous.json."""
+    """--checkpoint elsewhere: the run that trained those bytes, found in the store by the folder's content
+    hash (the folder names no run); a model no run in the store made is named by none."""
+    import mlflow
+
+    (trained,) = mlflow.search_runs(experiment_names=["tiny-pipeline"], output_format="list",
+                                    filter_string="tags.stage = 'train_continuous'")
     other = tmp_path / "other-model"
     shutil.copytree(paths.CONTINUOUS_MODEL, other)
-    config = json.loads((other / "config.json").read_text())
-    assert config["mlflow_run_id"]  # the training stage records it
-    config["mlflow_run_id"] = "run-of-another-training"
-    (other / "config.json").write_text(json.dumps(config))
+    assert "mlflow_run_id" not in json.loads((other / "config.json").read_text())
     cli_main(["generate", "a cat", "--steps", "1", "--checkpoint", str(other), "--out", str(tmp_path / "out")])
     record = json.loads(next((tmp_path / "out").glob("0000-*.json")).read_text())
-    assert record["model_run_id"] == "run-of-another-training"
+    assert record["model_run_id"] == trained.info.run_id
+    (other / "notes.txt").write_text("changed")  # other bytes: no run in the store made them
+    cli_main(["generate", "a cat", "--steps", "1", "--checkpoint", str(other), "--out", str(tmp_path / "out2")])
+    assert json.loads(next((tmp_path / "out2").glob("0000-*.json")).read_text())["model_run_id"] == ""
 
 
 def test_console_shows_no_traceback(at_pipeline, tmp_path):

@@ -4,6 +4,7 @@ that load_generator returns for their model, and sample/evaluate with ``--model 
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlflow
 import numpy as np
@@ -14,9 +15,18 @@ from tests.conftest import copy_outputs
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.stages import evaluate, paths, sample, tokenizer, train_discrete
+from knn_diffusion.tracking import model_run_id
 from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 MICRO = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_ratio": 2}
+
+
+def _trained_by() -> str:
+    return model_run_id(paths.DISCRETE_MODEL, "tiny-pipeline")
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,8 @@ def test_tokenizer_writes_remapped_token_maps_of_every_image(discrete_dir):
 def test_train_discrete_records_its_run_and_loads_as_a_generator(discrete_dir, monkeypatch):
     monkeypatch.chdir(discrete_dir)
     config = read_checkpoint_config(paths.DISCRETE_MODEL)
-    assert config["backbone"] == "discrete"
-    run = mlflow.get_run(config["mlflow_run_id"])
+    assert config["backbone"] == "discrete" and "mlflow_run_id" not in config  # the store finds it by content
+    run = mlflow.get_run(_trained_by())
     assert run.data.tags["stage"] == "train_discrete" and run.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "vlb_estimate")
     assert sorted(m.step for m in history) == [1, 2, 3]
@@ -76,7 +86,7 @@ def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(d
     """``--model discrete``: the discrete checkpoint, its settings (lambda 8, strided steps, truncation), its
     own outputs and metrics file, MLflow runs tagged ``model=discrete``; nothing of the continuous model."""
     monkeypatch.chdir(discrete_dir)
-    trained = read_checkpoint_config(paths.DISCRETE_MODEL)["mlflow_run_id"]
+    trained = _trained_by()
     sample.main(["--model", "discrete", "sample.discrete.steps=3", "sample.indexes=[openmoji]"])
     drawn = [json.loads(p.read_text()) for p in sorted((paths.samples_dir("discrete") / "openmoji").glob("0*.json"))]
     assert len(drawn) == 2 and {(d["backbone"], d["model_run_id"], d["guidance"], d["steps"], d["truncation"])
@@ -102,3 +112,22 @@ def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(d
     assert set(points) == {"k0-g8", "k3-frac1-g8-openmoji", "retrieval_baseline"}
     assert points["k3-frac1-g8-openmoji"].data.params["model_run_id"] == trained
     assert parent[0].data.tags["dvc.stage"] == "evaluate@discrete"
+
+
+def test_forced_tokenizer_and_train_discrete_train_again_to_the_same_bytes(discrete_dir, monkeypatch):
+    """`dvc repro --force`: DVC deletes the outs, the state folder still holds the finished run, which is
+    trained again (not "resumed" at its last step); same inputs, same thread count: the same bytes."""
+    monkeypatch.chdir(discrete_dir)
+    before = {folder: _folder_bytes(folder) for folder in (paths.TOKENIZER, paths.DISCRETE_MODEL)}
+    first = _trained_by()
+    for folder in before:
+        shutil.rmtree(folder)
+    tokenizer.main([])
+    train_discrete.main([])
+    assert {folder: _folder_bytes(folder) for folder in before} == before
+    assert json.loads(paths.DISCRETE_METRICS.read_text())["steps_trained"] == 3
+    runs = mlflow.search_runs(experiment_names=["tiny-pipeline"], output_format="list",
+                              filter_string="tags.stage = 'tokenizer'", order_by=["attributes.start_time DESC"])
+    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss"))
+    assert steps and steps[-1] == 4  # tokenizer.steps: trained to the end again
+    assert _trained_by() not in ("", first)

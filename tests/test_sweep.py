@@ -4,6 +4,7 @@ a rerun with the same names succeeds, and runs log where the team's tracking set
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from flows.dvc_cli import stage_env
 from flows.sweep import sweep
 from flows.sweep_plan import expand_grid
 from flows.sweep_tracking import sweep_tracking_uri
@@ -124,3 +126,21 @@ def test_bad_axes_end_in_one_error_line_before_any_run(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "data.resolution" in err and "Traceback" not in err
+
+
+def test_a_fresh_workers_trial_pulls_the_baselines_outputs_instead_of_recomputing_them(harness, repo_copy):  # noqa: F811
+    """The project's remote is a path relative to .dvc/; a queued experiment runs in a copy under .dvc/tmp/exps,
+    so the sweep pins it absolute, and the trial (whose params leave ingest unchanged) pulls ingest's outputs."""
+    subprocess.run([DVC, "remote", "add", "-d", "store", "../store"], cwd=repo_copy, check=True)
+    _commit(repo_copy)
+    subprocess.run([DVC, "repro", "-q"], cwd=repo_copy, check=True, env=stage_env())
+    subprocess.run([DVC, "push", "-q"], cwd=repo_copy, check=True)
+    shutil.rmtree(repo_copy / ".dvc" / "cache")  # a fresh clone: nothing but git and the remote
+    shutil.rmtree(repo_copy / "data" / "ingest")
+    (baseline,) = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
+                                     filter_string="tags.stage = 'ingest'")
+    assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="pull") == ["pull-k-3"]
+    assert "store" in (repo_copy / ".dvc" / "config.local").read_text()
+    assert mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
+                              filter_string="tags.pipeline_run = 'pull-k-3'") == []  # pulled, not run again
+    assert baseline.info.status == "FINISHED"

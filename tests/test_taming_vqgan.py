@@ -17,7 +17,8 @@ from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2
 from torch import nn
 
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.models.discrete.taming import content_sha256, load_pretrained_tokenizer
+from knn_diffusion.io import content_sha256
+from knn_diffusion.models.discrete.taming import load_pretrained_tokenizer
 from knn_diffusion.models.discrete.vq import Tokenizer, to_unit_range
 from knn_diffusion.stages import ingest, paths, tokenizer
 from tests.glyphs import OPENMOJI_FONT, named_emoji, render

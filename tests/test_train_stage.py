@@ -14,7 +14,8 @@ import yaml
 from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.config import load_params
-from knn_diffusion.stages import paths, train_continuous
+from knn_diffusion.stages import paths, train_common, train_continuous
+from knn_diffusion.tracking import model_run_id
 from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 TRAIN_INPUTS = (str(paths.INGEST), str(paths.EMBED), str(paths.KNN))  # no data/index
@@ -31,6 +32,10 @@ def train_dir(tiny_pipeline, tmp_path, monkeypatch):
     return root
 
 
+def _model_bytes() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in paths.CONTINUOUS_MODEL.iterdir()}
+
+
 def _report() -> dict:
     return json.loads(paths.CONTINUOUS_METRICS.read_text())
 
@@ -39,12 +44,17 @@ def _loss_steps(run_id: str) -> list[int]:
     return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss"))
 
 
+def _trained_by() -> str:
+    params = load_params("params.yaml")
+    return model_run_id(paths.CONTINUOUS_MODEL, params.tracking.experiment, params.tracking.tracking_uri)
+
+
 def test_trains_without_an_index_and_records_its_run(train_dir):
     assert not paths.INDEX.exists()
     train_continuous.main([])
     config = read_checkpoint_config(paths.CONTINUOUS_MODEL)
-    assert config["backbone"] == "continuous"
-    run = mlflow.get_run(config["mlflow_run_id"])
+    assert config["backbone"] == "continuous" and "mlflow_run_id" not in config  # bytes of its inputs only
+    run = mlflow.get_run(_trained_by())
     assert run.data.tags["stage"] == "train_continuous" and run.info.status == "FINISHED"
     report = _report()
     assert report["steps_trained"] == report["steps"] == 3
@@ -52,14 +62,15 @@ def test_trains_without_an_index_and_records_its_run(train_dir):
     assert _loss_steps(run.info.run_id) == [1, 2, 3]
 
 
-def test_forced_rerun_trains_again(train_dir):
-    """`dvc repro --force`: DVC deletes the out, the state folder still holds the finished run."""
+def test_forced_rerun_trains_again_to_the_same_bytes(train_dir):
+    """`dvc repro --force`: DVC deletes the out, the state folder still holds the finished run. The same
+    inputs at the same thread count give the same bytes (so DVC's run cache can serve them)."""
     train_continuous.main([])
-    first = read_checkpoint_config(paths.CONTINUOUS_MODEL)["mlflow_run_id"]
+    first, first_bytes = _trained_by(), _model_bytes()
     shutil.rmtree(paths.CONTINUOUS_MODEL)
     train_continuous.main([])
-    second = read_checkpoint_config(paths.CONTINUOUS_MODEL)["mlflow_run_id"]
-    assert second != first
+    second = _trained_by()
+    assert second != first and _model_bytes() == first_bytes
     report = _report()
     assert report["steps_trained"] == 3 and report["first_loss"] > 0 and report["last_loss"] > 0, report
     assert _loss_steps(second) == [1, 2, 3]
@@ -99,7 +110,7 @@ def test_resume_key_changes_with_every_weight_setting(train_dir):
         params = load_params("params.yaml", overrides)
         images = ImageStore.open(paths.dataset_dir("openmoji"))
         table = paths.neighbours_file("openmoji")
-        return train_continuous.run_key(params.train_continuous, images, np.load(table)["rows"],
+        return train_common.run_key(params.train_continuous, images, np.load(table)["rows"],
                                          EmbeddingStore.open(paths.embedding_dir("openmoji")), table)
 
     base = key()

@@ -129,6 +129,7 @@ def _generate_command(args: argparse.Namespace) -> None:
     from knn_diffusion.retrieval.backends import open_backend
     from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths
+    from knn_diffusion.tracking import model_run_id
     from knn_diffusion.training.checkpoint import read_checkpoint_config
 
     check_generate_arguments(args)
@@ -149,6 +150,8 @@ def _generate_command(args: argparse.Namespace) -> None:
             raise ConfigError(f"--scheduler {args.scheduler}: the {backbone} model has no diffusers scheduler")
         options["scheduler"] = args.scheduler
     generator = load_generator(checkpoint, backbone=backbone, **options)
+    generator.run_id = model_run_id(checkpoint, params.tracking.experiment,
+                                    params.tracking.tracking_uri) or generator.run_id
     encoder = load_encoder(params.encoder, paths.ENCODER)
     backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
     neighbours = backend.open(args.index or params.data.generator_dataset)

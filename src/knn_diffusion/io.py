@@ -7,6 +7,7 @@ POSIX within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -77,3 +78,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """Of a file, or of every file under a folder (relative names and contents)."""
+    path, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -44,7 +44,7 @@ from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.stages.embed import EVAL_TEMPLATE
-from knn_diffusion.tracking import child_run
+from knn_diffusion.tracking import child_run, model_run_id
 
 log = logging.getLogger(__name__)
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
@@ -74,6 +74,8 @@ def evaluate_stage(params, model: str) -> None:
     prompts, reference_rows, paired = held_out(params, store)
     reference = store[reference_rows]
     generator = load_generator(paths.model_dir(model), backbone=model, **sampler.generator_options())
+    generator.run_id = model_run_id(paths.model_dir(model), params.tracking.experiment,
+                                     params.tracking.tracking_uri) or generator.run_id
     encoder = load_encoder(params.encoder, paths.ENCODER)  # the generator's text encoder (queries, retrieval)
     judge = load_open_clip(cfg.clip_model, cfg.clip_pretrained) if cfg.clip_model else encoder
     scorer = ImageScorer(judge, reference,

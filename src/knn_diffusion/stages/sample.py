@@ -23,6 +23,7 @@ from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
+from knn_diffusion.tracking import model_run_id
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def sample_stage(params: Params, model: str) -> None:
         report = {}
         prompts = read_prompts(s.prompts_file, within=paths.PROMPTS) if s.prompts_file else s.prompts
         generator = load_generator(paths.model_dir(model), backbone=model, **sampler.generator_options())
+        generator.run_id = model_run_id(paths.model_dir(model), params.tracking.experiment,
+                                         params.tracking.tracking_uri) or generator.run_id
         encoder = load_encoder(params.encoder, paths.ENCODER)
         backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
         with atomic_dir(paths.samples_dir(model)) as out:

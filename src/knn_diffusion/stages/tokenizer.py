@@ -20,8 +20,8 @@ import torch
 from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.images import image_grid
-from knn_diffusion.io import save_npy, write_json
-from knn_diffusion.models.discrete.taming import content_sha256, find_config, load_pretrained_tokenizer
+from knn_diffusion.io import content_sha256, save_npy, write_json
+from knn_diffusion.models.discrete.taming import find_config, load_pretrained_tokenizer
 from knn_diffusion.models.discrete.vq_training import remap_tokenizer, tokenize, train_tokenizer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked

@@ -25,10 +25,11 @@ import numpy as np
 from knn_diffusion.config import to_plain
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import EmbeddingStore, load_text_embeddings
-from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.io import atomic_dir, content_sha256, write_json
 from knn_diffusion.retrieval.search import exact_neighbours
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import tracked
+from knn_diffusion.tracking import MODEL_HASH_TAG
 from knn_diffusion.training.checkpoint import prune_run_dirs, resume_step
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,9 @@ def claim_state_dir(root: Path, key: str, keep_runs: int) -> Path:
 def tracked_training(stage: str, params, cfg, state_dir: Path, prompts: list[str], train: Callable[..., Path], *,
                      model_dir: Path, metrics_file: Path, train_images: int,
                      add_to_model: Callable[[Path], None] | None = None) -> None:
-    """Run ``train(on_log, on_images, metadata)`` inside the stage's MLflow run (rank 0), then copy the
-    final checkpoint to ``model_dir`` (plus ``add_to_model(folder)``) and write the stage's metrics."""
+    """Run ``train(on_log, on_images)`` inside the stage's MLflow run (rank 0), then copy the final
+    checkpoint to ``model_dir`` (plus ``add_to_model(folder)``), tag the run with the folder's content hash
+    (the folder names no run: its bytes depend only on its inputs) and write the stage's metrics."""
     with tracked(stage, params) as run:
         run.text("\n".join(prompts), "eval_prompts.txt")
         run.tags({"state_dir": str(state_dir)})
@@ -145,12 +147,13 @@ def tracked_training(stage: str, params, cfg, state_dir: Path, prompts: list[str
 
         resumed_at = resume_step(state_dir / "checkpoints", cfg.max_steps)
         start = time.perf_counter()
-        final = train(on_log, on_images, metadata={"mlflow_run_id": run.id})
+        final = train(on_log, on_images)
         seconds = time.perf_counter() - start
         with atomic_dir(model_dir) as out:
             shutil.copytree(final, out, dirs_exist_ok=True)
             if add_to_model is not None:
                 add_to_model(out)
+        run.tags({MODEL_HASH_TAG: content_sha256(model_dir)})  # how sample/evaluate find this run
         first, last = min(losses), max(losses)  # log steps; a finished step always logs its loss
         report = {"train_images": train_images, "steps": cfg.max_steps, "seconds": round(seconds, 1),
                   "steps_trained": cfg.max_steps - resumed_at, "first_loss": losses[first], "last_loss": losses[last],

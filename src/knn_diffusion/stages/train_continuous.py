@@ -16,9 +16,9 @@ from knn_diffusion.config import Params
 from knn_diffusion.models.continuous.training import train_continuous
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_common import (  # noqa: F401 (run_key, eval_conditions: used by tests)
-    claim_state_dir, eval_conditions, is_main_rank, load_training_inputs, relaunch_under_torchrun, run_key,
-    tracked_training)
+from knn_diffusion.stages.train_common import (claim_state_dir, eval_conditions, is_main_rank, load_training_inputs,
+                                              relaunch_under_torchrun, run_key, tracked_training)
+
 
 def train_stage(params: Params) -> None:
     cfg = params.train_continuous
@@ -29,10 +29,10 @@ def train_stage(params: Params) -> None:
     key = run_key(cfg, inputs.images, inputs.train_rows, inputs.store, inputs.neighbours_file)
     state_dir = paths.CONTINUOUS_STATE / key
 
-    def train(on_log=None, on_images=None, metadata=None):
+    def train(on_log=None, on_images=None):
         return train_continuous(cfg, inputs.images.subset(inputs.train_rows), inputs.store, inputs.self_positions,
                                 inputs.neighbour_positions, state_dir, on_log=on_log, on_images=on_images,
-                                eval_conditions=conditions, metadata=metadata)
+                                eval_conditions=conditions)
 
     if not is_main_rank():
         train()

@@ -37,10 +37,10 @@ def train_stage(params: Params) -> None:
     key = run_key(cfg, inputs.images, inputs.train_rows, inputs.store, inputs.neighbours_file, tokens_file)
     state_dir = paths.DISCRETE_STATE / key
 
-    def train(on_log=None, on_images=None, metadata=None):
+    def train(on_log=None, on_images=None):
         return train_discrete(cfg, np.asarray(token_maps[inputs.train_rows]), tokenizer.num_codes, inputs.store,
                               inputs.self_positions, inputs.neighbour_positions, state_dir, tokenizer=tokenizer,
-                              on_log=on_log, on_images=on_images, eval_conditions=conditions, metadata=metadata)
+                              on_log=on_log, on_images=on_images, eval_conditions=conditions)
 
     if not is_main_rank():
         train()

@@ -26,6 +26,9 @@ DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by DVC in a queued experiment: groups i
 PARENT_RUN_ENV = "KNN_DIFFUSION_PARENT_RUN"
 TRIAL_RUNS_ENV = "KNN_DIFFUSION_TRIAL_RUNS"  # JSON {DVC experiment name: MLflow trial run id}
 FLOW_RUN_URL_ENV = "KNN_DIFFUSION_FLOW_RUN_URL"
+# On a training stage's run: the content hash of the model folder it wrote. The folder itself names no run
+# (its bytes depend only on its inputs, so DVC finds a retrained model unchanged and its run cache restores it).
+MODEL_HASH_TAG = "model.sha256"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -125,6 +128,24 @@ class StageRun:
         import mlflow
 
         with_retries(lambda: mlflow.log_text(text, name))
+
+
+def model_run_id(model_dir: str | os.PathLike, experiment: str, configured_uri: str = "") -> str:
+    """The MLflow run that trained the model in ``model_dir``: the latest finished run tagged with its
+    content hash (:data:`MODEL_HASH_TAG`; for a model DVC restored, the run that made those bytes), ''
+    when the store holds none (e.g. a model pulled from a DVC remote into a fresh store)."""
+    from mlflow import MlflowClient
+
+    from knn_diffusion.io import content_sha256
+
+    client = MlflowClient(tracking_uri(configured_uri))
+    found = with_retries(lambda: client.get_experiment_by_name(experiment))
+    if found is None:
+        return ""
+    runs = with_retries(lambda: client.search_runs(
+        [found.experiment_id], f"tags.`{MODEL_HASH_TAG}` = '{content_sha256(model_dir)}' and "
+        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1))
+    return runs[0].info.run_id if runs else ""
 
 
 def parent_run_id() -> str | None:

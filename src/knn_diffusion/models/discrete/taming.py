@@ -19,7 +19,6 @@ Name map (taming -> diffusers), level ``i`` of ``L`` (resolution ``r / 2**i``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -250,15 +249,3 @@ def _load_exactly(vq: VQModel, state: dict[str, torch.Tensor], checkpoint: Path,
         raise ValueError(f"tokenizer.pretrained: {checkpoint}: weights do not fit the architecture of {config} "
                          f"({'; '.join(problems)})")
     vq.load_state_dict(state, strict=True)
-
-
-def content_sha256(path: str | os.PathLike) -> str:
-    """Of a file, or of every file under a folder (relative names and contents), for the run's record."""
-    path, digest = Path(path), hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
