@@ -71,8 +71,8 @@ def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = Fals
         cmd.append("--force")
     logger.info("%s (in %s)", " ".join(cmd[1:]), repo)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env, side_by_side), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
+    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env, side_by_side), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             tail.append(line.rstrip())

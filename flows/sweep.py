@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=1,
                         help="experiments at once (each is a full pipeline; each stage gets cores / N threads)")
     parser.add_argument("--fresh", action="store_true",
-                        help="run every trial again under a new MLflow parent run, instead of resuming the "
-                             "earlier run of this sweep (same prefix, axes and git commit) and skipping its done trials")
+                        help="run every trial again under a new MLflow parent run, instead of resuming the earlier "
+                             "run of this sweep (same prefix, axes and git commit) and skipping its done trials")
     args = parser.parse_args(argv)
     try:
         trials_of(args.axes, Path(args.repo).resolve(), args.prefix)  # bad input: one line, before any flow run
