@@ -52,6 +52,14 @@ def test_wrong_dimension_image_embedding(at_pipeline, tmp_path, capsys):
     assert "d=7" in err and "d=32" in err
 
 
+def test_zero_norm_image_embedding(at_pipeline, tmp_path, capsys):
+    rows = np.ones((3, 8), dtype=np.float32)
+    rows[1] = 0.0
+    np.save(tmp_path / "e.npy", rows)
+    err = _refused(capsys, tmp_path / "out", "--image-embedding-from", str(tmp_path / "e.npy"))
+    assert "embedding 1 is all zeros" in err
+
+
 def test_nan_image_embedding(at_pipeline, tmp_path, capsys):
     np.save(tmp_path / "e.npy", np.full(32, np.nan, np.float32))
     assert "NaN" in _refused(capsys, tmp_path / "out", "--image-embedding-from", str(tmp_path / "e.npy"))

@@ -59,7 +59,12 @@ def load_image_embeddings(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: expected float embeddings of shape (d,) or (N, d), got {array.dtype} {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: the embeddings contain NaN or infinite values")
-    return np.atleast_2d(array).astype(np.float32)
+    array = np.atleast_2d(array).astype(np.float32)
+    zero = np.flatnonzero(np.linalg.norm(array, axis=1) == 0)
+    if len(zero):  # no direction: nothing to retrieve neighbours for or condition on
+        raise ValueError(f"{path}: embedding {zero[0]} is all zeros (a zero-norm vector has no direction); "
+                         "give a non-zero image embedding")
+    return array
 
 
 def _positive_int(text: str) -> int:
