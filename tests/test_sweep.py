@@ -128,6 +128,7 @@ def test_bad_axes_end_in_one_error_line_before_any_run(tmp_path, capsys):
     assert err.startswith("error: ") and "data.resolution" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a repro, a push, then a sweep through the queue
 def test_a_fresh_workers_trial_pulls_the_baseline_instead_of_recomputing_it(harness, repo_copy):  # noqa: F811
     """The project's remote is a path relative to .dvc/; a queued experiment runs in a copy under .dvc/tmp/exps,
     so the sweep pins it absolute, and the trial (whose params leave ingest unchanged) pulls ingest's outputs."""
