@@ -74,7 +74,7 @@ def test_train_discrete_records_its_run_and_loads_as_a_generator(discrete_dir, m
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "vlb_estimate")
     assert sorted(m.step for m in history) == [1, 2, 3]
     generator = load_generator(paths.DISCRETE_MODEL, backbone="discrete")
-    assert generator.backbone == "discrete" and generator.run_id == run.info.run_id
+    assert generator.backbone == "discrete"  # its run: named by sample/evaluate from the store (next test)
     assert generator.conditioning.k == 3
     cond = np.random.default_rng(0).normal(size=(2, 4, generator.conditioning.embed_dim)).astype(np.float32)
     images = generator.sample(cond, guidance=8.0, steps=3, seeds=[0, 1])
