@@ -124,7 +124,8 @@ def train_loop(backbone: Backbone, cfg: Any, dataset, out_dir: str | os.PathLike
     sample_every, num_workers). ``dataset`` answers ``__getitems__(indices) -> (targets, cond)``.
     Step checkpoints go to ``out_dir/checkpoints``. An unfinished run there is resumed; a finished
     one (its newest checkpoint at ``max_steps``) is not: being called again means train again.
-    ``metadata`` (e.g. the MLflow run id) is recorded in every checkpoint's config.json.
+    ``metadata`` (e.g. the image resolution) is recorded in every checkpoint's config.json: values of the
+    inputs only, never of the run (a retrain of the same inputs must give the same bytes).
     """
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
