@@ -104,14 +104,17 @@ def test_sidecar_names_the_run_of_the_checkpoint_used(at_pipeline, tmp_path):
     hash (the folder names no run); a model no run in the store made is named by none."""
     import mlflow
 
-    (trained,) = mlflow.search_runs(experiment_names=["tiny-pipeline"], output_format="list",
-                                    filter_string="tags.stage = 'train_continuous'")
+    from knn_diffusion.io import content_sha256
+    from knn_diffusion.tracking import MODEL_HASH_TAG
+
     other = tmp_path / "other-model"
     shutil.copytree(paths.CONTINUOUS_MODEL, other)
     assert "mlflow_run_id" not in json.loads((other / "config.json").read_text())
     cli_main(["generate", "a cat", "--steps", "1", "--checkpoint", str(other), "--out", str(tmp_path / "out")])
     record = json.loads(next((tmp_path / "out").glob("0000-*.json")).read_text())
-    assert record["model_run_id"] == trained.info.run_id
+    trained = mlflow.get_run(record["model_run_id"])
+    assert trained.data.tags["stage"] == "train_continuous" and trained.info.status == "FINISHED"
+    assert trained.data.tags[MODEL_HASH_TAG] == content_sha256(other)
     (other / "notes.txt").write_text("changed")  # other bytes: no run in the store made them
     cli_main(["generate", "a cat", "--steps", "1", "--checkpoint", str(other), "--out", str(tmp_path / "out2")])
     assert json.loads(next((tmp_path / "out2").glob("0000-*.json")).read_text())["model_run_id"] == ""
