@@ -9,7 +9,7 @@ import torch
 
 from tests.continuous_helpers import micro_config
 from knn_diffusion.config_fields import ConfigError
-from knn_diffusion.models.conditioning import Conditioner, drop_conditions, null_condition
+from knn_diffusion.models.conditioning import CONDITIONERS, build_conditioner, drop_conditions, null_condition
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, list_presets
 from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig, load_unet_preset
 from knn_diffusion.models.continuous.sampler import guided_epsilon
@@ -43,13 +43,13 @@ def test_variant_token_shapes_and_one_training_step(variant):
     # The step reached the conditioner: its weights moved, so the tokens carry gradient into the U-Net.
     moved = [n for n, p in model.conditioner.named_parameters() if not torch.equal(p, before[n])]
     assert "query_proj.weight" in moved
-    if variant != ConditioningVariant.no_knn:
+    if variant.uses_knn:
         assert "knn_proj.weight" in moved
 
 
 @pytest.mark.parametrize("variant", list(ConditioningVariant))
 def test_null_condition_gives_zero_tokens(variant):
-    conditioner = Conditioner(ConditioningConfig(variant=variant, embed_dim=D, k=K), width=32)
+    conditioner = build_conditioner(ConditioningConfig(variant=variant, embed_dim=D, k=K), width=32)
     cond = torch.randn(B, 1 + K, D)
     tokens = conditioner(null_condition(cond))
     assert torch.count_nonzero(tokens) == 0  # bias-free: y' = 0 switches cross-attention to a constant
@@ -61,15 +61,30 @@ def test_neighbours_change_the_tokens_except_for_no_knn():
     other[:, 1:] = torch.randn(B, K, D)
     for variant in ConditioningVariant:
         torch.manual_seed(0)
-        conditioner = Conditioner(ConditioningConfig(variant=variant, embed_dim=D, k=K), width=32)
+        conditioner = build_conditioner(ConditioningConfig(variant=variant, embed_dim=D, k=K), width=32)
         same = torch.allclose(conditioner(cond), conditioner(other))
-        assert same == (variant == ConditioningVariant.no_knn), variant
+        assert same == (not variant.uses_knn), variant
+
+
+def test_every_variant_has_a_conditioner_that_keeps_what_it_declares():
+    """The registry is complete, and each variant's declared needs hold: a fixed-k one refuses another k,
+    the others accept any k (0 included); one without kNN is conditioned on k=0 whatever is asked."""
+    assert set(CONDITIONERS) == set(ConditioningVariant)
+    for variant in ConditioningVariant:
+        conditioner = build_conditioner(ConditioningConfig(variant=variant, embed_dim=D, k=K), width=32)
+        assert type(conditioner).variant == variant
+        assert variant.neighbours(K) == (K if variant.uses_knn else 0)
+        if variant.fixed_k:
+            with pytest.raises(ValueError, match=f"trained with k={K}"):
+                conditioner(torch.randn(B, 1, D))
+        else:
+            assert conditioner(torch.randn(B, 1, D)).shape[0] == B
 
 
 def test_tokens_variant_accepts_another_k_at_inference_but_concat_linear_does_not():
-    tokens = Conditioner(ConditioningConfig(variant=ConditioningVariant.tokens, embed_dim=D, k=K), width=32)
+    tokens = build_conditioner(ConditioningConfig(variant=ConditioningVariant.tokens, embed_dim=D, k=K), width=32)
     assert tokens(torch.randn(B, 1, D)).shape == (B, 1, 32)  # no kNN at inference (paper Fig. 9)
-    concat = Conditioner(ConditioningConfig(variant=ConditioningVariant.concat_linear, embed_dim=D, k=K), width=32)
+    concat = build_conditioner(ConditioningConfig(variant=ConditioningVariant.concat_linear, embed_dim=D, k=K), width=32)
     with pytest.raises(ValueError, match="trained with k=3"):
         concat(torch.randn(B, 1 + 5, D))
 

@@ -74,7 +74,7 @@ def generate(generator: Generator, *, out_dir: str | os.PathLike, knn: Neighbour
     Writes ``<i>-<slug>.png`` + ``<i>-<slug>.json`` (prompt, seed, neighbour ids and scores, model
     run id, index fingerprint and retrieval settings, sampler settings) and ``grid.png`` into
     ``out_dir``; returns the sidecars. ``k`` defaults to the k the model was trained with; a
-    ``no_knn`` model retrieves nothing.
+    variant that does not use neighbours (``no_knn``) retrieves nothing.
     """
     if (prompts is None) == (image_embeddings is None):
         raise ValueError("give either prompts (with an encoder) or image_embeddings, not both")
@@ -87,9 +87,7 @@ def generate(generator: Generator, *, out_dir: str | os.PathLike, knn: Neighbour
     trained = generator.conditioning
     if queries.shape[1] != trained.embed_dim:
         raise ValueError(f"query embeddings have d={queries.shape[1]}, the model was trained on d={trained.embed_dim}")
-    k = trained.k if k is None else k
-    if trained.variant == ConditioningVariant.no_knn:
-        k = 0
+    k = ConditioningVariant(trained.variant).neighbours(trained.k if k is None else k)
     count = len(queries)
     if k > 0:
         ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)

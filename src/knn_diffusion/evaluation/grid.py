@@ -49,14 +49,14 @@ class GridPoint:
 
 def grid_points(grid: EvaluateGridConfig, guidance_scales: list[float], trained: ConditioningConfig) -> list[GridPoint]:
     """The product of the grid's axes and the backbone's guidance scales, without duplicates: k=0 once per
-    guidance; a ``no_knn`` model only at k=0; a ``concat_linear`` model only at its trained k (its
-    projection fixes K)."""
+    guidance; a variant without neighbours (``no_knn``) only at k=0; a variant whose layers fix K
+    (``concat_linear``) only at its trained k."""
+    variant = ConditioningVariant(trained.variant)
     points: list[GridPoint] = []
     for k, fraction, guidance, index, quantile in itertools.product(grid.k, grid.index_fraction, guidance_scales,
                                                                     grid.index, grid.score_quantile):
-        if trained.variant == ConditioningVariant.no_knn:
-            k = 0
-        elif trained.variant == ConditioningVariant.concat_linear and k != trained.k:
+        k = variant.neighbours(k)
+        if variant.fixed_k and k != trained.k:
             continue
         point = GridPoint(0, guidance) if k == 0 else GridPoint(k, guidance, fraction, index, quantile)
         if point not in points:

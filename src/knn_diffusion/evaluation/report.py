@@ -26,6 +26,7 @@ import pandas as pd
 from knn_diffusion.evaluation.grid import BASELINE, NOT_APPLICABLE
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles
+from knn_diffusion.models.config import ConditioningVariant
 
 METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
 SOURCE_COLUMNS = ("run_id", "git_commit", "data_version", "restored_from")
@@ -171,7 +172,8 @@ def _reference(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _at_trained_k(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[(runs["k"] == runs["trained_k"]) | ((runs["variant"] == "no_knn") & (runs["k"] == 0))]
+    without_knn = [v.value for v in ConditioningVariant if not v.uses_knn]
+    return runs[(runs["k"] == runs["trained_k"]) | (runs["variant"].isin(without_knn) & (runs["k"] == 0))]
 
 
 def _by_fraction(runs: pd.DataFrame) -> pd.DataFrame:

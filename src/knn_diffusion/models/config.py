@@ -21,13 +21,29 @@ from knn_diffusion.config_fields import ConfigError, between
 
 
 class ConditioningVariant(str, Enum):
-    """How the (1+K, d) query + neighbour embeddings become cross-attention tokens (paper 3, 6.5)."""
+    """How the (1+K, d) query + neighbour embeddings become cross-attention tokens (paper 3, 6.5).
 
-    tokens = "tokens"                                  # the paper's choice: K+1 projected tokens
-    self_attention = "self_attention"                  # 6.5 (i): contextualised by self-attention
-    cross_attention_pooled = "cross_attention_pooled"  # 6.5 (ii): one token, query attends to the kNN
-    concat_linear = "concat_linear"                    # 6.5 (iii): query token + linear map of the kNN
-    no_knn = "no_knn"                                  # baseline: the image/text embedding only
+    Each variant declares what it needs; its layers are the class registered for it in
+    ``models/conditioning.py``. ``uses_knn=False``: it sees the query alone, so it is trained and
+    sampled with k=0 whatever the params say. ``fixed_k``: its layers are sized by the trained k, so
+    inference must retrieve exactly that many neighbours.
+    """
+
+    def __new__(cls, value: str, uses_knn: bool = True, fixed_k: bool = False) -> "ConditioningVariant":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.uses_knn, member.fixed_k = uses_knn, fixed_k
+        return member
+
+    tokens = "tokens"                                        # the paper's choice: K+1 projected tokens
+    self_attention = "self_attention"                        # 6.5 (i): contextualised by self-attention
+    cross_attention_pooled = "cross_attention_pooled"        # 6.5 (ii): one token, query attends to the kNN
+    concat_linear = "concat_linear", True, True              # 6.5 (iii): query token + linear map of the kNN
+    no_knn = "no_knn", False                                 # baseline: the image/text embedding only
+
+    def neighbours(self, k: int) -> int:
+        """How many neighbours a model of this variant is conditioned on when k are asked for."""
+        return k if self.uses_knn else 0
 
 
 @dataclass

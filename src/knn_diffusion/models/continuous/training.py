@@ -28,7 +28,7 @@ from knn_diffusion.training.loop import ImagesFn, LogFn, train_loop
 def denoiser_config(cfg: ContinuousTrainConfig, resolution: int, embed_dim: int) -> DenoiserConfig:
     """The architecture this training config builds for data of the given resolution and embedding size."""
     variant = ConditioningVariant(cfg.variant)
-    k = 0 if variant == ConditioningVariant.no_knn else cfg.k
+    k = variant.neighbours(cfg.k)
     return DenoiserConfig(
         unet=load_unet_preset(cfg.preset, resolution),
         conditioning=ConditioningConfig(variant=variant, embed_dim=embed_dim, k=k),

@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from knn_diffusion.models.conditioning import Conditioner
+from knn_diffusion.models.conditioning import build_conditioner
 from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig, validate_unet
 
 
@@ -48,7 +48,7 @@ class ContinuousDenoiser(nn.Module):
     def __init__(self, config: DenoiserConfig):
         super().__init__()
         self.config = config
-        self.conditioner = Conditioner(config.conditioning, width=config.unet.cross_attention_dim)
+        self.conditioner = build_conditioner(config.conditioning, width=config.unet.cross_attention_dim)
         self.unet = build_unet(config.unet)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def discrete_config(cfg: DiscreteTrainConfig, num_codes: int, height: int, width
     variant = ConditioningVariant(cfg.variant)
     return DiscreteConfig(transformer=load_transformer_preset(cfg.preset, num_codes, height, width),
                           conditioning=ConditioningConfig(variant=variant, embed_dim=embed_dim,
-                                                          k=0 if variant == ConditioningVariant.no_knn else cfg.k),
+                                                          k=variant.neighbours(cfg.k)),
                           transition=cfg.transition)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from knn_diffusion.models.conditioning import Conditioner
+from knn_diffusion.models.conditioning import build_conditioner
 from knn_diffusion.models.discrete.config import DiscreteConfig, TransformerConfig
 
 
@@ -107,7 +107,7 @@ class TokenDenoiser(nn.Module):
         self.config = config
         t = config.transformer
         self.num_codes = t.num_codes
-        self.conditioner = Conditioner(config.conditioning, width=t.n_embd)
+        self.conditioner = build_conditioner(config.conditioning, width=t.n_embd)
         self.token_emb = nn.Embedding(t.num_codes + 1, t.n_embd)  # the V codes and [MASK]
         self.pos_emb = nn.Parameter(torch.zeros(1, t.height * t.width, t.n_embd))
         self.step_mlp = nn.Sequential(nn.Linear(t.n_embd, t.n_embd), nn.SiLU(), nn.Linear(t.n_embd, t.n_embd))
