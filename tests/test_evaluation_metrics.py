@@ -12,8 +12,11 @@ from scipy import linalg
 from tests.continuous_helpers import square_images
 from tests.test_encoders import TINY_CLIP
 from knn_diffusion.encoders.factory import load_open_clip
-from knn_diffusion.evaluation.metrics import (EncoderImageFeatures, ImageScorer, KidSettings, clip_score,
-                                              extract_features, fid, inception_features, kid, r_precision)
+from knn_diffusion.evaluation import metrics
+from knn_diffusion.evaluation.metrics import (EncoderImageFeatures, ImageScorer, KidSettings, Metric, clip_score,
+                                              extract_features, fid, inception_features, kid, metric_columns,
+                                              r_precision)
+from knn_diffusion.evaluation.runner import metrics_summary, write_table
 
 
 
@@ -175,3 +178,22 @@ def test_inception_refuses_a_wrong_file(tmp_path):
 def test_inception_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluate.inception_weights: .*nothing.pt: file not found"):
         inception_features(tmp_path / "nothing.pt")
+
+
+def test_a_new_metric_is_one_entry_and_reaches_the_stage_outputs(tiny_encoder, tmp_path, monkeypatch):
+    """A metric added to the table is computed by the scorer and written to points.csv and the metrics
+    file; a row that lacks a metric's value is refused, not written blank (the report: test_evaluation_report)."""
+    planted = Metric(("mean_feature",), lambda scorer, scored: (float(scored.generated.mean()),))
+    monkeypatch.setattr(metrics, "METRICS", [*metrics.METRICS, planted])
+    assert metric_columns()[-1] == "mean_feature"
+    images = square_images(8, 16, seed=0)
+    scorer = ImageScorer(tiny_encoder, images, kid_settings=KidSettings(subsets=2, subset_size=4), r_candidates=2)
+    scores = scorer.score(images, [f"prompt {i}" for i in range(8)])
+    assert list(scores) == metric_columns()
+    row = {"point": "k0-g3", "k": 0, "index_fraction": "-", "guidance": 3.0, "index": "-", **scores}
+    write_table(tmp_path / "points.csv", [row])
+    header = (tmp_path / "points.csv").read_text().splitlines()[0].split(",")
+    assert set(metric_columns()) <= set(header)
+    assert set(metrics_summary([row])["k0-g3"]) == set(metric_columns())
+    with pytest.raises(KeyError, match="mean_feature"):
+        write_table(tmp_path / "short.csv", [{key: v for key, v in row.items() if key != "mean_feature"}])

@@ -7,6 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from knn_diffusion.cli import main as cli_main
+from knn_diffusion.evaluation import metrics
+from knn_diffusion.evaluation.metrics import Metric, metric_columns
 from knn_diffusion.evaluation.report import MixedFeaturesError, evaluate_runs, write_report
 from knn_diffusion.tracking import child_run, stage_run
 
@@ -167,3 +169,18 @@ def test_score_quantile_points_give_the_fig8_plot(tmp_path):
     written = write_report(evaluate_runs(MlflowClient(), "report-quantiles"), tmp_path, title="t")
     assert tmp_path / "score_quantiles.png" in written
     assert "![](score_quantiles.png)" in (tmp_path / "tables.md").read_text()
+
+
+def test_every_metric_of_the_table_is_a_report_column(tmp_path, monkeypatch):
+    """A metric added to the evaluation's table reaches the report's tables without touching report.py."""
+    monkeypatch.setattr(metrics, "METRICS", [*metrics.METRICS, Metric(("planted",), lambda scorer, scored: (1.0,))])
+    with stage_run("evaluate", {}, "report-planted", tags={"dvc.dep.data/index": "abc", "model": "continuous"},
+                   run_name="evaluate@continuous"):
+        with child_run("k0-g3", {"fid_feature": FEATURE, "variant": "tokens", "trained_k": 1, "backbone": "continuous",
+                                 "k": 0, "guidance": 3.0, "index_fraction": "-", "index": "-"},
+                       {"evaluate.kind": "grid_point"}) as run:
+            run.metrics({column: 0.5 for column in metric_columns()})
+    runs = evaluate_runs(MlflowClient(), "report-planted")
+    assert runs["planted"].tolist() == [0.5]
+    write_report(runs, tmp_path, title="t")
+    assert pd.read_csv(tmp_path / "by_k.csv")["planted"].tolist() == [0.5]

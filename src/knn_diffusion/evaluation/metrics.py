@@ -9,6 +9,10 @@ two distributions of *features*, so the feature network decides what the numbers
 Features are extracted once per image set - the reference set's once per evaluation, however many
 grid points it scores - and handed to torchmetrics through a pass-through module. Every result names
 its feature (``fid_feature``), and values of different features are never comparable.
+
+:data:`METRICS` is the one table of metrics: the scorer computes its entries, and the evaluate stage's
+CSV/JSON, its MLflow runs and the ablation report take their columns from :func:`metric_columns`. A new
+metric is its function and one entry.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +180,39 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+@dataclass
+class ScoredSet:
+    """What the metrics read of one set of generated images (each part computed once per set)."""
+
+    reference: torch.Tensor       # (M, f) FID/KID features of the reference images
+    generated: torch.Tensor       # (N, f) the same features of the generated images
+    image_embeddings: np.ndarray  # (N, d) the evaluation encoder's embeddings of the generated images
+    text_embeddings: np.ndarray   # (N, d) its embeddings of their prompts (row i: image i's prompt)
+    prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One entry of the metric table: the values it yields, in order, and how (from a scorer's settings and a set)."""
+
+    columns: tuple[str, ...]  # names in the CSV/JSON, MLflow metrics and report columns
+    compute: Callable[["ImageScorer", ScoredSet], Sequence[float]]
+
+
+METRICS: list[Metric] = [
+    Metric(("fid",), lambda scorer, s: (fid(s.reference, s.generated),)),
+    Metric(("kid_mean", "kid_std"), lambda scorer, s: kid(s.reference, s.generated, scorer.kid_settings)),
+    Metric(("clip_score",), lambda scorer, s: (clip_score(s.image_embeddings, s.text_embeddings),)),
+    Metric(("r_precision",), lambda scorer, s: (r_precision(s.image_embeddings, s.text_embeddings, scorer.r_candidates,
+                                                            scorer.r_seed, labels=s.prompts),)),
+]
+
+
+def metric_columns() -> list[str]:
+    """Every value the metric table yields, in table order."""
+    return [column for metric in METRICS for column in metric.columns]
+
+
 class ImageScorer:
     """Scores sets of generated images against one reference set, with one feature network and one CLIP.
 
@@ -197,14 +235,16 @@ class ImageScorer:
         return self.feature_network.name
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-        """uint8 (N, H, W, 3) images, one per prompt -> fid, kid_mean, kid_std, clip_score, r_precision."""
+        """uint8 (N, H, W, 3) images, one per prompt -> {column: value} for every entry of :data:`METRICS`."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        fake = extract_features(self.feature_network, images)
-        kid_mean, kid_std = kid(self.reference, fake, self.kid_settings)
-        image_embeddings = self.encoder.encode_images(images)
-        text_embeddings = self.encoder.encode_texts(prompts)
-        return {"fid": fid(self.reference, fake), "kid_mean": kid_mean, "kid_std": kid_std,
-                "clip_score": clip_score(image_embeddings, text_embeddings),
-                "r_precision": r_precision(image_embeddings, text_embeddings, self.r_candidates, self.r_seed,
-                                           labels=prompts)}
+        scored = ScoredSet(self.reference, extract_features(self.feature_network, images),
+                           self.encoder.encode_images(images), self.encoder.encode_texts(prompts), list(prompts))
+        values: dict[str, float] = {}
+        for metric in METRICS:
+            result = tuple(metric.compute(self, scored))
+            if len(result) != len(metric.columns):
+                raise ValueError(f"metric {metric.columns}: computed {len(result)} values for {len(metric.columns)} "
+                                 "columns")
+            values.update(zip(metric.columns, map(float, result)))
+        return values

@@ -24,11 +24,11 @@ from typing import Callable
 import pandas as pd
 
 from knn_diffusion.evaluation.grid import BASELINE, NOT_APPLICABLE
+from knn_diffusion.evaluation.metrics import metric_columns
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles
 from knn_diffusion.models.config import ConditioningVariant
 
-METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
 SOURCE_COLUMNS = ("run_id", "git_commit", "data_version", "restored_from")
 
 
@@ -89,7 +89,7 @@ def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[s
         "k": _number(p.get("k")), "index_fraction": _number(p.get("index_fraction")),
         "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
         "fid_feature": p.get("fid_feature", ""), "score_quantile": _number(p.get("score_quantile")),
-        **{m: run.data.metrics.get(m) for m in (*METRICS, *QUANTILE_COLUMNS)},
+        **{m: run.data.metrics.get(m) for m in (*metric_columns(), *QUANTILE_COLUMNS)},
         "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
         "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
         "restored_from": restored_from, "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,
@@ -125,8 +125,8 @@ def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = Non
             rows += [_point_row(client, r, name, source, sizes) for r in points
                      if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     columns = ["kind", "point", "pipeline_run", "variant", "model_size", "backbone", "trained_k", "k",
-               "index_fraction", "guidance", "index", "fid_feature", "score_quantile", *METRICS, *QUANTILE_COLUMNS,
-               *SOURCE_COLUMNS, "dvc_deps", "start_time"]
+               "index_fraction", "guidance", "index", "fid_feature", "score_quantile", *metric_columns(),
+               *QUANTILE_COLUMNS, *SOURCE_COLUMNS, "dvc_deps", "start_time"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -224,7 +224,7 @@ def build_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         keys = ["backbone", *table.keys]
         latest = picked.sort_values(["start_time", "run_id"]).groupby(keys, dropna=False).tail(1)
         ordered = latest.sort_values(keys, kind="stable")
-        tables[table.name] = ordered[[*keys, *METRICS, *SOURCE_COLUMNS, "pipeline_run", "dvc_deps"]] \
+        tables[table.name] = ordered[[*keys, *metric_columns(), *SOURCE_COLUMNS, "pipeline_run", "dvc_deps"]] \
             .reset_index(drop=True)
     return tables
 

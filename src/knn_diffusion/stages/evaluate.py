@@ -16,28 +16,24 @@ the paper's Fig. 8 as ``score_quantiles.png``, the facts in ``evaluate.json``, a
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
+from knn_diffusion.backbones import load_generator
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
-from knn_diffusion.evaluation.grid import (BASELINE, draw, grid_points, retrieval_baseline, settings_grid,
-                                           test_split_prompts)
-from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features
+from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, test_split_prompts
+from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features, metric_columns
+from knn_diffusion.evaluation.runner import metrics_summary, score_baseline, score_grid, write_table
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles, point_score_metrics
-from knn_diffusion.generation import generate, read_prompts
+from knn_diffusion.generation import read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, write_json
-from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.models.config import ConditioningVariant
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
@@ -47,12 +43,6 @@ from knn_diffusion.stages.embed import EVAL_TEMPLATE
 from knn_diffusion.tracking import child_run, model_run_id
 
 log = logging.getLogger(__name__)
-METRIC_NAMES = ("fid", "kid_mean", "kid_std", "clip_score", "r_precision")
-
-
-def read_images(folder: Path, records: list[dict]) -> np.ndarray:
-    """The PNGs ``generate`` wrote, in record order: uint8 (N, H, W, 3) - exactly what is scored."""
-    return np.stack([np.asarray(Image.open(folder / r["image"]).convert("RGB")) for r in records])
 
 
 def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
@@ -89,42 +79,37 @@ def evaluate_stage(params, model: str) -> None:
     common = {"fid_feature": scorer.feature, "eval_encoder": judge.fingerprint, "backbone": generator.backbone,
               "variant": ConditioningVariant(generator.conditioning.variant).value, "trained_k": generator.conditioning.k,
               "model_run_id": generator.run_id, "count": len(prompts), "steps": sampler.steps, **generator.settings}
-    table: list[dict] = []
-    columns = {"reference": reference} if paired else {}
+
+    def search(point):
+        retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0,
+                                        score_quantile=point.score_quantile or 0)
+        return backend.open(point.index or cfg.grid.index[0], retrieval)
+
+    def quantile_scores(point, neighbours, records, images) -> dict:
+        """Paper Fig. 8: a score-quantile point's images scored against their neighbours' scores."""
+        if not point.score_quantile:
+            return {}
+        return point_score_metrics(records, images, neighbours.score_column, params.index.scorer,
+                                   params.index.scorer_weights, encoder, cfg.seed)
+
+    def log_point(name: str, settings: dict, values: dict, kind: str) -> None:
+        with child_run(name, {**common, **settings}, {"evaluate.kind": kind}) as child:
+            child.metrics(values)
+        log.info("%s: %s", name, ", ".join(f"{m} {values[m]:.4f}" for m in metric_columns()))
+
     started = time.perf_counter()
     with tracked(f"evaluate@{model}", params, tags={"model": model}) as run, atomic_dir(paths.evaluate_dir(model)) as out:
         run.tags({"fid_feature": scorer.feature})
-        for point in tqdm(points, desc="evaluate", unit="point"):
-            retrieval = dataclasses.replace(params.retrieval, index_fraction=point.index_fraction or 1.0,
-                                            score_quantile=point.score_quantile or 0)
-            neighbours = backend.open(point.index or cfg.grid.index[0], retrieval)
-            start = time.perf_counter()
-            records = generate(generator, out_dir=out / point.name, knn=neighbours.knn, prompts=prompts,
-                               encoder=encoder, k=point.k, guidance=point.guidance, steps=sampler.steps,
-                               seed=cfg.seed, batch_size=cfg.batch_size, index_sidecar=neighbours.sidecar)
-            images = read_images(out / point.name, records)
-            generated = time.perf_counter()
-            scores = scorer.score(images, prompts)
-            timing = {"generate_s": generated - start, "score_s": time.perf_counter() - generated}
-            if point.score_quantile:  # paper Fig. 8: the images' score against their neighbours'
-                scores.update(point_score_metrics(records, images, neighbours.score_column, params.index.scorer,
-                                                  params.index.scorer_weights, encoder, cfg.seed))
-            with child_run(point.name, {**common, **point.params()}, {"evaluate.kind": "grid_point"}) as child:
-                child.metrics({**scores, **timing, "images_per_s": len(images) / (time.perf_counter() - start)})
-            table.append({"point": point.name, **point.params(), **scores, **timing})
-            columns[point.name] = images
-            log.info("%s: %s", point.name, ", ".join(f"{m} {scores[m]:.4f}" for m in METRIC_NAMES))
+        table, columns = score_grid(generator, points, search, prompts=prompts, encoder=encoder, scorer=scorer,
+                                    out=out, steps=sampler.steps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                    extra_scores=quantile_scores, on_point=log_point)
+        columns = {"reference": reference, **columns} if paired else columns
         if cfg.retrieval_baseline:
             index = cfg.grid.index[0]
-            neighbours = backend.open(index)
-            images = retrieval_baseline(neighbours.knn, neighbours.sidecar, neighbours.images, prompts,
-                                        encoder.encode_texts(prompts), out / BASELINE)
-            scores = scorer.score(images, prompts)
-            baseline = {"k": 1, "guidance": "-", "index_fraction": params.retrieval.index_fraction, "index": index}
-            with child_run(BASELINE, {**common, **baseline}, {"evaluate.kind": BASELINE}) as child:
-                child.metrics(scores)
-            table.append({"point": BASELINE, **baseline, **scores})
-            columns[BASELINE] = images
+            row, columns[BASELINE] = score_baseline(backend.open(index), index, params.retrieval.index_fraction,
+                                                    prompts=prompts, encoder=encoder, scorer=scorer, out=out,
+                                                    on_point=log_point)
+            table.append(row)
         write_table(out / "points.csv", table)
         quantile_rows = pd.DataFrame([row for row in table if row.get("score_quantile") not in (None, 0, "-")])
         if len(quantile_rows):
@@ -145,18 +130,7 @@ def evaluate_stage(params, model: str) -> None:
         run.artifact(out / "points.csv", "evaluate")
         seconds = time.perf_counter() - started
         run.metrics({"seconds": seconds})
-    write_json(paths.evaluate_metrics(model), {
-        **{row["point"]: {m: round(float(row[m]), 6) for m in METRIC_NAMES} for row in table},
-        "seconds": round(seconds, 1)})
-
-
-def write_table(path: Path, rows: list[dict]) -> None:
-    """One line per grid point; timings stay out (outputs are byte-reproducible, timings are metrics)."""
-    fields = ["point", "k", "index_fraction", "guidance", "index", *METRIC_NAMES]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**row, **{m: f"{row[m]:.6f}" for m in METRIC_NAMES}} for row in rows)
+    write_json(paths.evaluate_metrics(model), {**metrics_summary(table), "seconds": round(seconds, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
