@@ -27,66 +27,20 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between, flatten, out_of_range, to_plain  # noqa: F401 (ConfigError re-exported)
+from knn_diffusion.data.config import DataConfig, Source
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
 from knn_diffusion.models.continuous.config import ContinuousSampler, ContinuousTrainConfig
 from knn_diffusion.models.discrete.config import DiscreteSampler, DiscreteTrainConfig, TokenizerConfig
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
+from knn_diffusion.tracking.config import TrackingConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
 # ----------------------------------------------------------------------------------------------
-# Sections owned by this module: data ingest and tracking. Others are imported below.
-
-
-class Source(str, Enum):
-    openmoji = "openmoji"
-    noto = "noto"
-    folder = "folder"
-    webdataset = "webdataset"
-
-
-@dataclass
-class DatasetConfig:
-    """One image collection; ``path`` is required for ``folder`` and ``webdataset`` sources."""
-
-    source: Source = Source.openmoji
-    path: str | None = None
-    limit: int | None = field(default=None, metadata=between(1))
-    # A font/package that is not installed skips the dataset with a warning instead of failing.
-    optional: bool = False
-
-
-@dataclass
-class SplitConfig:
-    val: float = field(default=0.05, metadata=between(0, 0.5))
-    test: float = field(default=0.10, metadata=between(0, 0.5))
-
-
-@dataclass
-class DataConfig:
-    resolution: int = field(default=32, metadata=between(8, 1024))
-    background: list[int] = field(default_factory=lambda: [255, 255, 255])
-    shard_size: int = field(default=4096, metadata=between(1))
-    # Emoji glyphs fill this fraction of the square after cropping to their bbox.
-    glyph_fill: float = field(default=0.9, metadata=between(0.1, 1.0))
-    split: SplitConfig = field(default_factory=SplitConfig)
-    datasets: dict[str, DatasetConfig] = field(default_factory=lambda: {
-        "openmoji": DatasetConfig(source=Source.openmoji),
-        "noto": DatasetConfig(source=Source.noto, optional=True),
-    })
-    # The image-only collection the generator trains on; its captions are never read in training.
-    generator_dataset: str = "openmoji"
-
-
-@dataclass
-class TrackingConfig:
-    experiment: str = "knn-diffusion"
-    # Empty: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
-    tracking_uri: str = ""
-    sample_grid_size: int = field(default=64, metadata=between(1, 1024))
+# The two sections with no library package of their own: the sample stage's and the flow's.
 
 
 @dataclass
