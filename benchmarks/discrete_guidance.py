@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from knn_diffusion.backbones import load_generator
 from knn_diffusion.config import load_params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.evaluation.metrics import clip_score
 from knn_diffusion.images import image_grid, save_png
-from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.embed import EVAL_TEMPLATE

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import yaml
 
+from knn_diffusion.backbones import load_generator
 from knn_diffusion.config import build_params, flatten
-from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.models.continuous.generator import ContinuousGenerator
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.stages.common import (UndeclaredParamError, declared_params, dvc_stages, run_stage, stage_params,

@@ -130,7 +130,7 @@ def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
     from knn_diffusion.encoders.factory import load_encoder
     from knn_diffusion.generation import generate
-    from knn_diffusion.models.backbones import load_generator
+    from knn_diffusion.backbones import load_generator
     from knn_diffusion.retrieval.backends import open_backend
     from knn_diffusion.io import atomic_dir
     from knn_diffusion.stages import paths

@@ -2,7 +2,7 @@
 ``generate`` and ``evaluate``).
 
 A *generator* is whatever turns (B, 1+K, d) conditions into images; each backbone wraps its model in
-one (``models/<backbone>/generator.py``) and :func:`knn_diffusion.models.backbones.load_generator`
+one (``models/<backbone>/generator.py``) and :func:`knn_diffusion.backbones.load_generator`
 picks the wrapper from the checkpoint's ``backbone`` field, so this module never branches on the
 backbone. The neighbours come from the retrieval backend
 (:func:`knn_diffusion.retrieval.backends.open_backend`) with the inference-time retrieval settings

@@ -15,11 +15,11 @@ import logging
 
 import numpy as np
 
+from knn_diffusion.backbones import load_generator
 from knn_diffusion.config import Params
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.generation import generate, read_prompts
 from knn_diffusion.io import atomic_dir, write_json
-from knn_diffusion.models.backbones import load_generator
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked

@@ -2,8 +2,9 @@
 
 Each backbone is a package under ``models/`` (``continuous/``, ``discrete/``) holding its configs,
 network, loss and training, sampler and generator; code that must work for any backbone (the
-``sample``, ``evaluate`` and ``generate`` commands) reaches them only through this table. A new
-backbone adds its package and one entry here.
+``sample``, ``evaluate`` and ``generate`` commands) reaches them only through this table, which sits
+above them all (``generation.py``, the common path, sits below). A new backbone adds its package and
+one entry here.
 """
 
 from __future__ import annotations
