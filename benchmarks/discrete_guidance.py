@@ -26,7 +26,6 @@ from knn_diffusion.evaluation.metrics import clip_score
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
-from knn_diffusion.stages.embed import EVAL_TEMPLATE
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     captions = images.read_captions().loc[images.rows("test")].dropna()
     names = sorted({c for c in captions if c.strip()})
     pick = np.linspace(0, len(names) - 1, min(args.prompts, len(names))).astype(int)
-    prompts = [EVAL_TEMPLATE.format(name=names[i]) for i in pick]
+    prompts = [params.encoder.prompt_template.format(name=names[i]) for i in pick]
 
     generator = load_generator(paths.DISCRETE_MODEL, backbone="discrete")
     if args.truncation is not None:

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 
 from tests.conftest import copy_outputs
+from knn_diffusion.config import load_params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import load_text_embeddings
 from knn_diffusion.retrieval.index import load_index
 from knn_diffusion.retrieval.inference import index_ids
-from knn_diffusion.stages import embed, encoder, paths, train_continuous
+from knn_diffusion.stages import encoder, paths, train_continuous
 
 GENERATOR = "openmoji"
 
@@ -85,6 +86,7 @@ def test_eval_prompts_come_from_the_test_split_only(tiny_pipeline):
     captions = splits.read_captions()
     test_names = set(captions.loc[splits.rows("test")].dropna())
     _, prompts = load_text_embeddings(tiny_pipeline / paths.EVAL_PROMPTS)
-    assert set(prompts) == {embed.EVAL_TEMPLATE.format(name=n) for n in test_names if n.strip()}
+    template = load_params(tiny_pipeline / "params.yaml").encoder.prompt_template
+    assert set(prompts) == {template.format(name=n) for n in test_names if n.strip()}
     train_only = set(captions.loc[splits.rows("train")].dropna()) - test_names
-    assert train_only and not {embed.EVAL_TEMPLATE.format(name=n) for n in train_only} & set(prompts)
+    assert train_only and not {template.format(name=n) for n in train_only} & set(prompts)

@@ -1,7 +1,7 @@
 """Atomic file writes: a killed process never leaves a half-written output that DVC would cache.
 
 Everything is written to a temporary sibling and moved into place with ``os.replace`` (atomic on
-POSIX within one filesystem).
+POSIX within one filesystem). Also the one content hash of files and folders (:func:`content_sha256`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from knn_diffusion.config_fields import between
+from knn_diffusion.config_fields import ConfigError, between
 
 
 class EncoderKind(str, Enum):
@@ -73,6 +73,15 @@ class EncoderConfig:
     pretrained: str = "laion2b_s34b_b79k"
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+    @property
+    def prompt_template(self) -> str:
+        """How a caption becomes a text prompt (the eval prompts, held-out evaluation prompts): the first
+        alignment template, the form of caption the encoder was aligned on."""
+        if not self.alignment.templates:
+            raise ConfigError("key 'encoder.alignment.templates' is empty: expected at least one template "
+                              "with {name}")
+        return self.alignment.templates[0]
 
 
 @dataclass

@@ -17,7 +17,6 @@ metric is its function and one entry.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from knn_diffusion.encoders.encoder import Encoder, as_uint8_batch
+from knn_diffusion.io import content_sha256
 
 INCEPTION_DIM = 2048
 
@@ -48,14 +48,6 @@ class EncoderImageFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.encoder.preprocess(images.permute(0, 2, 3, 1))  # (N, 3, S, S)
         return self.encoder.model.encode_image(pixels, normalize=True).float()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inception_features(weights_path: str | os.PathLike) -> nn.Module:
@@ -88,7 +80,7 @@ def inception_features(weights_path: str | os.PathLike) -> nn.Module:
         reason = " ".join(str(err).split())
         raise ValueError(f"{expected}: {reason[:300]}") from None
     network.num_features = INCEPTION_DIM
-    network.name = f"inception_v3_pool3:{file_sha256(path)[:16]}"
+    network.name = f"inception_v3_pool3:{content_sha256(path)[:16]}"
     return network
 
 

@@ -11,7 +11,6 @@ foreign file becomes a ``ValueError`` that names it instead of a crash inside fa
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -23,7 +22,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from knn_diffusion.io import atomic_dir, read_json, write_json
+from knn_diffusion.io import atomic_dir, content_sha256, read_json, write_json
 from knn_diffusion.retrieval.config import GpuUse
 
 INDEX_FILE = "index.faiss"
@@ -189,14 +188,6 @@ def index_bytes_per_vector(index: faiss.Index) -> dict[str, float]:
 # Saving and loading
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_index(index: faiss.Index, directory: str | os.PathLike, sidecar: dict[str, Any]) -> dict:
     """Atomically write ``directory``/{index.faiss, index.json}; returns the sidecar written.
 
@@ -207,7 +198,7 @@ def save_index(index: faiss.Index, directory: str | os.PathLike, sidecar: dict[s
     with atomic_dir(directory) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         meta = {**sidecar, "ntotal": int(index.ntotal), "d": int(index.d), "metric": METRIC,
-                "bytes": (tmp / INDEX_FILE).stat().st_size, "sha256": _sha256(tmp / INDEX_FILE)}
+                "bytes": (tmp / INDEX_FILE).stat().st_size, "sha256": content_sha256(tmp / INDEX_FILE)}
         write_json(tmp / SIDECAR_FILE, meta)
     return meta
 
@@ -254,7 +245,7 @@ def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
     if size != meta["bytes"]:
         raise ValueError(f"{index_path}: {size} bytes, but its sidecar records {meta['bytes']} "
                          "(truncated or replaced); rebuild the index")
-    if verify_checksum and _sha256(index_path) != meta["sha256"]:
+    if verify_checksum and content_sha256(index_path) != meta["sha256"]:
         raise ValueError(f"{index_path}: sha256 differs from its sidecar (corrupt); rebuild the index")
     try:
         index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)

@@ -22,7 +22,6 @@ from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 
 log = logging.getLogger(__name__)
-EVAL_TEMPLATE = "an emoji of {name}"
 
 
 def ingested_datasets() -> list[str]:
@@ -67,7 +66,7 @@ def embed_stage(params: Params) -> None:
 
         generator = ImageStore.open(paths.dataset_dir(params.data.generator_dataset))
         test_names = generator.read_captions().loc[generator.rows("test")].dropna()
-        prompts = sorted({EVAL_TEMPLATE.format(name=n) for n in test_names if n.strip()})
+        prompts = sorted({params.encoder.prompt_template.format(name=n) for n in test_names if n.strip()})
         if not prompts:
             log.info("no eval prompts: the test split of '%s' has no captions (an image-only dataset)",
                      params.data.generator_dataset)

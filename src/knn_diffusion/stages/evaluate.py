@@ -39,7 +39,6 @@ from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
-from knn_diffusion.stages.embed import EVAL_TEMPLATE
 from knn_diffusion.tracking import child_run, model_run_id
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
         if len(prompts) < 2:
             raise ValueError(f"evaluate.prompts_file {cfg.prompts_file}: expected at least 2 prompts, one per line")
         return prompts, draw(store.rows("test"), cfg.count, cfg.seed), False
-    prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, EVAL_TEMPLATE)
+    prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, params.encoder.prompt_template)
     return prompts, rows, True
 
 
