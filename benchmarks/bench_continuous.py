@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.config import Precision
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
 from knn_diffusion.training.loop import autocast_dtype, optimizer_step, step_generator
+from timing import call_times, clock, cuda_sync, median  # benchmarks/timing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,47 +57,22 @@ def synthetic_store(folder: Path, count: int, side: int, dim: int, k: int):
     return np.load(folder / "images.npy", mmap_mode="r"), MemmapEmbeddings(folder / "embeddings.npy"), neighbours
 
 
-def timed(run_step, warmup: int, min_seconds: float, min_steps: int, device: torch.device) -> float:
-    """Seconds per call of ``run_step(i)``, after ``warmup`` calls, over at least min_seconds/min_steps."""
-    for i in range(warmup):
-        run_step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, calls = time.perf_counter(), 0
-    while calls < min_steps or time.perf_counter() - start < min_seconds:
-        run_step(warmup + calls)
-        calls += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls
-
-
 def paired_timing(fixed_step, loader_step, fetch, args, device: torch.device) -> tuple[float, float, float]:
     """Median seconds of a fixed-batch step, a loader-fed step and a bare batch fetch, interleaved.
 
     Alternating the two kinds of step exposes both to the same background load, so their ratio stays
     meaningful on a shared machine where absolute times drift.
     """
-    def clock(fn, i=None) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn() if i is None else fn(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for i in range(args.warmup):
-        fixed_step(i)
-        loader_step(i)
+    sync = cuda_sync(device)
     times: dict[str, list[float]] = {"fixed": [], "loader": [], "fetch": []}
-    start, i = time.perf_counter(), args.warmup
-    while len(times["fixed"]) < args.min_steps or time.perf_counter() - start < args.min_seconds:
-        times["fixed"].append(clock(fixed_step, i))
-        times["loader"].append(clock(loader_step, i))
-        times["fetch"].append(clock(fetch))
-        i += 1
-    return tuple(float(np.median(times[name])) for name in ("fixed", "loader", "fetch"))
+
+    def one_round(i: int) -> None:
+        times["fixed"].append(clock(lambda: fixed_step(i), sync)[1])
+        times["loader"].append(clock(lambda: loader_step(i), sync)[1])
+        times["fetch"].append(clock(fetch, sync)[1])
+
+    rounds = call_times(one_round, warmup=args.warmup, min_runs=args.min_steps, min_seconds=args.min_seconds)
+    return tuple(median(times[name][-len(rounds):]) for name in ("fixed", "loader", "fetch"))
 
 
 def bench_preset(preset: str, args, device: torch.device, store) -> dict:
@@ -132,8 +109,9 @@ def bench_preset(preset: str, args, device: torch.device, store) -> dict:
 
     model.eval()
     cond = fixed_cond[:args.sample_batch]
-    per_batch = timed(lambda i: sample(model, cond, guidance=3.0, scheduler=args.scheduler, steps=args.sample_steps,
-                                       seed=i, autocast_dtype=amp), 1, args.min_seconds, 1, device)
+    per_batch = statistics.fmean(call_times(lambda i: sample(model, cond, guidance=3.0, scheduler=args.scheduler,
+                                                 steps=args.sample_steps, seed=i, autocast_dtype=amp),
+                                warmup=1, min_seconds=args.min_seconds, sync=cuda_sync(device)))
     return {
         "preset": preset, "params_M": round(params / 1e6, 2), "resolution": args.resolution,
         "batch_size": args.batch_size, "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -29,25 +28,15 @@ from knn_diffusion.models.discrete.sampler import sample_tokens
 from knn_diffusion.models.discrete.training import discrete_loss
 from knn_diffusion.training.config import Precision
 from knn_diffusion.training.loop import autocast_dtype, optimizer_step
+from timing import call_times, cuda_sync, median  # benchmarks/timing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, warmup: int, min_seconds: float, min_runs: int, device: torch.device) -> float:
-    """Median seconds per call after ``warmup`` calls, repeating until both minimums are reached."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    """Median seconds per call of ``fn()`` after ``warmup`` calls, repeating until both minimums are reached."""
+    return median(call_times(lambda i: fn(), warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
+                             sync=cuda_sync(device)))
 
 
 def bench_preset(preset: str, args, device: torch.device) -> dict:

@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_alig
 from knn_diffusion.encoders.config import EmbedConfig, VisionTowerConfig
 from knn_diffusion.encoders.store import embed_collection
 from knn_diffusion.io import write_json
+from timing import clock  # benchmarks/timing.py, beside this script
 
 
 def load_inputs(args):
@@ -51,19 +51,14 @@ def load_inputs(args):
 
 
 def time_bare(encoder, batches) -> float:
-    start = time.perf_counter()
-    for batch in batches:
-        encoder.encode_images(batch, batch_size=len(batch))
-    return time.perf_counter() - start
+    return clock(lambda: [encoder.encode_images(batch, batch_size=len(batch)) for batch in batches])[1]
 
 
 def time_store(encoder, images, ids, cfg: EmbedConfig, workdir: Path) -> float:
     out = workdir / "store"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    embed_collection(encoder, images, ids, out, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-                     dtype=cfg.dtype.value)
-    return time.perf_counter() - start
+    return clock(lambda: embed_collection(encoder, images, ids, out, shard_size=cfg.shard_size,
+                                          batch_size=cfg.batch_size, dtype=cfg.dtype.value))[1]
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -32,17 +31,12 @@ from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings
 from knn_diffusion.models.continuous.generator import ContinuousGenerator
 from knn_diffusion.models.continuous.training import denoiser_config
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
+from timing import call_times, clock, median  # benchmarks/timing.py, beside this script
 
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median(call_times(lambda i: fn(), warmup=1, min_runs=repeats))
 
 
 def main() -> None:
@@ -72,10 +66,9 @@ def main() -> None:
     side = params.data.resolution
     images = rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
     prompts = [f"an emoji of thing {i}" for i in range(count)]
-    start = time.perf_counter()
-    scorer = ImageScorer(encoder, images[::-1].copy(), kid_settings=KidSettings(cfg.kid_subsets, cfg.kid_subset_size),
-                         r_candidates=cfg.r_precision_candidates)
-    figures["reference_features_s"] = time.perf_counter() - start
+    scorer, figures["reference_features_s"] = clock(lambda: ImageScorer(
+        encoder, images[::-1].copy(), kid_settings=KidSettings(cfg.kid_subsets, cfg.kid_subset_size),
+        r_candidates=cfg.r_precision_candidates))
     figures["score_images_per_s"] = count / timed(lambda: scorer.score(images, prompts), args.repeats)
     points = grid_points(cfg.grid, cfg.continuous.guidance, trained)
     generated = sum(count / figures[f"generate_images_per_s_k{p.k if p.k == 0 else trained.k}"] for p in points)

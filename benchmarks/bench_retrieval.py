@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import faiss
@@ -37,6 +36,7 @@ from knn_diffusion.retrieval.index import (build_index, choose_factory, index_by
                                            normalised, refine_of, save_index)
 from knn_diffusion.retrieval.search import (Searcher, recall_at_k, tune_search_params, vectors_by_id)
 from knn_diffusion.retrieval.synthetic import DATABASE, QUERIES, clustered_blocks, clustered_vectors
+from timing import call_times, clock  # benchmarks/timing.py, beside this script
 
 K = 10
 
@@ -73,22 +73,15 @@ def store_data(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def queries_per_second(search, queries: np.ndarray, single: bool, min_seconds: float) -> float:
-    """Warm up once, then repeat until ``min_seconds`` have passed. Single queries run on one OpenMP
-    thread (as a latency-bound server would): on a shared box a second thread's wake-up per parallel
-    region costs more than the whole search."""
+    """Warm up once, then repeat until ``min_seconds`` have passed: one query per call, or all at once.
+    Single queries run on one OpenMP thread (as a latency-bound server would): on a shared box a second
+    thread's wake-up per parallel region costs more than the whole search."""
     calls = [queries[i:i + 1] for i in range(len(queries))] if single else [queries]
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1 if single else threads)
     try:
-        search(calls[0])
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_seconds:
-            for batch in calls:
-                search(batch)
-                done += len(batch)
-                if single and time.perf_counter() - start >= min_seconds:
-                    break
-        return done / (time.perf_counter() - start)
+        times = call_times(lambda i: search(calls[i % len(calls)]), warmup=1, min_seconds=min_seconds)
+        return len(times) * len(calls[0]) / sum(times)
     finally:
         faiss.omp_set_num_threads(threads)
 
@@ -162,11 +155,13 @@ def main() -> None:
     print(f"database {n} x {d}, {len(eval_queries)} evaluation queries, "
           f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads")
 
-    start = time.perf_counter()
-    flat = faiss.IndexFlatIP(d)
-    for lo in range(0, n, 65_536):
-        flat.add(normalised(database[lo:lo + 65_536]))
-    flat_build = time.perf_counter() - start
+    def build_flat() -> faiss.Index:
+        index = faiss.IndexFlatIP(d)
+        for lo in range(0, n, 65_536):
+            index.add(normalised(database[lo:lo + 65_536]))
+        return index
+
+    flat, flat_build = clock(build_flat)
     _, truth_positions = flat.search(queries, K)  # exact ground truth (Q, 10)
     truth = ids[truth_positions]
     rows = [measure("Flat (exact)", lambda q: ids[flat.search(q, K)[1]], eval_queries,

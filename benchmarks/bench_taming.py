@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from knn_diffusion.models.discrete.taming import load_pretrained_tokenizer
 from knn_diffusion.models.discrete.vq import to_uint8, to_unit_range
+from timing import clock  # benchmarks/timing.py, beside this script
 
 ARCHITECTURES = {  # name: (taming target, ddconfig, n_embed, embed_dim)
     "f16_16384": ("taming.models.vqgan.VQModel",
@@ -75,12 +75,6 @@ class TamingVQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(codebook[ids].permute(0, 3, 1, 2)))
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def smooth_images(count: int, seed: int) -> torch.Tensor:
     """(B, 3, 256, 256) in [-1, 1]: coarse random colour fields, upsampled."""
     coarse = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -93,7 +87,7 @@ def bench(name: str, images: int, seed: int) -> dict:
     torch.manual_seed(seed)
     pixels = to_uint8(smooth_images(images, seed))  # (B, 256, 256, 3)
     x = to_unit_range(pixels)
-    taming, build_s = timed(lambda: TamingVQGAN(target, ddconfig, n_embed, embed_dim).eval())
+    taming, build_s = clock(lambda: TamingVQGAN(target, ddconfig, n_embed, embed_dim).eval())
     latents = taming.quant_conv(taming.encoder(smooth_images(8, seed + 1)))  # codes around encoder outputs
     flat = latents.permute(0, 2, 3, 1).reshape(-1, embed_dim)
     picked = flat[torch.randint(0, len(flat), (n_embed,))]  # fewer vectors than codes: noise parts twins
@@ -112,12 +106,12 @@ def bench(name: str, images: int, seed: int) -> dict:
         OmegaConf.save(OmegaConf.create({"model": {"target": target, "params": {
             "embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": ddconfig}}}), run / "configs" / "model.yaml")
         report["checkpoint_MB"] = round(checkpoint.stat().st_size / 2**20, 1)
-        full, load_s = timed(lambda: load_pretrained_tokenizer(checkpoint))
-    ids, taming_encode_s = timed(lambda: taming.codes(x))
-    expected, taming_decode_s = timed(lambda: taming.decode_codes(ids))
-    tokens, encode_s = timed(lambda: full.encode(pixels))
+        full, load_s = clock(lambda: load_pretrained_tokenizer(checkpoint))
+    ids, taming_encode_s = clock(lambda: taming.codes(x))
+    expected, taming_decode_s = clock(lambda: taming.decode_codes(ids))
+    tokens, encode_s = clock(lambda: full.encode(pixels))
     quant = full.vq.quantize.embedding(ids).permute(0, 3, 1, 2)  # the codes' vectors, (B, e, h, w)
-    decoded, decode_s = timed(lambda: full.vq.decode(quant, force_not_quantize=True).sample)
+    decoded, decode_s = clock(lambda: full.vq.decode(quant, force_not_quantize=True).sample)
     report |= {"load_and_convert_s": round(load_s, 2), "images": images, "token_map": list(ids.shape[1:]),
                "codes_in_use": int(ids.unique().numel()),
                "codes_equal": f"{int((tokens == ids).sum())} of {ids.numel()}",
