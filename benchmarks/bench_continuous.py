@@ -34,6 +34,7 @@ from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.config import Precision
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler, make_loader
 from knn_diffusion.training.loop import autocast_dtype, optimizer_step, step_generator
+
 from timing import call_times, clock, cuda_sync, median  # benchmarks/timing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]

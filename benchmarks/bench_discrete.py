@@ -21,13 +21,18 @@ from pathlib import Path
 import torch
 
 from knn_diffusion.models.config import ConditioningConfig
-from knn_diffusion.models.discrete.config import (DiscreteConfig, DiscreteTrainConfig, TransitionConfig,
-                                                  load_transformer_preset)
+from knn_diffusion.models.discrete.config import (
+    DiscreteConfig,
+    DiscreteTrainConfig,
+    TransitionConfig,
+    load_transformer_preset,
+)
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
 from knn_diffusion.models.discrete.sampler import sample_tokens
 from knn_diffusion.models.discrete.training import discrete_loss
 from knn_diffusion.training.config import Precision
 from knn_diffusion.training.loop import autocast_dtype, optimizer_step
+
 from timing import call_times, cuda_sync, median  # benchmarks/timing.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]

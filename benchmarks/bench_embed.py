@@ -33,6 +33,7 @@ from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_alig
 from knn_diffusion.encoders.config import EmbedConfig, VisionTowerConfig
 from knn_diffusion.encoders.store import embed_collection
 from knn_diffusion.io import write_json
+
 from timing import clock  # benchmarks/timing.py, beside this script
 
 

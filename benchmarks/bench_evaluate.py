@@ -31,6 +31,7 @@ from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings
 from knn_diffusion.models.continuous.generator import ContinuousGenerator
 from knn_diffusion.models.continuous.training import denoiser_config
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
+
 from timing import call_times, clock, median  # benchmarks/timing.py, beside this script
 
 

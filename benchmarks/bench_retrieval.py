@@ -32,10 +32,18 @@ import faiss
 import numpy as np
 
 from knn_diffusion.io import write_json
-from knn_diffusion.retrieval.index import (build_index, choose_factory, index_bytes_per_vector, load_index,
-                                           normalised, refine_of, save_index)
-from knn_diffusion.retrieval.search import (Searcher, recall_at_k, tune_search_params, vectors_by_id)
+from knn_diffusion.retrieval.index import (
+    build_index,
+    choose_factory,
+    index_bytes_per_vector,
+    load_index,
+    normalised,
+    refine_of,
+    save_index,
+)
+from knn_diffusion.retrieval.search import Searcher, recall_at_k, tune_search_params, vectors_by_id
 from knn_diffusion.retrieval.synthetic import DATABASE, QUERIES, clustered_blocks, clustered_vectors
+
 from timing import call_times, clock  # benchmarks/timing.py, beside this script
 
 K = 10
@@ -164,7 +172,7 @@ def main() -> None:
     flat, flat_build = clock(build_flat)
     _, truth_positions = flat.search(queries, K)  # exact ground truth (Q, 10)
     truth = ids[truth_positions]
-    rows = [measure("Flat (exact)", lambda q: ids[flat.search(q, K)[1]], eval_queries,
+    rows = [measure("Flat (exact)", lambda q, flat=flat: ids[flat.search(q, K)[1]], eval_queries,
                     truth[len(tune_queries):], args.min_seconds, role="exact baseline",
                     build_s=round(flat_build, 1), bytes_per_vector=4 * d + 8, params={})]
     del flat

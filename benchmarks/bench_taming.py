@@ -28,6 +28,7 @@ from torch import nn
 
 from knn_diffusion.models.discrete.taming import load_pretrained_tokenizer
 from knn_diffusion.models.discrete.vq import to_uint8, to_unit_range
+
 from timing import clock  # benchmarks/timing.py, beside this script
 
 ARCHITECTURES = {  # name: (taming target, ddconfig, n_embed, embed_dim)

@@ -23,10 +23,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.browser import chromium_page, row_cells, show_columns
 from knn_diffusion.stack.processes import background
-from knn_diffusion.stack.services import (create_database, database_url, mlflow_server, postgres, prefect_server,
-                                          s3_keys, s3_server)
+from knn_diffusion.stack.services import (
+    create_database,
+    database_url,
+    mlflow_server,
+    postgres,
+    prefect_server,
+    s3_keys,
+    s3_server,
+)
+from tests.browser import chromium_page, row_cells, show_columns
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     with postgres("mlflow") as mlflow_db, s3_server(work, "team") as s3, \
             mlflow_server(work, mlflow_db, "s3://team/mlflow", s3_endpoint=s3) as tracking, \
             prefect_server(work / "prefect-home", work / "prefect-server.log", prefect_db(mlflow_db)) as env:
-        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "KNN_DIFFUSION_GIT_URL": str(origin), "MLFLOW_TRACKING_URI": tracking,
+        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "KNN_DIFFUSION_GIT_URL": str(origin),
+               "MLFLOW_TRACKING_URI": tracking,
                # the flow process imports the cloned revision, not this (possibly edited) checkout
                "PYTHONPATH": str(origin / "src"), "TQDM_MININTERVAL": "30"}
         prefect = str(BIN / "prefect")
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nMLflow tree (run  [status, duration]):", *lines, sep="\n")
         print("\nstage runs under the sweep:", dict(stages))
         print("shared stages ran:", {s: stages.get(s, 0) for s in SHARED_STAGES})
-        trials = [l.split()[0] for l in lines if l.startswith("  ") and not l.startswith("    ")]
+        trials = [row.split()[0] for row in lines if row.startswith("  ") and not row.startswith("    ")]
         cells = screenshot(tracking, experiment, args.prefix, trials, work / "mlflow-sweep.png")
         print("\nUI rows (screenshot:", work / "mlflow-sweep.png", "):")
         for name, row in cells.items():

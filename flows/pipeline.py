@@ -19,8 +19,14 @@ from prefect.futures import PrefectFuture
 from flows.dag import stage_backbones, stage_graph, stage_order, with_upstream, without_backbones
 from flows.dvc_cli import run_stage
 from knn_diffusion.config import load_params
-from knn_diffusion.tracking import (FLOW_RUN_URL_ENV, PARENT_RUN_ENV, PIPELINE_RUN_ENV, git_commit, group_run,
-                                    tracking_uri)
+from knn_diffusion.tracking import (
+    FLOW_RUN_URL_ENV,
+    PARENT_RUN_ENV,
+    PIPELINE_RUN_ENV,
+    git_commit,
+    group_run,
+    tracking_uri,
+)
 
 
 @flow(name="knn-diffusion-pipeline", log_prints=True)

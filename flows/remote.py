@@ -142,5 +142,6 @@ def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: b
         git = ["git", "-c", "user.name=knn-diffusion", "-c", "user.email=pipeline@knn-diffusion"]
         _run(git + ["checkout", "-q", "-B", publish_branch], repo)
         _run(git + ["add", *sorted(published)], repo)
-        _run(git + ["commit", "-q", "--allow-empty", "-m", f"pipeline run {run_env.get(PIPELINE_RUN_ENV, '')}: {', '.join(order)}"], repo)
+        message = f"pipeline run {run_env.get(PIPELINE_RUN_ENV, '')}: {', '.join(order)}"
+        _run(git + ["commit", "-q", "--allow-empty", "-m", message], repo)
         _run(git + ["push", "-q", "--force", url, f"HEAD:refs/heads/{publish_branch}"], repo)

@@ -40,11 +40,16 @@ from flows.dvc_cli import dvc, dvc_experiments, stage_env
 from flows.liveness import pid_alive, process_tag
 from flows.sweep_plan import SweepBusy, TrialPlan, plan_trials, trials_of
 from flows.sweep_queue import queue_experiment, remote_for_experiments, run_queue
-from flows.sweep_tracking import (earlier_sweep, prepare_store, sweep_tracking_uri, trial_runs, workspace_changes,
-                                  write_sweep_report)
+from flows.sweep_tracking import (
+    earlier_sweep,
+    prepare_store,
+    sweep_tracking_uri,
+    trial_runs,
+    workspace_changes,
+    write_sweep_report,
+)
 from knn_diffusion.config import ConfigError, flatten
-from knn_diffusion.tracking import (TRIAL_RUNS_ENV, GroupRun, end_stale_descendants, git_commit, group_run,
-                                    with_retries)
+from knn_diffusion.tracking import TRIAL_RUNS_ENV, GroupRun, end_stale_descendants, git_commit, group_run, with_retries
 
 
 def _close_done_trials(client: Any, experiment_id: str, plan: TrialPlan, previous: dict[str, Any]) -> None:

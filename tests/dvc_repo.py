@@ -114,7 +114,8 @@ def env(root: Path) -> dict[str, str]:
 def run(root: Path, *args: str) -> str:
     done = subprocess.run(list(args), cwd=root, env=env(root), capture_output=True, text=True)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-3000:]}")
     return done.stdout
 
 

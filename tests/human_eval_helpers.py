@@ -11,7 +11,8 @@ import numpy as np
 
 from knn_diffusion.generation import generate
 from knn_diffusion.models.config import ConditioningConfig
-from tests.test_continuous_training import D as DIM, WordEncoder
+from tests.test_continuous_training import D as DIM
+from tests.test_continuous_training import WordEncoder
 
 PROMPTS = ["an emoji of a red heart", "an emoji of a smiling cat face", "an emoji of a green apple",
            "an emoji of a yellow star", "an emoji of a blue car", "an emoji of a pizza"]

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from tests.continuous_helpers import micro_config
 from knn_diffusion.config_fields import ConfigError
 from knn_diffusion.models.conditioning import CONDITIONERS, build_conditioner, drop_conditions, null_condition
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant, list_presets
 from knn_diffusion.models.continuous.config import DenoiserConfig, UNetConfig, load_unet_preset
 from knn_diffusion.models.continuous.sampler import guided_epsilon
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser, count_parameters
+from tests.continuous_helpers import micro_config
 
 B, K, D = 4, 3, 16
 EXPECTED_TOKENS = {
@@ -84,7 +84,8 @@ def test_every_variant_has_a_conditioner_that_keeps_what_it_declares():
 def test_tokens_variant_accepts_another_k_at_inference_but_concat_linear_does_not():
     tokens = build_conditioner(ConditioningConfig(variant=ConditioningVariant.tokens, embed_dim=D, k=K), width=32)
     assert tokens(torch.randn(B, 1, D)).shape == (B, 1, 32)  # no kNN at inference (paper Fig. 9)
-    concat = build_conditioner(ConditioningConfig(variant=ConditioningVariant.concat_linear, embed_dim=D, k=K), width=32)
+    concat = build_conditioner(ConditioningConfig(variant=ConditioningVariant.concat_linear, embed_dim=D, k=K),
+                               width=32)
     with pytest.raises(ValueError, match="trained with k=3"):
         concat(torch.randn(B, 1 + 5, D))
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from knn_diffusion.stack.processes import answers
 from knn_diffusion.stack.services import S3_CREDENTIALS, s3_client, s3_keys

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.models.continuous.generator import load_denoiser
 from knn_diffusion.training.checkpoint import read_checkpoint_config
+from tests.continuous_helpers import write_micro_preset
 
 REPO = Path(__file__).resolve().parents[1]
 

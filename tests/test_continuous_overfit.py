@@ -8,11 +8,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings, write_micro_preset
 from knn_diffusion.models.continuous.config import ContinuousTrainConfig
 from knn_diffusion.models.continuous.generator import load_denoiser
 from knn_diffusion.models.continuous.sampler import sample
 from knn_diffusion.models.continuous.training import train_continuous
+from tests.continuous_helpers import (
+    ArrayEmbeddings,
+    ring_neighbours,
+    square_images,
+    unit_embeddings,
+    write_micro_preset,
+)
 
 N, SIDE, D, K = 8, 8, 16, 2
 

@@ -9,8 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.continuous_helpers import (ArrayEmbeddings, micro_config, ring_neighbours, square_images, unit_embeddings,
-                                write_micro_preset)
 from knn_diffusion.cli import add_generate_arguments, load_image_embeddings
 from knn_diffusion.generation import generate
 from knn_diffusion.images import image_grid
@@ -22,6 +20,14 @@ from knn_diffusion.models.continuous.training import train_continuous
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.checkpoint import read_checkpoint_config, restore_training_state, save_checkpoint
 from knn_diffusion.training.data import ConditionedImages, StepBatchSampler
+from tests.continuous_helpers import (
+    ArrayEmbeddings,
+    micro_config,
+    ring_neighbours,
+    square_images,
+    unit_embeddings,
+    write_micro_preset,
+)
 
 N, D, K, SIDE = 12, 16, 3, 8
 

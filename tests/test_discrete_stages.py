@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import copy_outputs
 from knn_diffusion.backbones import load_generator
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.stages import evaluate, paths, sample, tokenizer, train_discrete
 from knn_diffusion.tracking import model_run_id
 from knn_diffusion.training.checkpoint import read_checkpoint_config
+from tests.conftest import copy_outputs
 
 MICRO = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_ratio": 2}
 

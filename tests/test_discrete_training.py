@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, unit_embeddings
 from knn_diffusion.models.config import ConditioningConfig
-from knn_diffusion.models.discrete.config import (DiscreteConfig, DiscreteTrainConfig, TransformerConfig,
-                                                  TransitionConfig)
+from knn_diffusion.models.discrete.config import (
+    DiscreteConfig,
+    DiscreteTrainConfig,
+    TransformerConfig,
+    TransitionConfig,
+)
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
 from knn_diffusion.models.discrete.sampler import guided_log_x0, reverse_schedule, sample_tokens, top_mass
 from knn_diffusion.models.discrete.training import train_discrete
 from knn_diffusion.training.checkpoint import list_checkpoints, load_weights, read_checkpoint_config
+from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, unit_embeddings
 
 CODES, SIDE, DIM, K = 6, 3, 8, 1
 MICRO = {"n_layer": 2, "n_embd": 64, "n_head": 4, "mlp_ratio": 2}

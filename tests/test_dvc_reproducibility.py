@@ -27,6 +27,7 @@ from knn_diffusion.config import Params
 from knn_diffusion.stages.common import dvc_stages
 from tests.conftest import DVC_EXPERIMENT as EXPERIMENT
 from tests.dvc_repo import REPO, TRACED, TRACES, commit, copy_repo, dvc, lock, locked_md5, run, set_param, status
+
 INDEX_FILE = "data/index/openmoji/index.faiss"
 
 

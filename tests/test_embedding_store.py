@@ -10,9 +10,18 @@ import pytest
 import torch
 
 from knn_diffusion.encoders.factory import load_open_clip
-from knn_diffusion.encoders.store import (META_FILE, METADATA_FILE, PROGRESS_FILE, EmbeddingStore, emb_name,
-                                          embed_collection, ids_name, import_clip_retrieval,
-                                          load_text_embeddings, save_text_embeddings)
+from knn_diffusion.encoders.store import (
+    META_FILE,
+    METADATA_FILE,
+    PROGRESS_FILE,
+    EmbeddingStore,
+    emb_name,
+    embed_collection,
+    ids_name,
+    import_clip_retrieval,
+    load_text_embeddings,
+    save_text_embeddings,
+)
 
 TINY_CLIP = {
     "embed_dim": 16,

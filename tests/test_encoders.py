@@ -11,13 +11,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
-from knn_diffusion.encoders.alignment import (STATE_FILE, augment, pooled_text_features, rows_without_names,
-                                              text_to_image_recall, train_alignment)
-from knn_diffusion.encoders.config import (AlignmentConfig, EncoderConfig, EncoderKind, TextProjection,
-                                          VisionTowerConfig)
+from knn_diffusion.encoders.alignment import (
+    STATE_FILE,
+    augment,
+    pooled_text_features,
+    rows_without_names,
+    text_to_image_recall,
+    train_alignment,
+)
+from knn_diffusion.encoders.config import AlignmentConfig, EncoderConfig, EncoderKind, TextProjection, VisionTowerConfig
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
+from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 
 TINY_CLIP = {
     "embed_dim": 16,

@@ -13,12 +13,12 @@ import yaml
 
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
+from knn_diffusion.stack.services import mlflow_server
 from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
+from tests.browser import chromium_page, row_cells, show_columns
 from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
 from tests.test_encoders import TINY_CLIP
-from tests.browser import chromium_page, row_cells, show_columns
-from knn_diffusion.stack.services import mlflow_server
 
 EXPERIMENT = "evaluate-stage"
 TINY = {
@@ -99,8 +99,9 @@ def test_each_point_is_a_generate_folder_with_its_settings(evaluated):
 
 
 def test_baseline_images_are_the_retrieved_training_images(evaluated):
-    from knn_diffusion.data.store import ImageStore
     from PIL import Image
+
+    from knn_diffusion.data.store import ImageStore
 
     store = ImageStore.open(evaluated / paths.dataset_dir("openmoji"))
     folder = evaluated / paths.evaluate_dir("continuous") / "retrieval_baseline"

@@ -9,15 +9,24 @@ import pytest
 import torch
 from scipy import linalg
 
-from tests.continuous_helpers import square_images
-from tests.test_encoders import TINY_CLIP
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.evaluation import metrics
-from knn_diffusion.evaluation.metrics import (EncoderImageFeatures, ImageScorer, KidSettings, Metric, clip_score,
-                                              extract_features, fid, inception_features, kid, metric_columns,
-                                              r_precision)
+from knn_diffusion.evaluation.metrics import (
+    EncoderImageFeatures,
+    ImageScorer,
+    KidSettings,
+    Metric,
+    clip_score,
+    extract_features,
+    fid,
+    inception_features,
+    kid,
+    metric_columns,
+    r_precision,
+)
 from knn_diffusion.evaluation.runner import metrics_summary, write_table
-
+from tests.continuous_helpers import square_images
+from tests.test_encoders import TINY_CLIP
 
 
 @pytest.fixture(scope="module")

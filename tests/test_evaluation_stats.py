@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from knn_diffusion.evaluation.metrics import fid
-from knn_diffusion.evaluation.stats import (Interval, Verdict, mean_interval, paired_difference_interval,
-                                            resampled_interval, verdict)
+from knn_diffusion.evaluation.stats import (
+    Interval,
+    Verdict,
+    mean_interval,
+    paired_difference_interval,
+    resampled_interval,
+    verdict,
+)
 
 
 def test_bootstrap_interval_covers_the_true_mean_in_about_95_percent_of_repeats():

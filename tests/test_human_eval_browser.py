@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.human_eval_helpers import write_systems
 from knn_diffusion.human_eval.aggregate import aggregate
 from knn_diffusion.human_eval.package import make_pairs, read_system, write_package
+from tests.human_eval_helpers import write_systems
 
 CHROMIUM = "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api")

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from tests.human_eval_helpers import PROMPTS, system_of, write_systems
 from knn_diffusion.human_eval.package import MTURK_COLUMNS, QUESTIONS, make_pairs, read_system, write_package
+from tests.human_eval_helpers import PROMPTS, system_of, write_systems
 
 
 def package(tmp_path, name="pkg", seed=0, n_pairs=600, questions=("quality", "alignment"), base_url=""):

@@ -10,9 +10,9 @@ import mlflow
 import pytest
 import yaml
 
-from tests.human_eval_helpers import write_systems
 from knn_diffusion.human_eval.report import report_section
 from knn_diffusion.stages import human_eval, human_eval_aggregate, paths
+from tests.human_eval_helpers import write_systems
 
 EXPERIMENT = "human-eval-stages"
 

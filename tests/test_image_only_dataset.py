@@ -11,8 +11,8 @@ from PIL import Image
 
 from knn_diffusion.encoders.store import load_text_embeddings
 from knn_diffusion.stages import embed, encoder, index, ingest, knn, paths, sample, train_continuous
-from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 from tests.dvc_repo import tiny_open_clip, tiny_params
+from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 
 
 def test_caption_free_folder_dataset_runs_to_sample(tmp_path, monkeypatch, caplog):

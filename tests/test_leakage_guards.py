@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import copy_outputs
 from knn_diffusion.config import load_params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.store import load_text_embeddings
 from knn_diffusion.retrieval.index import load_index
 from knn_diffusion.retrieval.inference import index_ids
 from knn_diffusion.stages import encoder, paths, train_continuous
+from tests.conftest import copy_outputs
 
 GENERATOR = "openmoji"
 

@@ -51,7 +51,8 @@ def test_flow_runs_stage_through_dvc_then_skips_it(harness, repo_copy):
     assert state.is_completed()
     store_dir = repo_copy / "data" / "ingest" / "openmoji"
     assert (store_dir / "manifest.parquet").is_file() and (store_dir / "images-00000.npy").is_file()
-    status = subprocess.run([DVC, "status", "ingest", "--json"], cwd=repo_copy, capture_output=True, text=True, check=True)
+    status = subprocess.run([DVC, "status", "ingest", "--json"], cwd=repo_copy, capture_output=True, text=True,
+                            check=True)
     assert status.stdout.strip() == "{}", status.stdout
     flow_run_id = str(state.state_details.flow_run_id)
     runs = _ingest_runs(flow_run_id)

@@ -9,10 +9,17 @@ import pytest
 from knn_diffusion.io import read_json, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig
-from knn_diffusion.retrieval.index import (INDEX_FILE, SIDECAR_FILE, build_index, choose_factory,
-                                           gpu_available, index_bytes_per_vector, load_index, save_index)
-from knn_diffusion.retrieval.search import (Searcher, exact_neighbours, recall_at_k, tune_search_params,
-                                            vectors_by_id)
+from knn_diffusion.retrieval.index import (
+    INDEX_FILE,
+    SIDECAR_FILE,
+    build_index,
+    choose_factory,
+    gpu_available,
+    index_bytes_per_vector,
+    load_index,
+    save_index,
+)
+from knn_diffusion.retrieval.search import Searcher, exact_neighbours, recall_at_k, tune_search_params, vectors_by_id
 from knn_diffusion.retrieval.synthetic import QUERIES, clustered_vectors
 
 D = 32
@@ -172,7 +179,7 @@ def test_build_tuned_index_for_a_small_collection(tmp_path, data):
     meta = build_tuned_index(vectors[:3_000], ids[:3_000], config, "enc-a", tmp_path / "idx", progress=False)
     assert meta["factory"] == "Flat" and meta["recall"]["reached"] and meta["rerank_factor"] == 1
     assert meta["ntotal"] == 3_000  # always the full collection: subsets are an inference setting
-    again = build_tuned_index(vectors[:3_000], ids[:3_000], config, "enc-a", tmp_path / "again", progress=False)
+    build_tuned_index(vectors[:3_000], ids[:3_000], config, "enc-a", tmp_path / "again", progress=False)
     assert "build_seconds" not in meta  # run-varying values stay out of the DVC out
     assert (tmp_path / "idx" / "index.json").read_bytes() == (tmp_path / "again" / "index.json").read_bytes()
 

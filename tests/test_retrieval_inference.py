@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from knn_diffusion.encoders.store import begin_embedding, finish_embedding, emb_name, ids_name
+from knn_diffusion.encoders.store import begin_embedding, emb_name, finish_embedding, ids_name
 from knn_diffusion.io import save_npy
-from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.backends import LocalRoots, open_backend
+from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
 from knn_diffusion.retrieval.index import load_index
 from knn_diffusion.retrieval.inference import SCORES_FILE, allowed_ids, index_ids, open_neighbour_search

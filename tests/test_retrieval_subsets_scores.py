@@ -8,8 +8,13 @@ import torch
 from safetensors.numpy import save_file
 
 from knn_diffusion.retrieval.config import Scorer
-from knn_diffusion.retrieval.scores import (LinearAestheticHead, colourfulness, filter_active, image_scores,
-                                            resolve_scorer)
+from knn_diffusion.retrieval.scores import (
+    LinearAestheticHead,
+    colourfulness,
+    filter_active,
+    image_scores,
+    resolve_scorer,
+)
 from knn_diffusion.retrieval.subsets import subset_mask
 
 FRACTIONS = [0.1, 0.3, 0.5, 0.7, 1.0]  # the paper's index-size ablation

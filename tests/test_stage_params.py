@@ -13,8 +13,14 @@ from knn_diffusion.backbones import load_generator
 from knn_diffusion.config import build_params, flatten
 from knn_diffusion.models.continuous.generator import ContinuousGenerator
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
-from knn_diffusion.stages.common import (UndeclaredParamError, declared_params, dvc_stages, run_stage, stage_params,
-                                         tracked)
+from knn_diffusion.stages.common import (
+    UndeclaredParamError,
+    declared_params,
+    dvc_stages,
+    run_stage,
+    stage_params,
+    tracked,
+)
 from knn_diffusion.training.checkpoint import save_checkpoint
 from tests.conftest import REPO
 from tests.continuous_helpers import micro_config

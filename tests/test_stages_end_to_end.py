@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from knn_diffusion.stages import embed, encoder, paths
 from knn_diffusion.cli import main as cli_main
 from knn_diffusion.retrieval.inference import SCORES_FILE
+from knn_diffusion.stages import embed, encoder, paths
 from tests.conftest import TINY_PIPELINE_RUN, copy_outputs
 
 TINY = {
@@ -57,7 +57,8 @@ def test_samples_for_own_and_swapped_index(tiny_pipeline):
         assert len(sidecars) == 2 and (folder / "grid.png").is_file()
         record = json.loads(sidecars[0].read_text())
         assert record["k"] == 3 and len(record["neighbour_ids"]) == 3
-    noto_ids = json.loads(sorted((tiny_pipeline / paths.samples_dir("continuous") / "noto").glob("0*.json"))[0].read_text())
+    noto_sidecars = sorted((tiny_pipeline / paths.samples_dir("continuous") / "noto").glob("0*.json"))
+    noto_ids = json.loads(noto_sidecars[0].read_text())
     noto_index_ids = np.load(tiny_pipeline / paths.index_dir("noto") / SCORES_FILE)["ids"]
     assert set(noto_ids["neighbour_ids"]) <= set(noto_index_ids.tolist())
 

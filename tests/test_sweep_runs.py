@@ -23,12 +23,12 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.sweep import sweep
 from knn_diffusion.evaluation.report import read_same_inputs
+from knn_diffusion.stack.services import mlflow_server
 from knn_diffusion.tracking import with_retries
+from tests.browser import chromium_page, row_cells, show_columns
 from tests.conftest import REPO
 from tests.dvc_repo import DVC
 from tests.test_pipeline_flow import harness, repo_copy  # noqa: F401 (fixtures)
-from tests.browser import chromium_page, row_cells, show_columns
-from knn_diffusion.stack.services import mlflow_server
 
 # Each test runs a sweep through DVC's queue against a Prefect server (35-80 s each): the slow tier.
 pytestmark = pytest.mark.slow
@@ -54,7 +54,8 @@ def test_sweep_parent_trials_and_stage_runs_in_the_ui(harness, repo_copy, tmp_pa
     names = sweep(axes=["train_continuous.k=1,2"], repo=str(repo_copy), prefix="nest")
     (parent,) = _runs(kind="sweep", **{"mlflow.runName": "sweep nest"})
     assert parent.info.status == "FINISHED"
-    trials = {r.info.run_name: r for r in _runs(kind="trial") if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+    trials = {r.info.run_name: r for r in _runs(kind="trial")
+              if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
     assert set(trials) == set(names)
     for name, k in zip(names, ("1", "2")):
         assert trials[name].data.params["train_continuous.k"] == k  # every param of the trial, flattened
@@ -76,7 +77,8 @@ def test_sweep_parent_trials_and_stage_runs_in_the_ui(harness, repo_copy, tmp_pa
 
 
 def test_a_failing_trial_is_retried_then_fails_the_sweep_by_name(harness, repo_copy):  # noqa: F811
-    flaky = {"cmd": "python -c \"import sys, yaml; sys.exit(yaml.safe_load(open('params.yaml'))['data']['resolution'] == 24)\"",
+    flaky = {"cmd": "python -c \"import sys, yaml; "
+                    "sys.exit(yaml.safe_load(open('params.yaml'))['data']['resolution'] == 24)\"",
              "params": ["data.resolution"], "outs": ["data/marker"]}
     flaky["cmd"] = flaky["cmd"].replace("sys.exit(", "import os; os.makedirs('data/marker', exist_ok=True); sys.exit(")
     _only(repo_copy, {"flaky": flaky})
@@ -86,7 +88,8 @@ def test_a_failing_trial_is_retried_then_fails_the_sweep_by_name(harness, repo_c
         state.result()
     (parent,) = _runs(kind="sweep", **{"mlflow.runName": "sweep flaky"})
     assert parent.info.status == "FAILED" and "flaky-resolution-24" in parent.data.tags["failure"]
-    trials = {r.info.run_name: r.info.status for r in _runs(kind="trial") if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+    trials = {r.info.run_name: r.info.status for r in _runs(kind="trial")
+              if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
     assert trials == {"flaky-resolution-16": "FINISHED", "flaky-resolution-24": "FAILED"}
 
 

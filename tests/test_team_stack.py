@@ -46,7 +46,9 @@ def test_compose_file_validates_and_wires_the_stack():
 def test_compose_validation_rejects_a_broken_file(tmp_path):
     """The validator is real: a misspelt service key fails it."""
     broken = tmp_path / "compose.yaml"
-    broken.write_text(COMPOSE.read_text().replace("    command: [\"prefect\", \"worker\"", "    comand: [\"prefect\", \"worker\"", 1))
+    worker = "    command: [\"prefect\", \"worker\""
+    misspelt = COMPOSE.read_text().replace(worker, worker.replace("command", "comand"), 1)
+    broken.write_text(misspelt)
     shutil.copy(REPO / "docker" / "postgres-init.sql", tmp_path)
     result = compose_config(broken)
     assert result.returncode != 0 and "comand" in result.stdout + result.stderr

@@ -12,8 +12,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests import dvc_repo
 from knn_diffusion.stack.services import mlflow_server, postgres, s3_keys, s3_server
+from tests import dvc_repo
 
 # Starts Postgres, an S3 server and mlflow server (~30 s): the slow tier.
 pytestmark = pytest.mark.slow

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import copy_outputs
-from tests.continuous_helpers import write_micro_preset
 from knn_diffusion.config import load_params
 from knn_diffusion.stages import paths, train_common, train_continuous
 from knn_diffusion.tracking import model_run_id
 from knn_diffusion.training.checkpoint import read_checkpoint_config
+from tests.conftest import copy_outputs
+from tests.continuous_helpers import write_micro_preset
 
 TRAIN_INPUTS = (str(paths.INGEST), str(paths.EMBED), str(paths.KNN))  # no data/index
 
@@ -132,8 +132,8 @@ def test_old_state_folders_are_pruned(train_dir):
 
 
 def test_cond_dropout_defaults_to_zero_as_in_the_paper():
-    from tests.conftest import REPO
     from knn_diffusion.models.continuous.config import ContinuousTrainConfig
+    from tests.conftest import REPO
 
     assert ContinuousTrainConfig().cond_dropout == 0
     assert load_params(REPO / "params.yaml").train_continuous.cond_dropout == 0

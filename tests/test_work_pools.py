@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
 from knn_diffusion.stack.services import prefect_server as start_prefect_server
+from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 # Two stand-in stages (the real ones are tested elsewhere): routing, data hand-over and the lock matter here.
@@ -26,7 +26,8 @@ STAGES = {
     "train": {"cmd": "python -c \"import pathlib, yaml; p = pathlib.Path('models'); p.mkdir(exist_ok=True); "
                      "side = yaml.safe_load(open('params.yaml'))['data']['resolution']; "
                      "(p / 'model.txt').write_text(open('data/prepared.txt').read() + f'trained at {side} px\\n'); "
-                     "pathlib.Path('metrics').mkdir(exist_ok=True); pathlib.Path('metrics/train.json').write_text('{\\\"loss\\\": 0.5}')\"",
+                     "pathlib.Path('metrics').mkdir(exist_ok=True); "
+                     "pathlib.Path('metrics/train.json').write_text('{\\\"loss\\\": 0.5}')\"",
               "deps": ["data/prepared.txt"], "params": ["data.resolution"], "outs": ["models/model.txt"],
               "metrics": [{"metrics/train.json": {"cache": False}}],  # in git, not the remote: handed back too
               "meta": {"pool": "gpu"}},

@@ -128,11 +128,11 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
 
 def _generate_command(args: argparse.Namespace) -> None:
     """Generate from text prompts (or image embeddings) with the trained model and any compatible index."""
+    from knn_diffusion.backbones import load_generator
     from knn_diffusion.encoders.factory import load_encoder
     from knn_diffusion.generation import generate
-    from knn_diffusion.backbones import load_generator
-    from knn_diffusion.retrieval.backends import open_backend
     from knn_diffusion.io import atomic_dir
+    from knn_diffusion.retrieval.backends import open_backend
     from knn_diffusion.stages import paths
     from knn_diffusion.tracking import model_run_id
     from knn_diffusion.training.checkpoint import read_checkpoint_config
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError, StackError) as err:  # input the user can fix: one line, no traceback
+    # input the user can fix: one line, no traceback
+    except (ConfigError, ValueError, FileNotFoundError, StackError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from knn_diffusion.data.config import DataConfig, DatasetConfig, Source
 from knn_diffusion.data import sources
+from knn_diffusion.data.config import DataConfig, DatasetConfig, Source
 from knn_diffusion.data.store import shard_name
 from knn_diffusion.io import atomic_path, save_npy, write_json
 

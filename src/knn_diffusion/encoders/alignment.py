@@ -72,7 +72,7 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, max_shift: float, 
     shift = (2 * torch.rand(n, 2, generator=generator) - 1) * 2 * max_shift                   # (n, 2) in [-1, 1] units
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
-    theta[:, :, 2] = -shift / scale[:, None]                                                  # input = (out - shift) / scale
+    theta[:, :, 2] = -shift / scale[:, None]                                     # input = (out - shift) / scale
     grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)                     # (n, S, S, 2)
     # Border padding repeats the edge pixels: the white background the glyphs sit on.
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -93,7 +93,8 @@ def retrieval_baseline(knn, index_sidecar: dict, images: Callable[[np.ndarray], 
         write_json(out_dir / f"{stem}.json", {
             "prompt": prompt, "seed": None, "k": 1, "neighbour_ids": [int(ids[i, 0])],
             "neighbour_scores": [float(scores[i, 0])], "backbone": "retrieval", "variant": None, "model_run_id": "",
-            "index_fingerprint": index_sidecar.get("sha256", ""), "index_fraction": index_sidecar.get("index_fraction", 1.0),
+            "index_fingerprint": index_sidecar.get("sha256", ""),
+            "index_fraction": index_sidecar.get("index_fraction", 1.0),
             "image": f"{stem}.png"})
     save_png(out_dir / "grid.png", image_grid(picked))
     return picked

@@ -62,7 +62,8 @@ def inception_features(weights_path: str | os.PathLike) -> nn.Module:
 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise ModuleNotFoundError(f"evaluate.inception_weights={path}: the Inception feature network needs "
-                                  "torch-fidelity (pip install torch-fidelity); or leave the key empty for CLIP features")
+                                  "torch-fidelity (pip install torch-fidelity); or leave the key empty for CLIP "
+                                  "features")
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     expected = f"evaluate.inception_weights: {path} is not an Inception-v3 FID weights file " \

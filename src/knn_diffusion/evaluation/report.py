@@ -5,7 +5,8 @@ and FID/KID/CLIP score/R-precision as metrics. This module selects those runs (o
 pipeline runs or sweep experiments), joins each to the training run of its model (model size), and
 cuts paper-style tables: by k, by index fraction, by guidance, by conditioning variant, by model size,
 kNN vs no kNN, model vs retrieval baseline; and Fig. 8 from score-quantile points. Every row names
-the run, git commit and DVC input hashes it comes from. FID/KID values of different feature networks are never put in one column.
+the run, git commit and DVC input hashes it comes from. FID/KID values of different feature networks
+are never put in one column.
 
 A sweep trial whose evaluate outputs DVC restored from its run cache logs no evaluate run; given that
 trial's inputs (DVC hashes of its deps, its params), the report takes the earlier evaluate run that read

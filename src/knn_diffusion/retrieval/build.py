@@ -9,8 +9,15 @@ import numpy as np
 
 from knn_diffusion.retrieval.config import IndexConfig
 from knn_diffusion.retrieval.index import build_index, save_index, sidecar_from
-from knn_diffusion.retrieval.search import (Searcher, VectorGetter, exact_neighbours, is_exact, tune_search_params,
-                                            vectors_by_id, without_ids)
+from knn_diffusion.retrieval.search import (
+    Searcher,
+    VectorGetter,
+    exact_neighbours,
+    is_exact,
+    tune_search_params,
+    vectors_by_id,
+    without_ids,
+)
 
 
 def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, fingerprint: str,

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from knn_diffusion.stack import services as sv
 from knn_diffusion.stack.bucket import restore_bucket, snapshot_bucket
-from knn_diffusion.stack.processes import StackError, alive, answers, port_taken, start, started_at, stop_group, wait_until
+from knn_diffusion.stack.processes import (
+    StackError,
+    alive,
+    answers,
+    port_taken,
+    start,
+    started_at,
+    stop_group,
+    wait_until,
+)
 
 BUCKET = "knn-diffusion"  # as in docker/compose.yaml: s3://knn-diffusion/mlflow and s3://knn-diffusion/dvc
 POOLS = ("cpu", "gpu")
@@ -86,10 +95,12 @@ def _launch(s: StackSettings, service: str) -> None:
         cmd, env, user = sv.s3_cmd(host, ports["s3"]), None, None
     elif service == "mlflow":
         backend = sv.database_url(host, ports["postgres"], "mlflow")
-        cmd, env, user = sv.mlflow_cmd(host, ports["mlflow"], backend, f"s3://{BUCKET}/mlflow"), sv.mlflow_env(s.url("s3")), None
+        cmd, env, user = (sv.mlflow_cmd(host, ports["mlflow"], backend, f"s3://{BUCKET}/mlflow"),
+                          sv.mlflow_env(s.url("s3")), None)
     elif service == "prefect":
         database = sv.database_url(host, ports["postgres"], "prefect", driver="asyncpg")
-        cmd, env, user = sv.prefect_cmd(host, ports["prefect"]), sv.prefect_env(prefect_home, f"{s.url('prefect')}/api", database), None
+        cmd, env, user = (sv.prefect_cmd(host, ports["prefect"]),
+                          sv.prefect_env(prefect_home, f"{s.url('prefect')}/api", database), None)
     else:
         env = {**sv.prefect_env(prefect_home, f"{s.url('prefect')}/api"), **client_env(s)}
         cmd, user = sv.worker_cmd(service.removeprefix("worker-")), None

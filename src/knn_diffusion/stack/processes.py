@@ -114,7 +114,8 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, wha
 
 
 @contextlib.contextmanager
-def background(cmd: list[str], log: Path, env: dict | None = None, user: str | None = None) -> Iterator[subprocess.Popen]:
+def background(cmd: list[str], log: Path, env: dict | None = None,
+               user: str | None = None) -> Iterator[subprocess.Popen]:
     """``cmd`` running for the duration of the block, its whole process group stopped after."""
     log.write_text("")
     proc = start(cmd, log, env=env, user=user)

@@ -15,8 +15,7 @@ from knn_diffusion.config import Params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.encoders.parallel import embed_shards_parallel
-from knn_diffusion.encoders.store import (begin_embedding, embed_collection, finish_embedding,
-                                          save_text_embeddings)
+from knn_diffusion.encoders.store import begin_embedding, embed_collection, finish_embedding, save_text_embeddings
 from knn_diffusion.io import write_json
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked

@@ -76,7 +76,8 @@ def evaluate_stage(params, model: str) -> None:
     log.info("%d prompts (%s), %d reference images, %d grid points, features %s", len(prompts),
              cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
     common = {"fid_feature": scorer.feature, "eval_encoder": judge.fingerprint, "backbone": generator.backbone,
-              "variant": ConditioningVariant(generator.conditioning.variant).value, "trained_k": generator.conditioning.k,
+              "variant": ConditioningVariant(generator.conditioning.variant).value,
+              "trained_k": generator.conditioning.k,
               "model_run_id": generator.run_id, "count": len(prompts), "steps": sampler.steps, **generator.settings}
 
     def search(point):
@@ -97,7 +98,8 @@ def evaluate_stage(params, model: str) -> None:
         log.info("%s: %s", name, ", ".join(f"{m} {values[m]:.4f}" for m in metric_columns()))
 
     started = time.perf_counter()
-    with tracked(f"evaluate@{model}", params, tags={"model": model}) as run, atomic_dir(paths.evaluate_dir(model)) as out:
+    with (tracked(f"evaluate@{model}", params, tags={"model": model}) as run,
+          atomic_dir(paths.evaluate_dir(model)) as out):
         run.tags({"fid_feature": scorer.feature})
         table, columns = score_grid(generator, points, search, prompts=prompts, encoder=encoder, scorer=scorer,
                                     out=out, steps=sampler.steps, seed=cfg.seed, batch_size=cfg.batch_size,

@@ -22,8 +22,8 @@ from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, atomic_path, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, Scorer
-from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.inference import SCORES_FILE
+from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked

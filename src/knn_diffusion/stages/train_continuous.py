@@ -16,8 +16,15 @@ from knn_diffusion.config import Params
 from knn_diffusion.models.continuous.training import train_continuous
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_common import (claim_state_dir, eval_conditions, is_main_rank, load_training_inputs,
-                                              relaunch_under_torchrun, run_key, tracked_training)
+from knn_diffusion.stages.train_common import (
+    claim_state_dir,
+    eval_conditions,
+    is_main_rank,
+    load_training_inputs,
+    relaunch_under_torchrun,
+    run_key,
+    tracked_training,
+)
 
 
 def train_stage(params: Params) -> None:

@@ -18,8 +18,15 @@ from knn_diffusion.models.discrete.training import train_discrete
 from knn_diffusion.models.discrete.vq import Tokenizer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_common import (claim_state_dir, eval_conditions, is_main_rank, load_training_inputs,
-                                               relaunch_under_torchrun, run_key, tracked_training)
+from knn_diffusion.stages.train_common import (
+    claim_state_dir,
+    eval_conditions,
+    is_main_rank,
+    load_training_inputs,
+    relaunch_under_torchrun,
+    run_key,
+    tracked_training,
+)
 
 
 def train_stage(params: Params) -> None:

@@ -41,7 +41,8 @@ def repo_root(start: Path | None = None) -> Path:
 
 
 def tracking_uri(configured: str = "", root: Path | None = None) -> str:
-    """An exported ``MLFLOW_TRACKING_URI``, else ``configured`` (tracking.tracking_uri), else the repo's sqlite store."""
+    """An exported ``MLFLOW_TRACKING_URI``, else ``configured`` (tracking.tracking_uri), else the repo's
+    sqlite store."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if configured:

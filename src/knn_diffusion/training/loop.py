@@ -27,8 +27,14 @@ from tqdm.auto import tqdm
 
 from knn_diffusion.config_fields import to_plain
 from knn_diffusion.images import image_grid
-from knn_diffusion.training.checkpoint import (list_checkpoints, prune_checkpoints, restore_training_state,
-                                               resume_step, save_checkpoint, step_checkpoint_path)
+from knn_diffusion.training.checkpoint import (
+    list_checkpoints,
+    prune_checkpoints,
+    restore_training_state,
+    resume_step,
+    save_checkpoint,
+    step_checkpoint_path,
+)
 from knn_diffusion.training.config import Precision
 from knn_diffusion.training.data import StepBatchSampler, make_loader
 from knn_diffusion.training.ema import EMA

@@ -17,8 +17,14 @@ from diffusers import DDPMScheduler
 
 from knn_diffusion.models.conditioning import drop_conditions
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
-from knn_diffusion.models.continuous.config import (BACKBONE, BetaSchedule, ContinuousTrainConfig, DenoiserConfig,
-                                                    NoiseConfig, load_unet_preset)
+from knn_diffusion.models.continuous.config import (
+    BACKBONE,
+    BetaSchedule,
+    ContinuousTrainConfig,
+    DenoiserConfig,
+    NoiseConfig,
+    load_unet_preset,
+)
 from knn_diffusion.models.continuous.sampler import sample
 from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.data import ConditionedImages, EmbeddingSource

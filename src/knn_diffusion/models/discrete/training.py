@@ -23,8 +23,13 @@ import torch
 
 from knn_diffusion.models.conditioning import drop_conditions
 from knn_diffusion.models.config import ConditioningConfig, ConditioningVariant
-from knn_diffusion.models.discrete.config import (DISCRETE, DiscreteConfig, DiscreteTrainConfig, TimestepSampling,
-                                                  load_transformer_preset)
+from knn_diffusion.models.discrete.config import (
+    DISCRETE,
+    DiscreteConfig,
+    DiscreteTrainConfig,
+    TimestepSampling,
+    load_transformer_preset,
+)
 from knn_diffusion.models.discrete.diffusion import DiscreteDiffusion
 from knn_diffusion.models.discrete.generator import DiscreteGenerator
 from knn_diffusion.models.discrete.transition import one_hot_log
