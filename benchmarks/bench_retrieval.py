@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--skip-previous", action="store_true", help="leave out the previous default")
     parser.add_argument("--bytes-per-vector", type=int, default=256)
     parser.add_argument("--train-size", type=int, default=100_000)
-    parser.add_argument("--rerank-factor", type=int, default=10)
+    parser.add_argument("--rerank-factor", type=int, default=40, help="widest the tuner may use (index.rerank_factor)")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--workdir", default="/tmp/bench_retrieval")

@@ -63,7 +63,7 @@ class IndexConfig:
     tune_queries: int = field(default=1_000, metadata=between(10))
     # Widest candidates-per-result ratio the tuner may use (it keeps the smallest that reaches target_recall):
     # re-scored against the index's memory-mapped float16 store (auto factory), else the stored embeddings; 1 = off.
-    rerank_factor: int = field(default=10, metadata=between(1, 1000))
+    rerank_factor: int = field(default=40, metadata=between(1, 1000))
     use_gpu: GpuUse = GpuUse.auto
     seed: int = 0
     # Splits of the generator dataset that go into its index (keeps val/test images out of training
