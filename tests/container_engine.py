@@ -6,6 +6,7 @@ downloaded on the host from requirements.lock (`pip install --no-index --find-li
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -91,6 +92,11 @@ class Engine:
 def wheelhouse(folder: Path) -> Path:
     """Every wheel of requirements.lock (+ the GPU image's faiss), downloaded once on the host."""
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = hashlib.sha256(((REPO / "requirements.lock").read_text() + repr(WHEELHOUSE_EXTRAS)).encode()).hexdigest()
+    stamp = folder / ".complete-for"
+    if stamp.exists() and stamp.read_text() == wanted:  # pip takes minutes to re-check a complete folder
+        return folder
     sh([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder),
         "-r", str(REPO / "requirements.lock"), *WHEELHOUSE_EXTRAS], timeout=3600)
+    stamp.write_text(wanted)
     return folder

@@ -22,7 +22,7 @@ from knn_diffusion.stack.services import S3_CREDENTIALS, s3_client, s3_keys
 from tests import dvc_repo
 from tests.container_engine import REPO, Engine, sh, wheelhouse
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(5400)]  # a first build takes tens of minutes
 PROJECT = "knn-stack-test"
 SERVICES = ["postgres", "minio", "minio-bucket", "prefect-server", "mlflow", "worker-cpu"]  # no GPU here
 HOST = "127.0.0.1"
@@ -48,6 +48,14 @@ def bucket_exists() -> bool:
         return False
 
 
+def merged_compose(files: list[Path], out: Path, env: dict) -> Path:
+    """One resolved file (absolute paths) from a real compose implementation: podman-compose 1.0.3 appends
+    an override's `command:` list to the base's instead of replacing it."""
+    out.write_text(sh(["docker-compose", *(a for f in files for a in ("-f", str(f))), "config"], env=env,
+                      cwd=files[0].parent))
+    return out
+
+
 def make_origin(root: Path) -> Path:
     """The team's git repository (mounted into the worker): the ingest stage, tiny params, the S3 remote."""
     origin = dvc_repo.make_repo(root / "origin", dvc_repo.tiny_params(dvc_repo.tiny_open_clip(root), "stack-test"),
@@ -57,6 +65,7 @@ def make_origin(root: Path) -> Path:
     # No endpoint in the config: AWS_ENDPOINT_URL says where the bucket is (minio:9000 inside, loopback here).
     dvc_repo.dvc(origin, "remote", "add", "-d", "stack", "s3://knn-diffusion/dvc")
     dvc_repo.commit(origin, "pipeline on the team stack")
+    dvc_repo.run(origin, "git", "branch", "-M", "main")  # prefect.yaml's git_clone step checks out main
     return origin
 
 
@@ -67,15 +76,16 @@ def test_compose_stack_runs_a_pipeline_deployment(tmp_path, record_property):
     wheels = wheelhouse(WHEELS) if engine.name == "podman" else None
     build_cpu = engine.build("cpu", "knn-diffusion:cpu", wheels)
     build_postgres = 0.0
-    compose = [*engine.compose, "-p", PROJECT, "-f", str(REPO / "docker" / "compose.yaml")]
+    files = [REPO / "docker" / "compose.yaml"]
     if engine.name == "podman":
-        compose += ["-f", str(REPO / "docker" / "test" / "compose.stand-ins.yaml")]
+        files.append(REPO / "docker" / "test" / "compose.stand-ins.yaml")
         start = time.time()
         engine("build", "-t", "localhost/knn-diffusion-stand-in/postgres:15", "-f",
                str(REPO / "docker" / "test" / "postgres.Dockerfile"), str(REPO / "docker" / "test"))
         build_postgres = time.time() - start
     origin = make_origin(tmp_path)
     env = {**os.environ, "KNN_DIFFUSION_TEST_ORIGIN": str(origin)}
+    compose = [*engine.compose, "-p", PROJECT, "-f", str(merged_compose(files, tmp_path / "compose.yaml", env))]
     host_env = {**dvc_repo.env(origin), **S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{HOST}:9000",
                 "PREFECT_API_URL": f"http://{HOST}:4200/api", "MLFLOW_TRACKING_URI": f"http://{HOST}:5000",
                 "KNN_DIFFUSION_GIT_URL": "/origin", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
