@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_BASES = ("docker.io/library/debian:bookworm-slim", "docker.io/library/python:3.11-slim-bookworm")
 # Debian's Python is 3.11.2: redis wants async-timeout below 3.11.3, which the lock (made on 3.11.7) lacks.
+# faiss-gpu comes with its own CUDA 12 runtime wheels (torch in the lock uses CUDA 13): fetched with deps.
 WHEELHOUSE_EXTRAS = ("setuptools>=68", "async-timeout>=4.0.3", "faiss-gpu==1.15.1")
 
 
@@ -96,7 +97,8 @@ def wheelhouse(folder: Path) -> Path:
     stamp = folder / ".complete-for"
     if stamp.exists() and stamp.read_text() == wanted:  # pip takes minutes to re-check a complete folder
         return folder
-    sh([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder),
-        "-r", str(REPO / "requirements.lock"), *WHEELHOUSE_EXTRAS], timeout=3600)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(folder)]
+    sh([*pip, "--no-deps", "-r", str(REPO / "requirements.lock")], timeout=3600)
+    sh([*pip, *WHEELHOUSE_EXTRAS], timeout=3600)
     stamp.write_text(wanted)
     return folder
