@@ -29,7 +29,8 @@ test-slow: setup
 
 # docker/compose.yaml built and started under docker or podman, a pipeline deployment run through it
 # (tests/test_container_stack.py; the first run downloads a wheelhouse and builds the image).
-test-stack: setup
+test-stack:
+	KNN_SETUP_CONTAINERS=1 bash scripts/setup.sh
 	$(PY) -m pytest -q -s -m stack tests/test_container_stack.py
 
 # Re-pin after changing dependencies in pyproject.toml.

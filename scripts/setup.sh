@@ -34,6 +34,10 @@ missing=""
 command -v chromium >/dev/null || missing="$missing chromium chromium-driver"
 command -v docker-compose >/dev/null || missing="$missing docker-compose"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+# `make test-stack` only (KNN_SETUP_CONTAINERS=1): a container engine and local base images.
+if [ "${KNN_SETUP_CONTAINERS:-0}" = 1 ] && ! docker info >/dev/null 2>&1; then
+    for pkg in podman podman-compose debootstrap; do command -v $pkg >/dev/null || missing="$missing $pkg"; done
+fi
 if [ -n "$missing" ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         echo "setup: installing Debian packages:$missing"
