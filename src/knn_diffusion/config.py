@@ -31,6 +31,8 @@ from knn_diffusion.data.config import DataConfig, Source
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
+from knn_diffusion.manipulation.config import (EditSampler, EvaluateManipulationConfig, ManipulationTrainConfig,
+                                               PairsConfig)
 from knn_diffusion.models.continuous.config import ContinuousSampler, ContinuousTrainConfig
 from knn_diffusion.models.discrete.config import DiscreteSampler, DiscreteTrainConfig, TokenizerConfig
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
@@ -104,6 +106,10 @@ class Params:
     train_continuous: ContinuousTrainConfig = field(default_factory=ContinuousTrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train_discrete: DiscreteTrainConfig = field(default_factory=DiscreteTrainConfig)
+    manipulation_pairs: PairsConfig = field(default_factory=PairsConfig)
+    train_manipulation: ManipulationTrainConfig = field(default_factory=ManipulationTrainConfig)
+    edit: EditSampler = field(default_factory=EditSampler)  # `knn-diffusion edit` and evaluate_manipulation
+    evaluate_manipulation: EvaluateManipulationConfig = field(default_factory=EvaluateManipulationConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # inference-time: sample/generate/evaluate
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -163,6 +169,9 @@ def _cross_checks(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'train_discrete.sampling.steps' has bad value "
                           f"{params.train_discrete.sampling.steps}: expected at most train_discrete.transition.steps "
                           f"= {params.train_discrete.transition.steps}")
+    if params.manipulation_pairs.min_size > params.manipulation_pairs.max_size:
+        raise ConfigError(f"{where}: key 'manipulation_pairs.min_size' has bad value {params.manipulation_pairs.min_size}: "
+                          f"expected at most manipulation_pairs.max_size = {params.manipulation_pairs.max_size}")
     bad_splits = sorted(set(params.index.generator_splits) - {"train", "val", "test"})
     if bad_splits or not params.index.generator_splits:
         raise ConfigError(f"{where}: key 'index.generator_splits' has bad value {params.index.generator_splits!r}: "

@@ -36,6 +36,14 @@ DISCRETE_MODEL = Path("models") / "discrete"  # the transformer's EMA checkpoint
 DISCRETE_STATE = CHECKPOINTS / "train_discrete"
 DISCRETE_METRICS = METRICS / "train_discrete.json"
 
+MANIPULATION_PAIRS = DATA / "manipulation"  # <dataset>.npz + .json: the edit training pairs
+MANIPULATION_PAIRS_METRICS = METRICS / "manipulation_pairs.json"
+MANIPULATION_MODEL = Path("models") / "manipulation"  # the fine-tuned editing model (EMA checkpoint)
+MANIPULATION_STATE = CHECKPOINTS / "train_manipulation"
+MANIPULATION_METRICS = METRICS / "train_manipulation.json"
+EVALUATE_MANIPULATION = Path("outputs") / "evaluate_manipulation"  # edits, baselines, grid, edits.csv
+EVALUATE_MANIPULATION_METRICS = METRICS / "evaluate_manipulation.json"
+
 PROMPTS = Path("prompts")  # prompt files (sample.prompts_file): a declared dep of the stages that read them
 SAMPLES = Path("outputs") / "samples"  # <model>/<index>/: sample@<model>
 
@@ -96,3 +104,7 @@ def neighbours_file(name: str) -> Path:
 
 def tokens_file(name: str) -> Path:
     return TOKENS / f"{name}.npy"
+
+
+def manipulation_pairs_file(name: str) -> Path:
+    return MANIPULATION_PAIRS / f"{name}.npz"
