@@ -13,12 +13,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete", "sample",
-            "evaluate", "human_eval", "human_eval_aggregate")
+PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs", "train_manipulation",
+            "tokenizer", "train_discrete", "sample", "evaluate", "evaluate_manipulation", "human_eval",
+            "human_eval_manipulation", "human_eval_aggregate")
 # The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.
-TRACED = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "tokenizer", "train_discrete",
-          "sample@continuous", "sample@discrete", "evaluate@continuous", "evaluate@discrete", "human_eval",
-          "human_eval_aggregate")
+TRACED = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs", "train_manipulation",
+          "tokenizer", "train_discrete", "sample@continuous", "sample@discrete", "evaluate@continuous",
+          "evaluate@discrete", "evaluate_manipulation", "human_eval", "human_eval_manipulation", "human_eval_aggregate")
 TRACES = ".traces"  # in the repo root (git-ignored): a copy of a traced repo writes its own traces
 
 
@@ -69,6 +70,12 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params["evaluate"]["discrete"].update({"steps": 2, "guidance": [8.0]})
     params["human_eval"].update({"system_a": "outputs/evaluate/continuous/k3-frac1-g3-openmoji",
                                  "system_b": "outputs/evaluate/continuous/retrieval_baseline", "screenshot": False})
+    params["manipulation_pairs"]["min_correlation"] = -1.0  # a random tiny encoder's neighbours: keep what converges
+    params["train_manipulation"].update({"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                                         "log_every": 1})
+    params["train_manipulation"]["sampling"]["steps"] = params["edit"]["steps"] = 2
+    params["evaluate_manipulation"].update({"images": 2, "grid_rows": 2})
+    params["human_eval_manipulation"]["screenshot"] = False
     params["tracking"]["experiment"] = experiment
     return params
 

@@ -52,6 +52,16 @@ def test_unanimous_raters(tmp_path):
     assert report.results["alignment"] is None and report.problems == []
 
 
+def test_manipulation_questions_aggregate_by_id_or_text(tmp_path):
+    key = make_key(questions=("edit_alignment", "edit_identity"))
+    page_file(tmp_path / "a.csv", votes_for(key, "edit_alignment", {"p0001": 5, "p0002": 4, "p0003": 1, "p0004": 5})
+              + [("Which edit keeps the original object better?", pair, rater, choice)
+                 for _, pair, rater, choice in votes_for(key, "x", {"p0001": 0, "p0002": 0, "p0003": 5, "p0004": 2})])
+    report = aggregate(tmp_path, key)
+    assert report.results["edit_alignment"].pct_prefer_a == 75.0 and report.problems == []
+    assert report.results["edit_identity"].pct_prefer_a == 25.0
+
+
 def test_split_three_two(tmp_path):
     key = make_key()
     page_file(tmp_path / "a.csv", votes_for(key, "quality", {"p0001": 3, "p0002": 3, "p0003": 2, "p0004": 3})

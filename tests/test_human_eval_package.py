@@ -66,12 +66,23 @@ def test_mturk_batch_input_and_layout(tmp_path):
 
 def test_task_pages_are_self_contained(tmp_path):
     _, folder = package(tmp_path)
-    for question in QUESTIONS:
+    for question in ("quality", "alignment"):
         page = (folder / f"{question}.html").read_text()
         assert "http://" not in page and "https://" not in page and "<link" not in page
         task = json.loads(page.split('<script id="task" type="application/json">')[1].split("</script>")[0])
         assert task["show_prompt"] == (question == "alignment") and len(task["pairs"]) == 6
         assert all((folder / p["left"]).is_file() and (folder / p["right"]).is_file() for p in task["pairs"])
+
+
+def test_the_manipulation_questions_package_like_the_others(tmp_path):
+    key, folder = package(tmp_path, questions=("edit_alignment", "edit_identity"))
+    assert key["questions"] == ["edit_alignment", "edit_identity"]
+    for question in key["questions"]:
+        page = (folder / f"{question}.html").read_text()
+        task = json.loads(page.split('<script id="task" type="application/json">')[1].split("</script>")[0])
+        assert task["question_text"] == QUESTIONS[question] and task["show_prompt"] and len(task["pairs"]) == 6
+        assert QUESTIONS[question] in (folder / "mturk" / f"{question}-input.csv").read_text()
+    assert QUESTIONS["edit_identity"] == "Which edit keeps the original object better?"
 
 
 def test_package_bytes_are_reproducible(tmp_path):

@@ -1,4 +1,4 @@
-"""``knn-diffusion`` command line: params validation and presets, and ``generate``."""
+"""``knn-diffusion`` command line: params validation and presets, ``generate``, ``edit`` and ``report``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
 from knn_diffusion.config_fields import check_field
+from knn_diffusion.manipulation.cli import add_edit_arguments, edit_command
 from knn_diffusion.stack.processes import StackError
 
 
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", default="params.yaml")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="params override (repeatable)")
     g.set_defaults(handler=_generate_command)
+
+    e = commands.add_parser("edit", help="edit an image from text alone (no mask) with the manipulation model")
+    add_edit_arguments(e)
+    e.set_defaults(handler=edit_command)
 
     r = commands.add_parser("report", help="ablation tables (markdown + CSV) and plots from the evaluate runs")
     r.add_argument("--experiment", default="knn-diffusion", help="MLflow experiment (tracking.experiment)")

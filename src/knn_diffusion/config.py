@@ -30,7 +30,7 @@ from knn_diffusion.config_fields import ConfigError, between, flatten, out_of_ra
 from knn_diffusion.data.config import DataConfig, Source
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
-from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig
+from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig, manipulation_study
 from knn_diffusion.manipulation.config import (EditSampler, EvaluateManipulationConfig, ManipulationTrainConfig,
                                                PairsConfig)
 from knn_diffusion.models.continuous.config import ContinuousSampler, ContinuousTrainConfig
@@ -115,6 +115,7 @@ class Params:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    human_eval_manipulation: HumanEvalConfig = field(default_factory=manipulation_study)
     human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

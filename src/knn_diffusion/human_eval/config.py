@@ -11,6 +11,8 @@ from knn_diffusion.config_fields import between
 class Question(str, Enum):
     quality = "quality"  # "Which image is of a higher quality?"
     alignment = "alignment"  # "Which image best matches the text?" (the prompt is shown)
+    edit_alignment = "edit_alignment"  # "Which edit matches the text better?" (input | edit images)
+    edit_identity = "edit_identity"  # "Which edit keeps the original object better?"
 
 
 @dataclass
@@ -27,6 +29,14 @@ class HumanEvalConfig:
     raters: int = field(default=5, metadata=between(1, 100))  # per pair and question (the paper: 5)
     base_url: str = ""  # where the package folder is uploaded; MTurk image URLs are base_url + images/...
     screenshot: bool = True  # a task screen rendered by headless chromium, to MLflow (skipped without chromium)
+
+
+def manipulation_study() -> HumanEvalConfig:
+    """The ``human_eval_manipulation`` section: edits vs the text-to-image baseline (evaluate_manipulation's
+    folders of input | output images) with the paper's two manipulation questions."""
+    return HumanEvalConfig(system_a="outputs/evaluate_manipulation/edit",
+                           system_b="outputs/evaluate_manipulation/text_to_image",
+                           questions=[Question.edit_alignment, Question.edit_identity])
 
 
 @dataclass

@@ -28,8 +28,11 @@ from knn_diffusion.io import write_json, write_text
 QUESTIONS = {
     "quality": "Which image is of a higher quality?",
     "alignment": "Which image best matches the text?",
+    # Manipulation (paper 4.2): each image shows the input (left) and an edit of it (right).
+    "edit_alignment": "Which edit matches the text better?",
+    "edit_identity": "Which edit keeps the original object better?",
 }
-SHOWS_PROMPT = {"quality": False, "alignment": True}
+SHOWS_PROMPT = {"quality": False, "alignment": True, "edit_alignment": True, "edit_identity": True}
 SIDES = ("left", "right")
 MTURK_COLUMNS = ("image_a_url", "image_b_url", "prompt", "pair_id", "question", "package_id")
 IMAGES = "images"

@@ -8,44 +8,16 @@ alone keep the input's full-resolution detail and the output has the input's siz
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from knn_diffusion.manipulation.config import EditSampler
 from knn_diffusion.manipulation.model import ManipulationDenoiser, WithSource
 from knn_diffusion.manipulation.training import unit_range
 from knn_diffusion.retrieval.inference import NeighbourSearch
 from knn_diffusion.sampling import sample
-
-
-def read_input_image(path: str | os.PathLike, min_side: int) -> np.ndarray:
-    """uint8 (H, W, 3) of an image file; a file that is not an image, or one smaller than ``min_side``
-    on a side, is refused with a ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input image not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image file ({' '.join(str(err).split())[:120]})") from None
-    height, width = pixels.shape[:2]
-    if min(height, width) < min_side:
-        raise ValueError(f"{path}: image is {width}x{height} px, too small: the model edits at {min_side} px, "
-                         f"give an image at least {min_side} px on each side")
-    return pixels
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def to_model_size(image: np.ndarray, side: int) -> np.ndarray:
@@ -62,33 +34,30 @@ def to_input_size(original: np.ndarray, source: np.ndarray, edited: np.ndarray) 
     return np.clip(np.rint(original.astype(np.float32) + change), 0, 255).astype(np.uint8)
 
 
-@dataclass
-class Edits:
-    images: np.ndarray             # uint8 (N, side, side, 3), the model's outputs
-    neighbour_ids: np.ndarray      # (N, k)
-    neighbour_scores: np.ndarray   # (N, k)
-
-
-def edit_images(model: ManipulationDenoiser, sources: np.ndarray, text_embeddings: np.ndarray,
-                knn: NeighbourSearch | None, k: int, sampler: EditSampler,
-                seeds: Sequence[int] | None = None, batch_size: int = 32) -> Edits:
-    """Edit each uint8 (side, side, 3) source towards its text embedding (N, d); edit i from noise seeded
-    ``seeds[i]`` (default ``sampler.seed + i``)."""
+def text_conditions(text_embeddings: np.ndarray, knn: NeighbourSearch | None, k: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cond (N, 1+k, d), neighbour ids (N, k), scores (N, k)): f_txt(text) in the place of f_img(I * M),
+    followed by its k nearest images in the index, as in text-to-image generation."""
     queries = np.asarray(text_embeddings, dtype=np.float32)  # (N, d)
-    count = len(queries)
-    seeds = list(seeds) if seeds is not None else [sampler.seed + i for i in range(count)]
-    if k > 0:
-        if knn is None:
-            raise ValueError(f"k={k} neighbours need an index to retrieve them from")
-        ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)
-        cond = np.concatenate([queries[:, None], np.asarray(neighbours, dtype=np.float32)], axis=1)
-    else:
-        ids, scores, cond = np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32), queries[:, None]
+    if k == 0:
+        return queries[:, None], np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    if knn is None:
+        raise ValueError(f"k={k} neighbours need an index to retrieve them from")
+    ids, scores, neighbours = knn(queries, k)  # (N, k), (N, k), (N, k, d)
+    cond = np.concatenate([queries[:, None], np.asarray(neighbours, dtype=np.float32)], axis=1)
+    return cond, np.asarray(ids), np.asarray(scores)
+
+
+def edit_images(model: ManipulationDenoiser, sources: np.ndarray, cond: np.ndarray, sampler: EditSampler,
+                seeds: Sequence[int] | None = None, batch_size: int = 32) -> np.ndarray:
+    """uint8 (N, side, side, 3) sources edited towards their conditions (N, 1+k, d); edit i from noise
+    seeded ``seeds[i]`` (default ``sampler.seed + i``)."""
+    seeds = list(seeds) if seeds is not None else [sampler.seed + i for i in range(len(cond))]
     device = next(model.parameters()).device
     parts = []
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
+    for start in range(0, len(cond), batch_size):
+        stop = min(start + batch_size, len(cond))
         bound = WithSource(model, unit_range(sources[start:stop]).to(device))
         parts.append(sample(bound, cond[start:stop], guidance=sampler.guidance, scheduler=sampler.scheduler,
                             steps=sampler.steps, seed=seeds[start:stop]))
-    return Edits(np.concatenate(parts), np.asarray(ids), np.asarray(scores))
+    return np.concatenate(parts)

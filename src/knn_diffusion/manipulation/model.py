@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from knn_diffusion.models.config import DenoiserConfig
+from knn_diffusion.models.config import ConditioningVariant, DenoiserConfig
 from knn_diffusion.models.unet import ContinuousDenoiser
 from knn_diffusion.training.checkpoint import load_weights, read_checkpoint_config
 
@@ -64,6 +64,12 @@ class WithSource(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         repeats = noisy.shape[0] // self.source.shape[0]
         return self.model(noisy, timesteps, cond, self.source.repeat(repeats, 1, 1, 1))
+
+
+def trained_k(model: nn.Module) -> int:
+    """How many neighbours the (text-to-image or manipulation) model is conditioned on; 0 for no_knn."""
+    conditioning = model.config.conditioning
+    return 0 if ConditioningVariant(conditioning.variant) == ConditioningVariant.no_knn else conditioning.k
 
 
 def load_manipulation_model(path: str | os.PathLike, *, ema: bool = True,

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from knn_diffusion.config import Params
@@ -24,11 +25,22 @@ from knn_diffusion.stages.common import run_stage, tracked
 log = logging.getLogger(__name__)
 
 
-def package_study(params: Params) -> dict:
-    cfg = params.human_eval
+@dataclass(frozen=True)
+class StudyFiles:
+    package: Path  # what raters open / what is uploaded
+    key: Path      # which side is A: never inside the package
+    metrics: Path
+
+
+GENERATION_STUDY = StudyFiles(paths.HUMAN_EVAL_PACKAGE, paths.HUMAN_EVAL_KEY, paths.HUMAN_EVAL_METRICS)
+
+
+def package_study(params: Params, stage: str = "human_eval", files: StudyFiles = GENERATION_STUDY) -> dict:
+    """Package the study of params section ``stage`` (``human_eval``, ``human_eval_manipulation``) into ``files``."""
+    cfg = getattr(params, stage)
     questions = [q.value for q in cfg.questions]
     started = time.perf_counter()
-    with tracked("human_eval", params, "human_eval") as run:
+    with tracked(stage, params, stage) as run:
         # An evaluate point that the evaluate runs did not produce (a sweep trial of a no_knn model has only
         # k=0 points; a backbone left out of pipeline.backbones has none) means no package this time; any
         # other missing folder is a mistake and fails below.
@@ -36,11 +48,11 @@ def package_study(params: Params) -> dict:
                    and Path(folder).is_relative_to(paths.EVALUATE) and paths.EVALUATE.is_dir()]
         if missing:
             log.warning("no package this run: evaluate produced no %s (human_eval.system_a/system_b)", missing)
-            with atomic_path(paths.HUMAN_EVAL_KEY) as key_tmp, atomic_dir(paths.HUMAN_EVAL_PACKAGE):
+            with atomic_path(files.key) as key_tmp, atomic_dir(files.package):
                 key_tmp.write_text(json.dumps({"package_id": "", "missing": missing}) + "\n")
             report = {"pairs": 0, "package_bytes": 0, "seconds": round(time.perf_counter() - started, 3)}
             run.metrics(report)
-            write_json(paths.HUMAN_EVAL_METRICS, report)
+            write_json(files.metrics, report)
             return report
         a, b = read_system(cfg.system_a), read_system(cfg.system_b)
         name_a, name_b = cfg.name_a or a.folder.name, cfg.name_b or b.folder.name
@@ -51,25 +63,25 @@ def package_study(params: Params) -> dict:
         if not cfg.base_url:
             log.info("human_eval.base_url is empty: MTurk image URLs are relative (images/...); set it to where "
                      "the package is uploaded")
-        with atomic_path(paths.HUMAN_EVAL_KEY) as key_tmp, atomic_dir(paths.HUMAN_EVAL_PACKAGE) as package_tmp:
+        with atomic_path(files.key) as key_tmp, atomic_dir(files.package) as package_tmp:
             key = write_package(pairs, package_tmp, key_tmp, a=a, b=b, name_a=name_a, name_b=name_b,
                                 questions=questions, raters=cfg.raters, base_url=cfg.base_url, seed=cfg.seed)
-        size = package_size(paths.HUMAN_EVAL_PACKAGE)
+        size = package_size(files.package)
         report = {"pairs": len(pairs), "package_bytes": size, "seconds": round(time.perf_counter() - started, 3)}
         run.tags({"package_id": key["package_id"], "system_a": name_a, "system_b": name_b,
                   "system_a.run_id": a.model_run_id, "system_b.run_id": b.model_run_id})
         run.image(preview(pairs), "human_eval/preview_a_left_b_right.png")
         with tempfile.TemporaryDirectory() as tmp:
             archive = shutil.make_archive(str(Path(tmp) / f"human_eval_package_{key['package_id']}"), "zip",
-                                          root_dir=paths.HUMAN_EVAL_PACKAGE)
+                                          root_dir=files.package)
             run.artifact(archive, "human_eval")
             shot = Path(tmp) / "task_screen.png"
-            if cfg.screenshot and screenshot(paths.HUMAN_EVAL_PACKAGE / f"{questions[-1]}.html", shot):
+            if cfg.screenshot and screenshot(files.package / f"{questions[-1]}.html", shot):
                 run.artifact(shot, "human_eval")
         run.metrics(report)
-        write_json(paths.HUMAN_EVAL_METRICS, report)
+        write_json(files.metrics, report)
         log.info("package %s: %d pairs of %s vs %s, %.1f kB in %s (key: %s)", key["package_id"], len(pairs), name_a,
-                 name_b, size / 1024, paths.HUMAN_EVAL_PACKAGE, paths.HUMAN_EVAL_KEY)
+                 name_b, size / 1024, files.package, files.key)
     return report
 
 

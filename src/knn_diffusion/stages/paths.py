@@ -56,6 +56,8 @@ HUMAN_EVAL_RESULTS = Path("results") / "human_eval"  # raters' CSVs (human_eval_
 HUMAN_EVAL_METRICS = METRICS / "human_eval.json"
 HUMAN_EVAL_TABLE = HUMAN_EVAL / "results.md"
 HUMAN_EVAL_AGGREGATE_METRICS = METRICS / "human_eval_aggregate.json"
+HUMAN_EVAL_MANIPULATION = HUMAN_EVAL / "manipulation"  # the edit study: package/ + key.json, as above
+HUMAN_EVAL_MANIPULATION_METRICS = METRICS / "human_eval_manipulation.json"
 
 
 def dataset_dir(name: str) -> Path:

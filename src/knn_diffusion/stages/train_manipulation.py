@@ -13,8 +13,8 @@ import numpy as np
 
 from knn_diffusion.config import Params
 from knn_diffusion.io import read_json
+from knn_diffusion.manipulation.model import trained_k
 from knn_diffusion.manipulation.training import EditPairs, train_manipulation
-from knn_diffusion.models.config import ConditioningVariant
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
 from knn_diffusion.stages.train_common import (claim_state_dir, is_main_rank, load_training_inputs,
@@ -43,8 +43,7 @@ def train_stage(params: Params) -> None:
     relaunch_under_torchrun("train_manipulation", cfg.nproc_per_node)
     name = params.data.generator_dataset
     text_to_image = load_denoiser(paths.CONTINUOUS_MODEL)
-    conditioning = text_to_image.config.conditioning
-    k = 0 if ConditioningVariant(conditioning.variant) == ConditioningVariant.no_knn else conditioning.k
+    k = trained_k(text_to_image)
     inputs = load_training_inputs(name, "train_manipulation", 0)  # the leakage guard: pairs of train rows only
     pairs, neighbour_positions = load_pairs(name, inputs.store, k)
     outside = np.setdiff1d(pairs["rows"], inputs.train_rows)
