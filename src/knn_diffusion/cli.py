@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
-from knn_diffusion.config_fields import check_field
+from knn_diffusion.config_fields import check_field, check_output_folder
 from knn_diffusion.manipulation.cli import add_edit_arguments, edit_command
 from knn_diffusion.stack.processes import StackError
 
@@ -119,12 +119,7 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None:
             check_field(owner, name, value, option)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "grid.png").is_file())):
-        raise ConfigError(f"--out {out}: exists and is not the folder of an earlier generate run (no grid.png); "
-                          "name a new folder")
-    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise ConfigError(f"--out {out}: is the working directory or one above it; name a new folder")
+    check_output_folder(args.out, "generate")
 
 
 def _generate_command(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -58,3 +59,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def check_output_folder(out: str | Path, command: str) -> None:
+    """Refuse an ``--out`` that a run of ``command`` must not replace: a file, a folder of something else
+    (non-empty without the ``grid.png`` such a run writes), or the working directory or one above it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "grid.png").is_file())):
+        raise ConfigError(f"--out {out}: exists and is not the folder of an earlier {command} run (no grid.png); "
+                          "name a new folder")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ConfigError(f"--out {out}: is the working directory or one above it; name a new folder")

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from knn_diffusion.config import ConfigError, load_params
-from knn_diffusion.config_fields import check_field
+from knn_diffusion.config_fields import check_field, check_output_folder
 
 
 def read_input_image(path: str | Path, min_side: int) -> np.ndarray:
@@ -79,12 +79,7 @@ def check_edit_arguments(args: argparse.Namespace) -> None:
                                 ("--k", PairsConfig, "k")):
         if getattr(args, name) is not None:
             check_field(owner, name, getattr(args, name), option)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "grid.png").is_file())):
-        raise ConfigError(f"--out {out}: exists and is not the folder of an earlier edit run (no grid.png); "
-                          "name a new folder")
-    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise ConfigError(f"--out {out}: is the working directory or one above it; name a new folder")
+    check_output_folder(args.out, "edit")
 
 
 def _slug(text: str, limit: int = 40) -> str:

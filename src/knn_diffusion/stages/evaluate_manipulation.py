@@ -29,6 +29,7 @@ import numpy as np
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
 from knn_diffusion.evaluation.grid import draw
+from knn_diffusion.evaluation.stats import mean_interval, paired_difference_interval
 from knn_diffusion.generation import neighbour_search, read_prompts
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.io import atomic_dir, write_json
@@ -43,6 +44,28 @@ from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_con
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("edit", "text_to_image", "input")
+# Metrics given a bootstrap CI over the held-out images (an image's prompts resample together), and the
+# paired differences of the edit against each baseline.
+CI_METRICS = ("clip_score", "clip_gain", "changed_fraction", "ssim_outside", "psnr_outside", "ssim")
+
+
+def intervals(scores: dict[str, np.ndarray], images: int, seed: int, baseline: dict | None = None) -> dict:
+    """{metric, metric_ci_low, metric_ci_high} of the mean over (images, prompts) values - or of the paired
+    difference to ``baseline``'s - for each metric with a value everywhere; {} with fewer than 2 images."""
+    out: dict[str, float] = {}
+    for name in CI_METRICS:
+        values = scores[name].reshape(images, -1)
+        other = None if baseline is None else baseline[name].reshape(images, -1)
+        if images < 2 or not np.isfinite(values).all() or (other is not None and not np.isfinite(other).all()):
+            continue
+        if np.ptp(values if other is None else values - other) == 0:  # constant (the input vs itself): no spread
+            value = float((values if other is None else values - other).flat[0])
+            out.update({name: value, f"{name}_ci_low": value, f"{name}_ci_high": value})
+            continue
+        found = (mean_interval(values, seed=seed) if other is None
+                 else paired_difference_interval(values, other, seed=seed))
+        out.update(found.as_dict(name))
+    return out
 
 
 def write_system(folder: Path, inputs: np.ndarray, outputs: np.ndarray, prompts: list[str], rows: np.ndarray,
@@ -92,7 +115,7 @@ def evaluate_stage(params) -> None:
             scores = {**text_scores(judge, inputs, outputs[system], prompts),
                       **identity_scores(inputs, outputs[system], cfg.change_threshold)}
             per_item[system] = scores
-            summary = summarise(scores)
+            summary = {**summarise(scores), **intervals(scores, len(test_rows), cfg.seed)}
             finite = {name: value for name, value in summary.items() if math.isfinite(value)}
             report[system] = {name: round(value, 6) for name, value in finite.items()}
             with child_run(system, {**common, "system": system, "model_run_id": run_ids[system]},
@@ -100,6 +123,10 @@ def evaluate_stage(params) -> None:
                 child.metrics(finite)
             write_system(out / system, inputs, outputs[system], prompts, rows, run_ids[system])
             log.info("%s: %s", system, ", ".join(f"{name} {value:.4f}" for name, value in finite.items()))
+        for baseline in ("text_to_image", "input"):  # the edit's paired differences to each baseline
+            differences = intervals(per_item["edit"], len(test_rows), cfg.seed, per_item[baseline])
+            report[f"edit_minus_{baseline}"] = {name: round(value, 6) for name, value in differences.items()}
+            run.metrics({f"edit_minus_{baseline}.{name}": value for name, value in differences.items()})
         with open(out / "edits.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             names = list(per_item["edit"])

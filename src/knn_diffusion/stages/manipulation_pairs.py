@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def preview_grid(images, pairs: PairSet, count: int) -> np.ndarray:
-    """``count`` rows of (original | neighbour | aligned | manipulated | mask)."""
+    """``count`` rows of (original | neighbour | aligned | manipulated | mask), spread over the pairs."""
     tiles = []
-    for i in range(min(count, len(pairs.rows))):
+    for i in np.unique(np.linspace(0, len(pairs.rows) - 1, min(count, len(pairs.rows))).astype(int)):
         original, neighbour = images[pairs.rows[i]], images[pairs.neighbours[i]]
         mask = np.repeat(box_mask(original.shape[0], pairs.boxes[i])[..., None], 3, axis=2).astype(np.uint8) * 255
         tiles += [original, neighbour, apply_warp(neighbour, pairs.warps[i]), pairs.manipulated[i], mask]
