@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from knn_diffusion.config_fields import between
-from knn_diffusion.models.config import SchedulerName
+from knn_diffusion.models.continuous.config import SchedulerName
 from knn_diffusion.training.config import Precision
 
 

@@ -17,7 +17,7 @@ from knn_diffusion.manipulation.config import EditSampler
 from knn_diffusion.manipulation.model import ManipulationDenoiser, WithSource
 from knn_diffusion.manipulation.training import unit_range
 from knn_diffusion.retrieval.inference import NeighbourSearch
-from knn_diffusion.sampling import sample
+from knn_diffusion.models.continuous.sampler import sample
 
 
 def to_model_size(image: np.ndarray, side: int) -> np.ndarray:

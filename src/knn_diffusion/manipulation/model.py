@@ -15,8 +15,9 @@ import os
 import torch
 from torch import nn
 
-from knn_diffusion.models.config import ConditioningVariant, DenoiserConfig
-from knn_diffusion.models.unet import ContinuousDenoiser
+from knn_diffusion.models.config import ConditioningVariant
+from knn_diffusion.models.continuous.config import DenoiserConfig
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.checkpoint import load_weights, read_checkpoint_config
 
 BACKBONE = "manipulation"  # recorded in its checkpoints

@@ -18,10 +18,10 @@ from diffusers import DDPMScheduler
 
 from knn_diffusion.manipulation.config import ManipulationTrainConfig
 from knn_diffusion.manipulation.model import BACKBONE, ManipulationDenoiser, WithSource
-from knn_diffusion.models.config import BetaSchedule
-from knn_diffusion.models.unet import ContinuousDenoiser
-from knn_diffusion.sampling import sample, to_uint8
-from knn_diffusion.training.continuous import diffusion_loss
+from knn_diffusion.models.continuous.config import BetaSchedule
+from knn_diffusion.models.continuous.sampler import sample, to_uint8
+from knn_diffusion.models.continuous.training import diffusion_loss
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.data import ConditionedImages, EmbeddingSource
 from knn_diffusion.training.loop import ImagesFn, LogFn, train_loop
 

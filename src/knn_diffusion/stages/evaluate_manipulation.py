@@ -36,11 +36,12 @@ from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.manipulation.editing import edit_images, text_conditions
 from knn_diffusion.manipulation.evaluation import changed_region, identity_scores, summarise, text_scores
 from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
-from knn_diffusion.sampling import sample
+from knn_diffusion.models.continuous.sampler import sample
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.tracking import child_run
-from knn_diffusion.training.checkpoint import load_denoiser, read_checkpoint_config
+from knn_diffusion.models.continuous.generator import load_denoiser
+from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("edit", "text_to_image", "input")

@@ -19,7 +19,8 @@ from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
 from knn_diffusion.stages.train_common import (claim_state_dir, is_main_rank, load_training_inputs,
                                                relaunch_under_torchrun, run_key, tracked_training)
-from knn_diffusion.training.checkpoint import EMA_FILE, load_denoiser
+from knn_diffusion.models.continuous.generator import load_denoiser
+from knn_diffusion.training.checkpoint import EMA_FILE
 
 
 def load_pairs(name: str, store, k: int) -> tuple[dict, np.ndarray]:
