@@ -53,9 +53,9 @@ def test_fine_tuning_runs_in_the_shared_loop_and_reloads(tmp_path):
     cfg.sampling.steps = 2
     logged, grids = [], []
     final = train_manipulation(cfg, t2i, small_pairs(), tmp_path / "run", on_log=lambda s, m: logged.append(m["loss"]),
-                               on_images=lambda s, g: grids.append(g), metadata={"mlflow_run_id": "r1"})
+                               on_images=lambda s, g: grids.append(g), metadata={"text_to_image_sha256": "abc"})
     model, config = load_manipulation_model(final)
-    assert config["backbone"] == "manipulation" and config["mlflow_run_id"] == "r1" and config["step"] == 4
+    assert config["backbone"] == "manipulation" and config["text_to_image_sha256"] == "abc" and config["step"] == 4
     assert len(logged) == 4 and all(np.isfinite(logged))
     assert grids and grids[-1].shape[0] == grids[-1].shape[1]  # 3 x 3 tiles: (I_manip | edit | I) rows
     source_weights = model.denoiser.unet.conv_in.weight[:, 3:]

@@ -75,6 +75,7 @@ def test_edit_cli_returns_the_inputs_size_with_a_sidecar(edited, monkeypatch, ca
     assert len(outputs) == 2 and all(Image.open(p).size == (70, 50) for p in outputs)
     record = json.loads(outputs[1].with_suffix(".json").read_text())
     assert record["prompt"] == "sunglasses" and record["seed"] == 6 and record["steps"] == 2
-    assert record["model_run_id"] and record["encoder_fingerprint"] and record["index_fingerprint"]
+    assert record["model_run_id"] and record["model_sha256"] and record["encoder_fingerprint"]
+    assert record["index_fingerprint"] and len(record["neighbour_ids"]) == record["k"] > 0
     assert Image.open(edited / "edits" / "grid.png").size[0] > 3 * 70
     assert "error" not in capsys.readouterr().err

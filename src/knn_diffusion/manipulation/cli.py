@@ -98,19 +98,21 @@ def edit_command(args: argparse.Namespace) -> None:
     import dataclasses
 
     from knn_diffusion.encoders.factory import load_encoder
-    from knn_diffusion.generation import neighbour_search
     from knn_diffusion.images import image_grid, save_png
-    from knn_diffusion.io import atomic_dir, write_json
+    from knn_diffusion.io import atomic_dir, content_sha256, write_json
     from knn_diffusion.manipulation.editing import edit_images, text_conditions, to_input_size, to_model_size
     from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
+    from knn_diffusion.retrieval.backends import open_backend
+    from knn_diffusion.tracking import model_run_id
 
     model, config = load_manipulation_model(checkpoint)
     encoder = load_encoder(params.encoder, paths.ENCODER)
     k = trained_k(model) if args.k is None else args.k
     knn, sidecar = (None, {})
     if k > 0:
-        knn, sidecar = neighbour_search(args.index or params.data.generator_dataset, paths.INDEX, paths.EMBED,
-                                        encoder.fingerprint, encoder.dim, params.retrieval)
+        backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
+        neighbours = backend.open(args.index or params.data.generator_dataset)
+        knn, sidecar = neighbours.knn, neighbours.sidecar
     sampler = dataclasses.replace(params.edit, **{name: getattr(args, name) for name in ("guidance", "steps", "seed")
                                                   if getattr(args, name) is not None})
     source = to_model_size(image, model.config.unet.resolution)
@@ -118,6 +120,8 @@ def edit_command(args: argparse.Namespace) -> None:
     edits = edit_images(model, np.repeat(source[None], len(args.prompts), axis=0), cond, sampler)
     outputs = [to_input_size(image, source, edited) for edited in edits]
     input_sha256 = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
+    model_sha256 = content_sha256(checkpoint)  # the folder names no run: its training run is found by this hash
+    run_id = model_run_id(checkpoint, params.tracking.experiment, params.tracking.tracking_uri)
     with atomic_dir(Path(args.out).resolve()) as out:  # a failed run leaves --out as it was
         for i, (prompt, output) in enumerate(zip(args.prompts, outputs)):
             stem = f"{i:04d}-{_slug(prompt)}"
@@ -128,8 +132,8 @@ def edit_command(args: argparse.Namespace) -> None:
                 "seed": sampler.seed + i, "k": k, "neighbour_ids": ids[i].tolist(),
                 "neighbour_scores": [float(s) for s in scores[i]], "guidance": sampler.guidance,
                 "steps": sampler.steps, "scheduler": sampler.scheduler.value, "checkpoint": str(checkpoint),
-                "model_run_id": config.get("mlflow_run_id", ""),
-                "text_to_image_run_id": config.get("text_to_image_run_id", ""),
+                "model_run_id": run_id, "model_sha256": model_sha256,
+                "text_to_image_sha256": config.get("text_to_image_sha256", ""),
                 "encoder_fingerprint": encoder.fingerprint, "index": sidecar.get("dataset", ""),
                 "index_fingerprint": sidecar.get("sha256", ""), "index_fraction": sidecar.get("index_fraction", 1.0),
                 "subset_seed": sidecar.get("subset_seed", 0), "score_filter": sidecar.get("score_filter", [0.0, 1.0]),

@@ -30,18 +30,18 @@ from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
 from knn_diffusion.evaluation.grid import draw
 from knn_diffusion.evaluation.stats import mean_interval, paired_difference_interval
-from knn_diffusion.generation import neighbour_search, read_prompts
+from knn_diffusion.generation import read_prompts
 from knn_diffusion.images import image_grid, save_png
 from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.manipulation.editing import edit_images, text_conditions
 from knn_diffusion.manipulation.evaluation import changed_region, identity_scores, summarise, text_scores
 from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
 from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
-from knn_diffusion.tracking import child_run
+from knn_diffusion.tracking import child_run, model_run_id
 from knn_diffusion.models.continuous.generator import load_denoiser
-from knn_diffusion.training.checkpoint import read_checkpoint_config
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("edit", "text_to_image", "input")
@@ -90,14 +90,16 @@ def evaluate_stage(params) -> None:
     rows = np.repeat(test_rows, len(edit_prompts))  # every held-out image with every held-out prompt
     prompts = edit_prompts * len(test_rows)
     inputs = store[rows]
-    model, config = load_manipulation_model(paths.MANIPULATION_MODEL)
+    model, _ = load_manipulation_model(paths.MANIPULATION_MODEL)
     text_to_image = load_denoiser(paths.CONTINUOUS_MODEL)
     encoder = load_encoder(params.encoder, paths.ENCODER)
     judge = (load_open_clip(params.evaluate.clip_model, params.evaluate.clip_pretrained)
              if params.evaluate.clip_model else encoder)
     k = trained_k(model)
-    knn, sidecar = neighbour_search(params.data.generator_dataset, paths.INDEX, paths.EMBED, encoder.fingerprint,
-                                    encoder.dim, params.retrieval) if k else (None, {})
+    knn = None
+    if k:
+        backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
+        knn = backend.open(params.data.generator_dataset).knn
     cond, _, _ = text_conditions(encoder.encode_texts(prompts), knn, k)
     seeds = [sampler.seed + i for i in range(len(prompts))]
     log.info("%d held-out images x %d edit prompts; judge %s", len(test_rows), len(edit_prompts), judge.fingerprint[:16])
@@ -105,8 +107,9 @@ def evaluate_stage(params) -> None:
                "text_to_image": sample(text_to_image, cond, guidance=sampler.guidance, scheduler=sampler.scheduler,
                                        steps=sampler.steps, seed=seeds),
                "input": inputs}
-    run_ids = {"edit": config.get("mlflow_run_id", ""), "input": "",
-               "text_to_image": read_checkpoint_config(paths.CONTINUOUS_MODEL).get("mlflow_run_id", "")}
+    tracking = params.tracking
+    run_ids = {"edit": model_run_id(paths.MANIPULATION_MODEL, tracking.experiment, tracking.tracking_uri), "input": "",
+               "text_to_image": model_run_id(paths.CONTINUOUS_MODEL, tracking.experiment, tracking.tracking_uri)}
     common = {"judge": judge.fingerprint, "change_threshold": cfg.change_threshold, "k": k, "images": len(test_rows),
               "prompts": len(edit_prompts), "guidance": sampler.guidance, "steps": sampler.steps,
               "scheduler": sampler.scheduler.value}

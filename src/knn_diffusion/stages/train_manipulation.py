@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from knn_diffusion.config import Params
-from knn_diffusion.io import read_json
+from knn_diffusion.io import content_sha256, read_json
 from knn_diffusion.manipulation.model import trained_k
 from knn_diffusion.manipulation.training import EditPairs, train_manipulation
 from knn_diffusion.stages import paths
@@ -57,10 +57,9 @@ def train_stage(params: Params) -> None:
                   paths.CONTINUOUS_MODEL / EMA_FILE)
     state_dir = paths.MANIPULATION_STATE / key
 
-    def train(on_log=None, on_images=None, metadata=None):
+    def train(on_log=None, on_images=None):
         return train_manipulation(cfg, text_to_image, dataset, state_dir, on_log=on_log, on_images=on_images,
-                                  metadata={**(metadata or {}), "text_to_image_run_id": read_json(
-                                      paths.CONTINUOUS_MODEL / "config.json").get("mlflow_run_id", "")})
+                                  metadata={"text_to_image_sha256": content_sha256(paths.CONTINUOUS_MODEL)})
 
     if not is_main_rank():
         train()
