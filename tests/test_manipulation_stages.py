@@ -59,7 +59,8 @@ def test_fine_tuned_model_evaluation_and_study(edited):
     trained = json.loads((edited / paths.MANIPULATION_METRICS).read_text())
     assert trained["steps"] == 4 and np.isfinite(trained["last_loss"])
     report = json.loads((edited / paths.EVALUATE_MANIPULATION_METRICS).read_text())
-    assert set(report) == {"edit", "text_to_image", "input"}
+    assert set(report) == {"edit", "text_to_image", "input", "edit_minus_text_to_image", "edit_minus_input"}
+    assert report["edit"]["clip_gain_ci_low"] <= report["edit"]["clip_gain"] <= report["edit"]["clip_gain_ci_high"]
     assert report["input"]["clip_gain"] == 0 and report["input"]["changed_fraction"] == 0
     assert report["input"]["ssim_outside"] == pytest.approx(1.0)
     assert (edited / paths.EVALUATE_MANIPULATION / "grid.png").is_file()
