@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import os
 import sys
 from importlib import resources
@@ -13,7 +15,8 @@ import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
 from knn_diffusion.config_fields import check_field, check_output_folder
-from knn_diffusion.manipulation.cli import add_edit_arguments, edit_command
+from knn_diffusion.manipulation.cli import (add_edit_arguments, check_edit_arguments, model_resolution, output_stem,
+                                           read_input_image)
 from knn_diffusion.stack.processes import StackError
 
 
@@ -170,6 +173,61 @@ def _generate_command(args: argparse.Namespace) -> None:
     print(f"{args.out}/grid.png")
 
 
+def _edit_command(args: argparse.Namespace) -> None:
+    """Check everything, then edit the input once per prompt and write the results atomically."""
+    from knn_diffusion.stages import paths
+
+    check_edit_arguments(args)
+    params = load_params(args.params, args.set or [])
+    checkpoint = Path(args.checkpoint or paths.MANIPULATION_MODEL)
+    image = read_input_image(args.input, model_resolution(checkpoint))
+
+    from knn_diffusion.encoders.factory import load_encoder
+    from knn_diffusion.images import image_grid, save_png
+    from knn_diffusion.io import atomic_dir, content_sha256, write_json
+    from knn_diffusion.manipulation.editing import edit_images, text_conditions, to_input_size, to_model_size
+    from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
+    from knn_diffusion.retrieval.backends import open_backend
+    from knn_diffusion.tracking import model_run_id
+
+    model, config = load_manipulation_model(checkpoint)
+    encoder = load_encoder(params.encoder, paths.ENCODER)
+    k = trained_k(model) if args.k is None else args.k
+    knn, sidecar = (None, {})
+    if k > 0:
+        backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
+        neighbours = backend.open(args.index or params.data.generator_dataset)
+        knn, sidecar = neighbours.knn, neighbours.sidecar
+    sampler = dataclasses.replace(params.edit, **{name: getattr(args, name) for name in ("guidance", "steps", "seed")
+                                                  if getattr(args, name) is not None})
+    source = to_model_size(image, model.config.unet.resolution)
+    cond, ids, scores = text_conditions(encoder.encode_texts(args.prompts), knn, k)
+    edits = edit_images(model, np.repeat(source[None], len(args.prompts), axis=0), cond, sampler)
+    outputs = [to_input_size(image, source, edited) for edited in edits]
+    input_sha256 = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
+    model_sha256 = content_sha256(checkpoint)  # the folder names no run: its training run is found by this hash
+    run_id = model_run_id(checkpoint, params.tracking.experiment, params.tracking.tracking_uri)
+    with atomic_dir(Path(args.out).resolve()) as out:  # a failed run leaves --out as it was
+        for i, (prompt, output) in enumerate(zip(args.prompts, outputs)):
+            stem = output_stem(i, prompt)
+            save_png(out / f"{stem}.png", output)
+            write_json(out / f"{stem}.json", {
+                "prompt": prompt, "input": str(args.input), "input_sha256": input_sha256,
+                "input_size": [image.shape[1], image.shape[0]], "model_resolution": model.config.unet.resolution,
+                "seed": sampler.seed + i, "k": k, "neighbour_ids": ids[i].tolist(),
+                "neighbour_scores": [float(s) for s in scores[i]], "guidance": sampler.guidance,
+                "steps": sampler.steps, "scheduler": sampler.scheduler.value, "checkpoint": str(checkpoint),
+                "model_run_id": run_id, "model_sha256": model_sha256,
+                "text_to_image_sha256": config.get("text_to_image_sha256", ""),
+                "encoder_fingerprint": encoder.fingerprint, "index": sidecar.get("dataset", ""),
+                "index_fingerprint": sidecar.get("sha256", ""), "index_fraction": sidecar.get("index_fraction", 1.0),
+                "subset_seed": sidecar.get("subset_seed", 0), "score_filter": sidecar.get("score_filter", [0.0, 1.0]),
+                "image": f"{stem}.png"})
+            print(f"{args.out}/{stem}.png  {prompt!r}  seed {sampler.seed + i}")
+        save_png(out / "grid.png", image_grid(np.stack([image, *outputs]), columns=1 + len(outputs)))
+    print(f"{args.out}/grid.png  (input | edits)")
+
+
 def _report_command(args: argparse.Namespace) -> None:
     """Ablation tables and plots from the evaluate runs of an experiment, logged to a `report` run."""
     from knn_diffusion.evaluation.report import publish_report
@@ -218,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("edit", help="edit an image from text alone (no mask) with the manipulation model")
     add_edit_arguments(e)
-    e.set_defaults(handler=edit_command)
+    e.set_defaults(handler=_edit_command)
 
     r = commands.add_parser("report", help="ablation tables (markdown + CSV) and plots from the evaluate runs")
     r.add_argument("--experiment", default="knn-diffusion", help="MLflow experiment (tracking.experiment)")

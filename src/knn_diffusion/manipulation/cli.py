@@ -1,4 +1,5 @@
-"""``knn-diffusion edit INPUT "text" [...] --out DIR``: mask-free, text-guided editing of one image.
+"""The arguments and input checks of ``knn-diffusion edit INPUT "text" [...] --out DIR`` (the command itself
+is ``cli.py``'s ``_edit_command``): mask-free, text-guided editing of one image.
 
 Every input is checked before the model, the encoder or torch load (and before anything is written):
 an empty prompt, a missing model, a file that is not an image and an image smaller than the model's
@@ -10,15 +11,13 @@ atomically: one ``<i>-<slug>.png`` (the input's size) + ``.json`` sidecar per pr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from knn_diffusion.config import ConfigError, load_params
-from knn_diffusion.config_fields import check_field, check_output_folder
+from knn_diffusion.config_fields import ConfigError, check_field, check_output_folder
 
 
 def read_input_image(path: str | Path, min_side: int) -> np.ndarray:
@@ -82,62 +81,6 @@ def check_edit_arguments(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "edit")
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "edit"
-
-
-def edit_command(args: argparse.Namespace) -> None:
-    """Check everything, then edit the input once per prompt and write the results atomically."""
-    from knn_diffusion.stages import paths
-
-    check_edit_arguments(args)
-    params = load_params(args.params, args.set or [])
-    checkpoint = Path(args.checkpoint or paths.MANIPULATION_MODEL)
-    image = read_input_image(args.input, model_resolution(checkpoint))
-
-    import dataclasses
-
-    from knn_diffusion.encoders.factory import load_encoder
-    from knn_diffusion.images import image_grid, save_png
-    from knn_diffusion.io import atomic_dir, content_sha256, write_json
-    from knn_diffusion.manipulation.editing import edit_images, text_conditions, to_input_size, to_model_size
-    from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
-    from knn_diffusion.retrieval.backends import open_backend
-    from knn_diffusion.tracking import model_run_id
-
-    model, config = load_manipulation_model(checkpoint)
-    encoder = load_encoder(params.encoder, paths.ENCODER)
-    k = trained_k(model) if args.k is None else args.k
-    knn, sidecar = (None, {})
-    if k > 0:
-        backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
-        neighbours = backend.open(args.index or params.data.generator_dataset)
-        knn, sidecar = neighbours.knn, neighbours.sidecar
-    sampler = dataclasses.replace(params.edit, **{name: getattr(args, name) for name in ("guidance", "steps", "seed")
-                                                  if getattr(args, name) is not None})
-    source = to_model_size(image, model.config.unet.resolution)
-    cond, ids, scores = text_conditions(encoder.encode_texts(args.prompts), knn, k)
-    edits = edit_images(model, np.repeat(source[None], len(args.prompts), axis=0), cond, sampler)
-    outputs = [to_input_size(image, source, edited) for edited in edits]
-    input_sha256 = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
-    model_sha256 = content_sha256(checkpoint)  # the folder names no run: its training run is found by this hash
-    run_id = model_run_id(checkpoint, params.tracking.experiment, params.tracking.tracking_uri)
-    with atomic_dir(Path(args.out).resolve()) as out:  # a failed run leaves --out as it was
-        for i, (prompt, output) in enumerate(zip(args.prompts, outputs)):
-            stem = f"{i:04d}-{_slug(prompt)}"
-            save_png(out / f"{stem}.png", output)
-            write_json(out / f"{stem}.json", {
-                "prompt": prompt, "input": str(args.input), "input_sha256": input_sha256,
-                "input_size": [image.shape[1], image.shape[0]], "model_resolution": model.config.unet.resolution,
-                "seed": sampler.seed + i, "k": k, "neighbour_ids": ids[i].tolist(),
-                "neighbour_scores": [float(s) for s in scores[i]], "guidance": sampler.guidance,
-                "steps": sampler.steps, "scheduler": sampler.scheduler.value, "checkpoint": str(checkpoint),
-                "model_run_id": run_id, "model_sha256": model_sha256,
-                "text_to_image_sha256": config.get("text_to_image_sha256", ""),
-                "encoder_fingerprint": encoder.fingerprint, "index": sidecar.get("dataset", ""),
-                "index_fingerprint": sidecar.get("sha256", ""), "index_fraction": sidecar.get("index_fraction", 1.0),
-                "subset_seed": sidecar.get("subset_seed", 0), "score_filter": sidecar.get("score_filter", [0.0, 1.0]),
-                "image": f"{stem}.png"})
-            print(f"{args.out}/{stem}.png  {prompt!r}  seed {sampler.seed + i}")
-        save_png(out / "grid.png", image_grid(np.stack([image, *outputs]), columns=1 + len(outputs)))
-    print(f"{args.out}/grid.png  (input | edits)")
+def output_stem(number: int, prompt: str) -> str:
+    """``<number>-<slug of the prompt>``: the file name (without suffix) of one edit."""
+    return f"{number:04d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "edit")
