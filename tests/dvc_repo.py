@@ -13,7 +13,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs", "train_manipulation",
+PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
+            "train_manipulation",
             "tokenizer", "train_discrete", "sample", "evaluate", "evaluate_manipulation", "human_eval",
             "human_eval_manipulation", "human_eval_aggregate")
 # The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.

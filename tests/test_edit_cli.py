@@ -36,7 +36,8 @@ def workspace(tmp_path_factory) -> Path:
 BAD_INPUTS = {
     "not an image": (["notes.png", "wears a hat"], "notes.png: not a readable image file"),
     "empty prompt": (["ok.png", "wears a hat", "  "], "prompt 2 is empty"),
-    "missing model": (["ok.png", "wears a hat", "--checkpoint", "no-such-model"], "no-such-model: no manipulation model"),
+    "missing model": (["ok.png", "wears a hat", "--checkpoint", "no-such-model"],
+                      "no-such-model: no manipulation model"),
     "too small": (["small.png", "wears a hat"], "small.png: image is 30x12 px, too small"),
     "missing input": (["absent.png", "wears a hat"], "absent.png: input image not found"),
 }

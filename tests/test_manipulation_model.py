@@ -9,8 +9,8 @@ import torch
 from knn_diffusion.manipulation.config import ManipulationTrainConfig
 from knn_diffusion.manipulation.model import ManipulationDenoiser, WithSource, load_manipulation_model
 from knn_diffusion.manipulation.training import EditPairs, train_manipulation
-from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.models.continuous.unet import ContinuousDenoiser
 from knn_diffusion.training.checkpoint import list_checkpoints
 from tests.continuous_helpers import ArrayEmbeddings, micro_config, ring_neighbours, square_images, unit_embeddings
 

@@ -13,8 +13,13 @@ import yaml
 from PIL import Image
 
 from knn_diffusion.cli import main as cli_main
-from knn_diffusion.stages import (evaluate_manipulation, human_eval_manipulation, manipulation_pairs, paths,
-                                  train_manipulation)
+from knn_diffusion.stages import (
+    evaluate_manipulation,
+    human_eval_manipulation,
+    manipulation_pairs,
+    paths,
+    train_manipulation,
+)
 from tests.conftest import copy_outputs
 
 pytestmark = pytest.mark.slow  # trains on the tiny pipeline's outputs: tens of seconds

@@ -15,8 +15,13 @@ import yaml
 
 from knn_diffusion.config import ConfigError, build_params, load_params, to_plain, write_params
 from knn_diffusion.config_fields import check_field, check_output_folder
-from knn_diffusion.manipulation.cli import (add_edit_arguments, check_edit_arguments, model_resolution, output_stem,
-                                           read_input_image)
+from knn_diffusion.manipulation.cli import (
+    add_edit_arguments,
+    check_edit_arguments,
+    model_resolution,
+    output_stem,
+    read_input_image,
+)
 from knn_diffusion.stack.processes import StackError
 
 

@@ -31,8 +31,12 @@ from knn_diffusion.data.config import DataConfig, Source
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig, manipulation_study
-from knn_diffusion.manipulation.config import (EditSampler, EvaluateManipulationConfig, ManipulationTrainConfig,
-                                               PairsConfig)
+from knn_diffusion.manipulation.config import (
+    EditSampler,
+    EvaluateManipulationConfig,
+    ManipulationTrainConfig,
+    PairsConfig,
+)
 from knn_diffusion.models.continuous.config import ContinuousSampler, ContinuousTrainConfig
 from knn_diffusion.models.discrete.config import DiscreteSampler, DiscreteTrainConfig, TokenizerConfig
 from knn_diffusion.retrieval.config import IndexConfig, KnnConfig, RetrievalConfig
@@ -171,7 +175,8 @@ def _cross_checks(params: Params, where: str) -> None:
                           f"{params.train_discrete.sampling.steps}: expected at most train_discrete.transition.steps "
                           f"= {params.train_discrete.transition.steps}")
     if params.manipulation_pairs.min_size > params.manipulation_pairs.max_size:
-        raise ConfigError(f"{where}: key 'manipulation_pairs.min_size' has bad value {params.manipulation_pairs.min_size}: "
+        pairs = params.manipulation_pairs
+        raise ConfigError(f"{where}: key 'manipulation_pairs.min_size' has bad value {pairs.min_size}: "
                           f"expected at most manipulation_pairs.max_size = {params.manipulation_pairs.max_size}")
     bad_splits = sorted(set(params.index.generator_splits) - {"train", "val", "test"})
     if bad_splits or not params.index.generator_splits:

@@ -57,7 +57,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("input", help="the image to edit (PNG, JPEG, WebP, ...; any size)")
     parser.add_argument("prompts", nargs="+", help="what to change, e.g. 'wears a hat'; one edit per prompt")
     parser.add_argument("--out", required=True, help="output directory (replaced as a whole on success)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: edit.guidance)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance (default: edit.guidance)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: edit.steps)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first edit; edit i uses seed+i")
     parser.add_argument("--k", type=int, default=None, help="neighbours of the text to retrieve (default: as trained)")

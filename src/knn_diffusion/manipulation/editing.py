@@ -16,8 +16,8 @@ import numpy as np
 from knn_diffusion.manipulation.config import EditSampler
 from knn_diffusion.manipulation.model import ManipulationDenoiser, WithSource
 from knn_diffusion.manipulation.training import unit_range
-from knn_diffusion.retrieval.inference import NeighbourSearch
 from knn_diffusion.models.continuous.sampler import sample
+from knn_diffusion.retrieval.inference import NeighbourSearch
 
 
 def to_model_size(image: np.ndarray, side: int) -> np.ndarray:

@@ -39,7 +39,8 @@ def identity_scores(inputs: np.ndarray, outputs: np.ndarray, threshold: float) -
         mse_outside = np.where(kept > 0, (squared * ~changed).reshape(len(changed), -1).sum(1) / kept, np.nan)
     return {"changed_fraction": changed.reshape(len(changed), -1).mean(axis=1), "ssim_outside": ssim_outside,
             "psnr_outside": np.where(np.isnan(mse_outside), np.nan, psnr(mse_outside)),
-            "ssim": ssim_pixels.reshape(len(changed), -1).mean(axis=1), "psnr": psnr(squared.reshape(len(changed), -1).mean(1))}
+            "ssim": ssim_pixels.reshape(len(changed), -1).mean(axis=1),
+            "psnr": psnr(squared.reshape(len(changed), -1).mean(1))}
 
 
 def text_scores(judge, inputs: np.ndarray, outputs: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:

@@ -36,12 +36,12 @@ from knn_diffusion.io import atomic_dir, write_json
 from knn_diffusion.manipulation.editing import edit_images, text_conditions
 from knn_diffusion.manipulation.evaluation import changed_region, identity_scores, summarise, text_scores
 from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
+from knn_diffusion.models.continuous.generator import load_denoiser
 from knn_diffusion.models.continuous.sampler import sample
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.tracking import child_run, model_run_id
-from knn_diffusion.models.continuous.generator import load_denoiser
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("edit", "text_to_image", "input")
@@ -102,7 +102,8 @@ def evaluate_stage(params) -> None:
         knn = backend.open(params.data.generator_dataset).knn
     cond, _, _ = text_conditions(encoder.encode_texts(prompts), knn, k)
     seeds = [sampler.seed + i for i in range(len(prompts))]
-    log.info("%d held-out images x %d edit prompts; judge %s", len(test_rows), len(edit_prompts), judge.fingerprint[:16])
+    log.info("%d held-out images x %d edit prompts; judge %s", len(test_rows), len(edit_prompts),
+             judge.fingerprint[:16])
     outputs = {"edit": edit_images(model, inputs, cond, sampler, seeds),
                "text_to_image": sample(text_to_image, cond, guidance=sampler.guidance, scheduler=sampler.scheduler,
                                        steps=sampler.steps, seed=seeds),

@@ -15,11 +15,17 @@ from knn_diffusion.config import Params
 from knn_diffusion.io import content_sha256, read_json
 from knn_diffusion.manipulation.model import trained_k
 from knn_diffusion.manipulation.training import EditPairs, train_manipulation
+from knn_diffusion.models.continuous.generator import load_denoiser
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
-from knn_diffusion.stages.train_common import (claim_state_dir, is_main_rank, load_training_inputs,
-                                               relaunch_under_torchrun, run_key, tracked_training)
-from knn_diffusion.models.continuous.generator import load_denoiser
+from knn_diffusion.stages.train_common import (
+    claim_state_dir,
+    is_main_rank,
+    load_training_inputs,
+    relaunch_under_torchrun,
+    run_key,
+    tracked_training,
+)
 from knn_diffusion.training.checkpoint import EMA_FILE
 
 
