@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from tests.continuous_helpers import ArrayEmbeddings, ring_neighbours, square_images, unit_embeddings
     from pathlib import Path
-    from knn_diffusion.training.config import ContinuousTrainConfig
+    from knn_diffusion.models.continuous.config import ContinuousTrainConfig
     from knn_diffusion.models.continuous.training import train_continuous
 
     out = Path(sys.argv[1])
