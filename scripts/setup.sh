@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a venv with the exact versions in requirements.lock, the project installed
-# editable, and the Noto Color Emoji font (second sticker set) where apt is available.
+# editable, the npm emoji styles pinned by emoji-styles/package-lock.json, and the Noto Color Emoji font
+# (second sticker set) where apt is available.
 # Running it again with an unchanged lock file installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 else
     echo "setup: $VENV matches requirements.lock; nothing to install"
+fi
+
+# Emoji styles from npm (paired image/name data for the encoders), exactly as emoji-styles/package-lock.json
+# pins them; `npm ci` again only when the lock changed.
+styles_stamp=emoji-styles/node_modules/.installed-lock
+styles_want=$(sha256sum emoji-styles/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$styles_stamp" 2>/dev/null)" != "$styles_want" ]; then
+    if command -v npm >/dev/null; then
+        echo "setup: installing the emoji styles of emoji-styles/package-lock.json (npm ci)"
+        npm ci --prefix emoji-styles --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null
+        echo "$styles_want" > "$styles_stamp"
+    else
+        echo "setup: NOTE npm is not installed: the npm emoji styles are skipped (the encoder aligns on Noto alone)"
+    fi
 fi
 
 # Debian packages: the second emoji set; for the tests, the headless browser the UI tests drive, the

@@ -13,13 +13,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-PIPELINE = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
+PIPELINE = ("ingest", "encoder", "judge", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
             "train_manipulation",
             "tokenizer", "train_discrete", "sample", "evaluate", "evaluate_manipulation", "human_eval",
             "human_eval_manipulation", "human_eval_aggregate")
 # The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.
-TRACED = ("ingest", "encoder", "embed", "index", "knn", "train_continuous", "manipulation_pairs", "train_manipulation",
-          "tokenizer", "train_discrete", "sample@continuous", "sample@discrete", "evaluate@continuous",
+TRACED = ("ingest", "encoder", "judge", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
+          "train_manipulation", "tokenizer", "train_discrete", "sample@continuous", "sample@discrete", "evaluate@continuous",
           "evaluate@discrete", "evaluate_manipulation", "human_eval", "human_eval_manipulation", "human_eval_aggregate")
 TRACES = ".traces"  # in the repo root (git-ignored): a copy of a traced repo writes its own traces
 
@@ -47,6 +47,7 @@ def tiny_params(encoder: tuple[str, str], experiment: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"] = {"openmoji": {"source": "openmoji", "limit": 60}}
     params["encoder"].update({"kind": "open_clip", "model_name": encoder[0], "pretrained": encoder[1]})
+    params["judge"].update({"kind": "open_clip", "model_name": encoder[0], "pretrained": encoder[1]})
     params["embed"]["shard_size"] = 25
     params["index"]["tune_queries"] = 20
     params["knn"]["k_max"] = 4
@@ -103,6 +104,8 @@ def make_repo(root: Path, params: dict, stages: tuple[str, ...] = PIPELINE, trac
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copytree(REPO / "prompts", root / "prompts")
+    (root / "emoji-styles").mkdir()
+    shutil.copy(REPO / "emoji-styles" / "package-lock.json", root / "emoji-styles")  # an ingest dep
     shutil.copytree(REPO / "results", root / "results")  # human_eval_aggregate's results_dir (no answers yet)
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=root, check=True)

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_diffusion.config_fields import ConfigError, between, flatten, out_of_range, to_plain  # noqa: F401 (ConfigError re-exported)
 from knn_diffusion.data.config import DataConfig, Source
-from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig
+from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig, EncoderKind, judge_defaults
 from knn_diffusion.evaluation.config import EvaluateConfig
 from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig, manipulation_study
 from knn_diffusion.manipulation.config import (
@@ -103,7 +103,8 @@ class PipelineConfig:
 @dataclass
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the retrieval encoder
+    judge: EncoderConfig = field(default_factory=judge_defaults)  # scores generated images (evaluate)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -182,10 +183,29 @@ def _cross_checks(params: Params, where: str) -> None:
     if bad_splits or not params.index.generator_splits:
         raise ConfigError(f"{where}: key 'index.generator_splits' has bad value {params.index.generator_splits!r}: "
                           "expected a non-empty subset of ['train', 'val', 'test']")
+    _check_paired_datasets(params, where)
     for name, ds in data.datasets.items():
-        if ds.source in (Source.folder, Source.webdataset) and not ds.path:
+        if ds.source in (Source.folder, Source.webdataset, Source.iconify) and not ds.path:
             raise ConfigError(f"{where}: key 'data.datasets.{name}.path' is empty: source "
                               f"'{ds.source.value}' needs a path")
+
+
+def _check_paired_datasets(params: Params, where: str) -> None:
+    """The encoders' paired corpora: never the generator's dataset, and the judge's disjoint from
+    the retrieval encoder's (an independent judge sees none of the styles the retriever was aligned on)."""
+    data = params.data
+    if data.datasets[data.generator_dataset].pairs_only:
+        raise ConfigError(f"{where}: key 'data.datasets.{data.generator_dataset}.pairs_only' is true for "
+                          "data.generator_dataset: the generator's dataset is embedded and indexed")
+    for section in ("encoder", "judge"):  # a name not in data.datasets is skipped like one not installed
+        if data.generator_dataset in getattr(params, section).alignment.datasets:
+            raise ConfigError(f"{where}: key '{section}.alignment.datasets' lists the generator's dataset "
+                              f"{data.generator_dataset!r}: its images must stay unpaired")
+    if params.encoder.kind == EncoderKind.aligned and params.judge.kind == EncoderKind.aligned:
+        shared = sorted(set(params.encoder.alignment.datasets) & set(params.judge.alignment.datasets))
+        if shared:
+            raise ConfigError(f"{where}: keys 'encoder.alignment.datasets' and 'judge.alignment.datasets' share "
+                              f"{shared}: the judge must align on styles the retrieval encoder never saw")
 
 
 def build_params(raw: dict | None, overrides: Iterable[str] = (), where: str = "params") -> Params:

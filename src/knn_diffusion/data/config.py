@@ -13,17 +13,21 @@ class Source(str, Enum):
     noto = "noto"
     folder = "folder"
     webdataset = "webdataset"
+    iconify = "iconify"  # an Iconify icons.json of emoji SVGs (npm @iconify-json/*)
 
 
 @dataclass
 class DatasetConfig:
-    """One image collection; ``path`` is required for ``folder`` and ``webdataset`` sources."""
+    """One image collection; ``path`` is required for ``folder``, ``webdataset`` and ``iconify`` sources."""
 
     source: Source = Source.openmoji
     path: str | None = None
     limit: int | None = field(default=None, metadata=between(1))
     # A font/package that is not installed skips the dataset with a warning instead of failing.
     optional: bool = False
+    # (image, name) pairs for the encoders only (encoder.alignment.datasets, judge.alignment.datasets):
+    # ingested, never embedded or indexed.
+    pairs_only: bool = False
 
 
 @dataclass

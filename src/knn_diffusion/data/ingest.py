@@ -6,7 +6,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from knn_diffusion.data import sources
 from knn_diffusion.data.config import DataConfig, DatasetConfig, Source
+from knn_diffusion.data.iconify import iconify_items
 from knn_diffusion.data.store import shard_name
 from knn_diffusion.io import atomic_path, save_npy, write_json
 
@@ -28,16 +29,19 @@ def split_for(content_hash: str, val: float, test: float) -> str:
     return "train"
 
 
+SOURCES: dict[Source, Callable[[DatasetConfig, sources.SourceStats], Iterator[sources.RawImage]]] = {
+    Source.openmoji: lambda ds, stats: sources.openmoji_items(stats, ds.limit),
+    Source.noto: lambda ds, stats: sources.noto_items(stats, ds.limit),
+    Source.folder: lambda ds, stats: sources.folder_items(ds.path, stats, ds.limit),
+    Source.webdataset: lambda ds, stats: sources.webdataset_items(ds.path, stats, ds.limit),
+    Source.iconify: lambda ds, stats: iconify_items(ds.path, stats, ds.limit),
+}
+
+
 def iter_source(ds: DatasetConfig, stats: sources.SourceStats) -> Iterator[sources.RawImage]:
-    if ds.source == Source.openmoji:
-        return sources.openmoji_items(stats, ds.limit)
-    if ds.source == Source.noto:
-        return sources.noto_items(stats, ds.limit)
-    if ds.source == Source.folder:
-        return sources.folder_items(ds.path, stats, ds.limit)
-    if ds.source == Source.webdataset:
-        return sources.webdataset_items(ds.path, stats, ds.limit)
-    raise sources.SourceError(f"unknown source {ds.source!r}: expected one of {[s.value for s in Source]}")
+    if ds.source not in SOURCES:
+        raise sources.SourceError(f"unknown source {ds.source!r}: expected one of {[s.value for s in Source]}")
+    return SOURCES[ds.source](ds, stats)
 
 
 @dataclass
@@ -111,6 +115,6 @@ def ingest_dataset(name: str, ds: DatasetConfig, data: DataConfig, out_dir: Path
     write_json(out_dir / "meta.json", {
         "name": name, "source": ds.source.value, "resolution": data.resolution, "count": len(rows),
         "shard_size": data.shard_size, "num_shards": num_shards, "background": list(background),
-        "glyph_fill": data.glyph_fill})
+        "glyph_fill": data.glyph_fill, "pairs_only": ds.pairs_only})
     return summary
 

@@ -60,6 +60,9 @@ class AlignmentConfig:
     checkpoint_every: int = field(default=100, metadata=between(1))
     seed: int = 0
     eval_ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata=between(1))
+    # The ingested datasets whose (image, name) pairs it aligns on (the ones not installed are skipped);
+    # when none is there, the generator dataset's val split. Never the generator dataset itself.
+    datasets: list[str] = field(default_factory=lambda: ["noto"])
 
 
 @dataclass
@@ -93,3 +96,10 @@ class EmbedConfig:
     # dask_address: a running Dask scheduler (tcp://host:8786) instead of a LocalCluster.
     workers: int = field(default=0, metadata=between(0, 256))
     dask_address: str = ""
+
+
+def judge_defaults() -> EncoderConfig:
+    """The judge: an aligned model like the retrieval encoder's, but with another image-tower shape, another
+    seed and emoji styles the retrieval encoder never sees (a check in config.py keeps them apart)."""
+    return EncoderConfig(vision=VisionTowerConfig(width=128, layers=2, head_width=64),
+                         alignment=AlignmentConfig(seed=1, datasets=["emojione", "fxemoji"]))

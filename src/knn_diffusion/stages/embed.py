@@ -16,7 +16,7 @@ from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.encoders.parallel import embed_shards_parallel
 from knn_diffusion.encoders.store import begin_embedding, embed_collection, finish_embedding, save_text_embeddings
-from knn_diffusion.io import write_json
+from knn_diffusion.io import read_json, write_json
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def ingested_datasets() -> list[str]:
-    return sorted(p.name for p in paths.INGEST.iterdir() if (p / "manifest.parquet").is_file())
+    """Every ingested dataset but the encoders' paired corpora (``pairs_only``: never embedded or indexed)."""
+    return sorted(p.name for p in paths.INGEST.iterdir() if (p / "manifest.parquet").is_file()
+                  and not read_json(p / "meta.json").get("pairs_only", False))
 
 
 def remove_stale_stores(datasets: list[str]) -> None:

@@ -14,6 +14,10 @@ ENCODER = DATA / "encoder"
 ENCODER_METRICS = METRICS / "encoder.json"
 ENCODER_STATE = CHECKPOINTS / "encoder"
 
+JUDGE = DATA / "judge"  # the evaluation's judge (an aligned model like data/encoder, or a pretrained record)
+JUDGE_METRICS = METRICS / "judge.json"
+JUDGE_STATE = CHECKPOINTS / "judge"
+
 EMBED = DATA / "embed"
 EMBED_METRICS = METRICS / "embed.json"
 EVAL_PROMPTS = EMBED / "eval_prompts.npy"  # text embeddings of the generator's held-out names
