@@ -191,16 +191,13 @@ def _cross_checks(params: Params, where: str) -> None:
 
 
 def _check_paired_datasets(params: Params, where: str) -> None:
-    """The encoders' paired corpora: never the generator's dataset, and the judge's disjoint from
-    the retrieval encoder's (an independent judge sees none of the styles the retriever was aligned on)."""
+    """The generator's dataset is never pairs-only, and the judge's paired corpora are disjoint from the
+    retrieval encoder's (an independent judge sees none of the styles the retriever was aligned on).
+    Listed datasets that are not ingested (or are the generator's) are skipped by the stages."""
     data = params.data
     if data.datasets[data.generator_dataset].pairs_only:
         raise ConfigError(f"{where}: key 'data.datasets.{data.generator_dataset}.pairs_only' is true for "
                           "data.generator_dataset: the generator's dataset is embedded and indexed")
-    for section in ("encoder", "judge"):  # a name not in data.datasets is skipped like one not installed
-        if data.generator_dataset in getattr(params, section).alignment.datasets:
-            raise ConfigError(f"{where}: key '{section}.alignment.datasets' lists the generator's dataset "
-                              f"{data.generator_dataset!r}: its images must stay unpaired")
     if params.encoder.kind == EncoderKind.aligned and params.judge.kind == EncoderKind.aligned:
         shared = sorted(set(params.encoder.alignment.datasets) & set(params.judge.alignment.datasets))
         if shared:

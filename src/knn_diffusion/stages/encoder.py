@@ -57,17 +57,17 @@ def _named_rows(store: ImageStore, rows: np.ndarray, held_out_names: list[str]) 
 
 def paired_corpus(params: Params, cfg: EncoderConfig, held_out_names: list[str],
                   fallback: bool = True) -> PairedCorpus:
-    """Every named image of the ingested ``cfg.alignment.datasets`` whose name is not held out.
+    """Every named image of the ingested ``cfg.alignment.datasets`` (never the generator's) whose name is not held out.
 
     With none of them ingested: the generator dataset's val split when ``fallback``, else an error.
     """
     sources = [(name, ImageStore.open(paths.dataset_dir(name)), None) for name in cfg.alignment.datasets
-               if (paths.dataset_dir(name) / "manifest.parquet").is_file()]
+               if name != params.data.generator_dataset and (paths.dataset_dir(name) / "manifest.parquet").is_file()]
     if not sources:
         listed = cfg.alignment.datasets
         if not fallback:
-            raise ValueError(f"alignment.datasets {listed}: none is ingested (scripts/setup.sh installs the npm "
-                             "emoji styles); or choose kind=open_clip")
+            raise ValueError(f"alignment.datasets {listed}: none is ingested apart from the generator's "
+                             "(scripts/setup.sh installs the npm emoji styles); or choose kind=open_clip")
         generator = params.data.generator_dataset
         log.warning("paired corpus: none of %s is ingested, aligning on the %s val split", listed, generator)
         sources = [(generator, ImageStore.open(paths.dataset_dir(generator)), "val")]
