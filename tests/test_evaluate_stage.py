@@ -14,7 +14,7 @@ import yaml
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stack.services import mlflow_server
-from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, knn, paths, train_continuous
+from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, judge, knn, paths, train_continuous
 from tests.browser import chromium_page, row_cells, show_columns
 from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
@@ -36,13 +36,14 @@ TINY = {
 POINTS = ["k0-g3", "k2-frac0.5-g3-openmoji", "k2-frac1-g3-openmoji"]
 
 
-def tiny_pretrained_clip(folder) -> dict:
-    """A tiny open_clip saved as a local "pretrained" file: the encoder stage then trains nothing."""
+def tiny_pretrained_clip(folder, seed: int = 0) -> dict:
+    """A tiny open_clip saved as a local "pretrained" file: the encoder (or judge) stage then trains nothing."""
     arch = folder / "tiny-eval-clip.json"
     arch.write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    torch.save(load_open_clip(str(arch)).model.state_dict(), folder / "tiny-eval-clip.pt")
-    return {"kind": "open_clip", "model_name": str(arch), "pretrained": str(folder / "tiny-eval-clip.pt")}
+    torch.manual_seed(seed)
+    weights = folder / f"tiny-eval-clip-{seed}.pt"
+    torch.save(load_open_clip(str(arch)).model.state_dict(), weights)
+    return {"kind": "open_clip", "model_name": str(arch), "pretrained": str(weights)}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,11 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     train = {**TINY["train_continuous"], "preset": write_micro_preset(root)}
     (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "encoder": tiny_pretrained_clip(root),
+                                                      "judge": tiny_pretrained_clip(root, seed=1),
                                                       "train_continuous": train}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        for stage in (ingest, encoder, embed, index, knn, train_continuous, evaluate):
+        for stage in (ingest, encoder, judge, embed, index, knn, train_continuous, evaluate):
             stage.main([])
         yield root
 
@@ -130,6 +132,24 @@ def test_one_child_run_per_point_under_the_stage_run(evaluated):
     assert point.data.params["backbone"] == "continuous" and point.data.params["scheduler"] == "dpm_solver_pp_sde"
     report = json.loads((evaluated / paths.evaluate_metrics("continuous")).read_text())
     assert point.data.metrics["fid"] == pytest.approx(report["k2-frac0.5-g3-openmoji"]["fid"], abs=1e-6)
+
+
+def test_the_judge_scores_not_the_retrieval_encoder(evaluated, monkeypatch):
+    from knn_diffusion.config import load_params
+    from knn_diffusion.encoders.factory import load_encoder
+
+    monkeypatch.chdir(evaluated)
+    params = load_params()
+    retriever = load_encoder(params.encoder, paths.ENCODER).fingerprint
+    judged = load_encoder(params.judge, paths.JUDGE).fingerprint
+    assert retriever != judged
+    _, children = evaluate_runs()
+    assert {c.data.params["judge"] for c in children} == {f"open_clip:{judged[:16]}"}
+    assert {c.data.params["fid_feature"] for c in children} == {f"clip_image:{judged[:16]}"}
+    sidecar = json.loads((evaluated / paths.evaluate_dir("continuous") / "evaluate.json").read_text())
+    assert sidecar["judge"] == f"open_clip:{judged[:16]}"
+    circular = load_params(overrides=["evaluate.judge=retrieval_encoder"])
+    assert evaluate.load_judge(circular).fingerprint == retriever  # circular only when asked for
 
 
 def test_rerun_writes_identical_outputs(evaluated, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from knn_diffusion.config_fields import between
 from knn_diffusion.models.continuous.config import ContinuousSampler
@@ -33,6 +34,11 @@ class DiscreteEvaluateSettings(DiscreteSampler):
     guidance: list[float] = field(default_factory=lambda: [8.0], metadata=between(0, 50))  # paper: lambda = 8
 
 
+class JudgeChoice(str, Enum):
+    judge = "judge"
+    retrieval_encoder = "retrieval_encoder"
+
+
 @dataclass
 class EvaluateConfig:
     # One prompt per line, a file under prompts/ (a declared dep). Empty: captions of the generator
@@ -49,12 +55,12 @@ class EvaluateConfig:
     discrete: DiscreteEvaluateSettings = field(default_factory=DiscreteEvaluateSettings)
     retrieval_baseline: bool = True  # score the first retrieved image per prompt (paper Fig. 2) as well
     # FID/KID features: Inception-v3 from this local file (torch-fidelity's pt_inception-2015-12-05), or,
-    # when empty, the image tower of the evaluation CLIP below.
+    # when empty, the image tower of the judge below.
     inception_weights: str = ""
-    # Evaluation CLIP (CLIP score, R-precision, default FID features). Empty: the pipeline's own encoder;
-    # else an open_clip name (+ pretrained tag or local weights file), as in the encoder section.
-    clip_model: str = ""
-    clip_pretrained: str = ""
+    # Who scores the images (CLIP score, R-precision, default FID features): the judge stage's model
+    # (params section `judge`: an aligned model on other styles, or any open_clip), or - circular, for
+    # comparison only - the retrieval encoder that also built the condition.
+    judge: JudgeChoice = JudgeChoice.judge
     kid_subsets: int = field(default=100, metadata=between(1))
     kid_subset_size: int = field(default=50, metadata=between(2))
     r_precision_candidates: int = field(default=20, metadata=between(2))  # R: own prompt + R-1 distractors

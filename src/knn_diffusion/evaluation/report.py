@@ -30,7 +30,7 @@ from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles
 from knn_diffusion.models.config import ConditioningVariant
 
-SOURCE_COLUMNS = ("run_id", "git_commit", "data_version", "restored_from")
+SOURCE_COLUMNS = ("judge", "run_id", "git_commit", "data_version", "restored_from")
 
 
 class MixedFeaturesError(ValueError):
@@ -91,6 +91,7 @@ def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[s
         "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
         "fid_feature": p.get("fid_feature", ""), "score_quantile": _number(p.get("score_quantile")),
         **{m: run.data.metrics.get(m) for m in (*metric_columns(), *QUANTILE_COLUMNS)},
+        "judge": p.get("judge", ""),  # kind:fingerprint of the encoder that scored (evaluate.judge)
         "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
         "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
         "restored_from": restored_from, "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,

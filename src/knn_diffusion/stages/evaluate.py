@@ -25,7 +25,9 @@ import pandas as pd
 
 from knn_diffusion.backbones import load_generator
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.encoders.factory import load_encoder, load_open_clip
+from knn_diffusion.encoders.encoder import Encoder
+from knn_diffusion.encoders.factory import load_encoder
+from knn_diffusion.evaluation.config import JudgeChoice
 from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, test_split_prompts
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features, metric_columns
 from knn_diffusion.evaluation.runner import metrics_summary, score_baseline, score_grid, write_table
@@ -56,6 +58,20 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
     return prompts, rows, True
 
 
+def load_judge(params) -> Encoder:
+    """The encoder that scores: the judge stage's (default), or the retrieval encoder when asked for."""
+    if params.evaluate.judge == JudgeChoice.retrieval_encoder:
+        log.warning("evaluate.judge=retrieval_encoder: the encoder that retrieved the neighbours also scores "
+                    "(circular: the retrieval baseline's R-precision is high by construction)")
+        return load_encoder(params.encoder, paths.ENCODER)
+    return load_encoder(params.judge, paths.JUDGE)
+
+
+def judge_name(judge: Encoder) -> str:
+    """What every report row names: which judge (kind) and its weights (fingerprint)."""
+    return f"{judge.description.get('kind', 'encoder')}:{judge.fingerprint[:16]}"
+
+
 def evaluate_stage(params, model: str) -> None:
     cfg = params.evaluate
     sampler = getattr(cfg, model)  # evaluate.continuous / evaluate.discrete
@@ -66,7 +82,7 @@ def evaluate_stage(params, model: str) -> None:
     generator.run_id = model_run_id(paths.model_dir(model), params.tracking.experiment,
                                      params.tracking.tracking_uri) or generator.run_id
     encoder = load_encoder(params.encoder, paths.ENCODER)  # the generator's text encoder (queries, retrieval)
-    judge = load_open_clip(cfg.clip_model, cfg.clip_pretrained) if cfg.clip_model else encoder
+    judge = load_judge(params)
     scorer = ImageScorer(judge, reference,
                          feature_network=inception_features(cfg.inception_weights) if cfg.inception_weights else None,
                          kid_settings=KidSettings(cfg.kid_subsets, cfg.kid_subset_size, cfg.seed),
@@ -75,7 +91,7 @@ def evaluate_stage(params, model: str) -> None:
     backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
     log.info("%d prompts (%s), %d reference images, %d grid points, features %s", len(prompts),
              cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
-    common = {"fid_feature": scorer.feature, "eval_encoder": judge.fingerprint, "backbone": generator.backbone,
+    common = {"fid_feature": scorer.feature, "judge": judge_name(judge), "backbone": generator.backbone,
               "variant": ConditioningVariant(generator.conditioning.variant).value,
               "trained_k": generator.conditioning.k,
               "model_run_id": generator.run_id, "count": len(prompts), "steps": sampler.steps, **generator.settings}
