@@ -82,16 +82,18 @@ def test_each_point_is_a_generate_folder_with_its_settings(evaluated):
     facts = json.loads((out / "evaluate.json").read_text())
     prompts = facts["prompts"]
     assert len(prompts) == 8 and all(p.startswith("an emoji of ") for p in prompts)
-    allowed = None
+    allowed, seeds = None, {}
     for name, k, fraction in [("k0-g3", 0, 1.0), ("k2-frac0.5-g3-openmoji", 2, 0.5), ("k2-frac1-g3-openmoji", 2, 1.0)]:
         sidecars = [json.loads(p.read_text()) for p in sorted((out / name).glob("0*.json"))]
         assert [s["prompt"] for s in sidecars] == prompts and (out / name / "grid.png").is_file()
+        seeds[name] = [s["seed"] for s in sidecars]
         assert all(s["k"] == k and len(s["neighbour_ids"]) == k for s in sidecars)
         if k and fraction < 1:
             ids = np.array([i for s in sidecars for i in s["neighbour_ids"]])
             allowed = subset_mask(ids, fraction, seed=0)
             assert allowed.all() and sidecars[0]["index_fraction"] == 0.5
     assert allowed is not None
+    assert len({tuple(s) for s in seeds.values()}) == 1 and len(set(seeds["k0-g3"])) == len(prompts)  # shared seeds
     baseline = [json.loads(p.read_text()) for p in sorted((out / "retrieval_baseline").glob("0*.json"))]
     assert [b["prompt"] for b in baseline] == prompts and all(len(b["neighbour_ids"]) == 1 for b in baseline)
     with open(out / "points.csv") as fh:
