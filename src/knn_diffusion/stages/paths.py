@@ -8,6 +8,8 @@ METRICS = Path("metrics")
 CHECKPOINTS = Path("checkpoints")
 
 INGEST = DATA / "ingest"
+# The npm emoji styles' lock (scripts/setup.sh installs them beside it, in node_modules/): an ingest dep.
+EMOJI_STYLES_LOCK = Path("emoji-styles") / "package-lock.json"
 INGEST_METRICS = METRICS / "ingest.json"
 
 ENCODER = DATA / "encoder"
