@@ -19,8 +19,15 @@ from typing import Iterator
 
 from PIL import Image
 
-from knn_diffusion.data.sources import GLYPH_SIZE, RawImage, SourceError, SourceStats, SourceUnavailable, \
-    codepoints, emoji_name
+from knn_diffusion.data.sources import (
+    GLYPH_SIZE,
+    RawImage,
+    SourceError,
+    SourceStats,
+    SourceUnavailable,
+    codepoints,
+    emoji_name,
+)
 
 
 def _squashed(name: str) -> str:
