@@ -14,7 +14,6 @@ from knn_diffusion.config import build_params
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.evaluation.metrics import r_precision
 from knn_diffusion.stages import evaluate, paths
-from knn_diffusion.stages.embed import EVAL_TEMPLATE
 
 
 @pytest.fixture()
@@ -33,10 +32,12 @@ def test_default_prompts_and_reference_are_the_test_split(openmoji):
     assert paired and len(rows) == len(prompts) == 6
     assert set(rows) <= set(openmoji.rows("test")) and not set(rows) & _other_splits(openmoji)
     captions = openmoji.read_captions()
-    assert prompts == [EVAL_TEMPLATE.format(name=captions[r]) for r in rows]  # each prompt names its image
+    template = params.encoder.prompt_template
+    assert prompts == [template.format(name=captions[r]) for r in rows]  # each prompt names its image
     test_names = set(captions.loc[openmoji.rows("test")].dropna())
     other_names = set(captions.loc[sorted(_other_splits(openmoji))].dropna()) - test_names
-    assert not {p.removeprefix("an emoji of ") for p in prompts} & other_names
+    named = {p.removeprefix(template.split("{name}")[0]) for p in prompts}
+    assert not named & other_names
 
 
 def test_prompts_file_reference_is_still_the_test_split(openmoji, tmp_path, monkeypatch):

@@ -102,4 +102,4 @@ def judge_defaults() -> EncoderConfig:
     """The judge: an aligned model like the retrieval encoder's, but with another image-tower shape, another
     seed and emoji styles the retrieval encoder never sees (a check in config.py keeps them apart)."""
     return EncoderConfig(vision=VisionTowerConfig(width=128, layers=2, head_width=64),
-                         alignment=AlignmentConfig(seed=1, datasets=["emojione", "fxemoji"]))
+                         alignment=AlignmentConfig(seed=1, datasets=["fluent", "emojione", "fxemoji"]))
