@@ -14,7 +14,7 @@ import yaml
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stack.services import mlflow_server
-from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, judge, knn, paths, train_continuous
+from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, judge, judging, knn, paths, train_continuous
 from tests.browser import chromium_page, row_cells, show_columns
 from tests.conftest import copy_outputs
 from tests.continuous_helpers import write_micro_preset
@@ -151,7 +151,7 @@ def test_the_judge_scores_not_the_retrieval_encoder(evaluated, monkeypatch):
     sidecar = json.loads((evaluated / paths.evaluate_dir("continuous") / "evaluate.json").read_text())
     assert sidecar["judge"] == f"open_clip:{judged[:16]}"
     circular = load_params(overrides=["evaluate.judge=retrieval_encoder"])
-    assert evaluate.load_judge(circular).fingerprint == retriever  # circular only when asked for
+    assert judging.load_judge(circular).fingerprint == retriever  # circular only when asked for
 
 
 def test_rerun_writes_identical_outputs(evaluated, monkeypatch):

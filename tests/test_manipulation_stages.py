@@ -34,7 +34,8 @@ def edited(tiny_pipeline, tmp_path_factory):
                    "train_manipulation": {"batch_size": 4, "max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2,
                                           "log_every": 1, "sampling": {"steps": 2}},
                    "edit": {"steps": 2}, "evaluate_manipulation": {"images": 2, "grid_rows": 2},
-                   "human_eval_manipulation": {"screenshot": False}})
+                   "human_eval_manipulation": {"screenshot": False},
+                   "evaluate": {"judge": "retrieval_encoder"}})  # the tiny pipeline trains no judge
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -25,9 +25,7 @@ import pandas as pd
 
 from knn_diffusion.backbones import load_generator
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.encoders.encoder import Encoder
 from knn_diffusion.encoders.factory import load_encoder
-from knn_diffusion.evaluation.config import JudgeChoice
 from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, test_split_prompts
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features, metric_columns
 from knn_diffusion.evaluation.runner import metrics_summary, score_baseline, score_grid, write_table
@@ -41,6 +39,7 @@ from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
+from knn_diffusion.stages.judging import judge_name, load_judge
 from knn_diffusion.tracking import child_run, model_run_id
 
 log = logging.getLogger(__name__)
@@ -56,20 +55,6 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
         return prompts, draw(store.rows("test"), cfg.count, cfg.seed), False
     prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, params.encoder.prompt_template)
     return prompts, rows, True
-
-
-def load_judge(params) -> Encoder:
-    """The encoder that scores: the judge stage's (default), or the retrieval encoder when asked for."""
-    if params.evaluate.judge == JudgeChoice.retrieval_encoder:
-        log.warning("evaluate.judge=retrieval_encoder: the encoder that retrieved the neighbours also scores "
-                    "(circular: the retrieval baseline's R-precision is high by construction)")
-        return load_encoder(params.encoder, paths.ENCODER)
-    return load_encoder(params.judge, paths.JUDGE)
-
-
-def judge_name(judge: Encoder) -> str:
-    """What every report row names: which judge (kind) and its weights (fingerprint)."""
-    return f"{judge.description.get('kind', 'encoder')}:{judge.fingerprint[:16]}"
 
 
 def evaluate_stage(params, model: str) -> None:

@@ -11,7 +11,7 @@ Held-out test-split images x the edit prompts of ``evaluate_manipulation.prompts
 
 Text correspondence is the judge's CLIP-score gain over the input; identity is SSIM/PSNR against the
 input outside the region that changed (``manipulation/evaluation.py``). The judge is the evaluation
-encoder of ``evaluate`` (``evaluate.clip_model``; empty: the pipeline's encoder), named by fingerprint.
+encoder of ``evaluate`` (``evaluate.judge``: the judge stage's model by default), named by fingerprint.
 Each system is an MLflow child run. Outs: generate-style folders of (input | output) images per
 system (what ``human_eval`` pairs), ``edits.csv``, ``grid.png``, ``evaluate_manipulation.json``.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from knn_diffusion.data.store import ImageStore
-from knn_diffusion.encoders.factory import load_encoder, load_open_clip
+from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.evaluation.grid import draw
 from knn_diffusion.evaluation.stats import mean_interval, paired_difference_interval
 from knn_diffusion.generation import read_prompts
@@ -41,6 +41,7 @@ from knn_diffusion.models.continuous.sampler import sample
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
+from knn_diffusion.stages.judging import load_judge
 from knn_diffusion.tracking import child_run, model_run_id
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ def evaluate_stage(params) -> None:
     model, _ = load_manipulation_model(paths.MANIPULATION_MODEL)
     text_to_image = load_denoiser(paths.CONTINUOUS_MODEL)
     encoder = load_encoder(params.encoder, paths.ENCODER)
-    judge = (load_open_clip(params.evaluate.clip_model, params.evaluate.clip_pretrained)
-             if params.evaluate.clip_model else encoder)
+    judge = load_judge(params)
     k = trained_k(model)
     knn = None
     if k:
