@@ -42,7 +42,8 @@ def remote_for_experiments(repo: Path, env: dict[str, str]) -> str:
     name = dvc(repo, env, "remote", "default", check=False).stdout.strip()
     if not name:
         return ""
-    listed = dict(line.split()[:2] for line in dvc(repo, env, "remote", "list").stdout.splitlines() if line.strip())
+    rows = [line.split() for line in dvc(repo, env, "remote", "list").stdout.splitlines()]
+    listed = {row[0]: row[1] for row in rows if len(row) >= 2}
     url = listed.get(name, "")
     if url and "://" not in url:  # DVC lists a local remote's path resolved against its config file
         dvc(repo, env, "remote", "modify", "--local", name, "url", url)

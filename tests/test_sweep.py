@@ -133,9 +133,14 @@ def test_a_fresh_workers_trial_pulls_the_baseline_instead_of_recomputing_it(harn
     """The project's remote is a path relative to .dvc/; a queued experiment runs in a copy under .dvc/tmp/exps,
     so the sweep pins it absolute, and the trial (whose params leave ingest unchanged) pulls ingest's outputs."""
     subprocess.run([DVC, "remote", "add", "-d", "store", "../store"], cwd=repo_copy, check=True)
+    shutil.copytree(REPO / "emoji-styles", repo_copy / "emoji-styles", ignore=shutil.ignore_patterns("node_modules"))
     _commit(repo_copy)
-    subprocess.run([DVC, "repro", "-q"], cwd=repo_copy, check=True, env=stage_env())
+    done = subprocess.run([DVC, "repro"], cwd=repo_copy, env=stage_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     subprocess.run([DVC, "push", "-q"], cwd=repo_copy, check=True)
+    subprocess.run(["git", "add", "dvc.lock"], cwd=repo_copy, check=True)  # the baseline, as a worker clones it
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=repo_copy,
+                   check=True)
     shutil.rmtree(repo_copy / ".dvc" / "cache")  # a fresh clone: nothing but git and the remote
     shutil.rmtree(repo_copy / "data" / "ingest")
     (baseline,) = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
