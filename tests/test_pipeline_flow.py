@@ -31,6 +31,8 @@ def repo_copy(tmp_path):
     repo.mkdir()
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "emoji-styles").mkdir()
+    shutil.copy(REPO / "emoji-styles" / "package-lock.json", repo / "emoji-styles")  # an ingest dep
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"] = {"openmoji": {"source": "openmoji", "limit": 12},
                                   "noto": {"source": "noto", "limit": 6, "optional": True}}

@@ -133,7 +133,6 @@ def test_a_fresh_workers_trial_pulls_the_baseline_instead_of_recomputing_it(harn
     """The project's remote is a path relative to .dvc/; a queued experiment runs in a copy under .dvc/tmp/exps,
     so the sweep pins it absolute, and the trial (whose params leave ingest unchanged) pulls ingest's outputs."""
     subprocess.run([DVC, "remote", "add", "-d", "store", "../store"], cwd=repo_copy, check=True)
-    shutil.copytree(REPO / "emoji-styles", repo_copy / "emoji-styles", ignore=shutil.ignore_patterns("node_modules"))
     _commit(repo_copy)
     done = subprocess.run([DVC, "repro"], cwd=repo_copy, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
