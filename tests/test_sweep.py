@@ -142,8 +142,9 @@ def test_a_fresh_workers_trial_pulls_the_baseline_instead_of_recomputing_it(harn
                    check=True)
     shutil.rmtree(repo_copy / ".dvc" / "cache")  # a fresh clone: nothing but git and the remote
     shutil.rmtree(repo_copy / "data" / "ingest")
-    (baseline,) = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
-                                     filter_string="tags.stage = 'ingest'")
+    (baseline,) = mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",  # the repro's
+                                     filter_string="tags.stage = 'ingest'", order_by=["attributes.start_time DESC"],
+                                     max_results=1)
     assert sweep(axes=["train_continuous.k=3"], repo=str(repo_copy), prefix="pull") == ["pull-k-3"]
     assert "store" in (repo_copy / ".dvc" / "config.local").read_text()
     assert mlflow.search_runs(experiment_names=["knn-diffusion"], output_format="list",
