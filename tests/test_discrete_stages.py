@@ -93,7 +93,8 @@ def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(d
                                 for d in drawn} == {("discrete", trained, 8.0, 3, 0.9)}
     evaluate.main(["--model", "discrete", "evaluate.count=4", "evaluate.batch_size=4", "evaluate.kid_subsets=2",
                    "evaluate.kid_subset_size=2", "evaluate.r_precision_candidates=2", "evaluate.grid_prompts=2",
-                   "evaluate.grid.k=[0,3]", "evaluate.grid.index_fraction=[1.0]", "evaluate.discrete.steps=3"])
+                   "evaluate.grid.k=[0,3]", "evaluate.grid.index_fraction=[1.0]", "evaluate.discrete.steps=3",
+                   "evaluate.judge=retrieval_encoder"])  # this tiny pipeline trains no judge
     out = paths.evaluate_dir("discrete")
     facts = json.loads((out / "evaluate.json").read_text())
     assert (facts["backbone"], facts["model_run_id"], facts["steps"], facts["truncation"]) == (
