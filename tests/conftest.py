@@ -23,6 +23,17 @@ def isolated_mlflow(tmp_path_factory):
     yield f"sqlite:///{db}"
 
 
+@pytest.fixture(autouse=True)
+def tests_store_after_each_test(isolated_mlflow):
+    """A test that points MLflow elsewhere (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI too) must not
+    send the next test's runs, or its stages' subprocesses, to a server it has since stopped."""
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != isolated_mlflow:
+        import mlflow
+
+        mlflow.set_tracking_uri(isolated_mlflow)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API server for every module whose flows need one (it takes seconds to start)."""

@@ -44,16 +44,23 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path):
     assert not (tmp_path / "stack" / "stack.json").exists() and not (tmp_path / "stack" / "logs").exists()
 
 
-def _log_nested_run(env: dict[str, str]) -> str:
+def _log_nested_run(env: dict[str, str], monkeypatch) -> str:
+    """Log through the stack, then point this process back at the tests' store: mlflow.set_tracking_uri also
+    exports MLFLOW_TRACKING_URI, and later tests must not talk to a stack this test has stopped."""
     import mlflow
 
+    for key in (k for k in env if k.startswith(("AWS_", "MLFLOW_S3"))):
+        monkeypatch.setenv(key, env[key])
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_") or k.startswith("MLFLOW_S3")})
-    mlflow.set_experiment("stack-test")
-    with mlflow.start_run(run_name="parent") as parent:
-        mlflow.log_text("kept", "note.txt")
-        with mlflow.start_run(run_name="stage", nested=True):
-            mlflow.log_metric("loss", 0.5)
+    try:
+        mlflow.set_experiment("stack-test")
+        with mlflow.start_run(run_name="parent") as parent:
+            mlflow.log_text("kept", "note.txt")
+            with mlflow.start_run(run_name="stage", nested=True):
+                mlflow.log_metric("loss", 0.5)
+    finally:
+        mlflow.set_tracking_uri(previous)
     return parent.info.run_id
 
 
@@ -66,7 +73,7 @@ def _finished_runs(uri: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_stack_up_status_restart_down_keeps_the_data():
+def test_stack_up_status_restart_down_keeps_the_data(monkeypatch):
     data = Path(tempfile.mkdtemp(prefix="knn-stack-"))  # as root, Postgres's user must reach the cluster
     data.chmod(0o755)
     ports = {name: free_port() for name in DEFAULT_PORTS}
@@ -80,11 +87,12 @@ def test_stack_up_status_restart_down_keeps_the_data():
 
         env = source(data / "stack.env")
         assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['prefect']}/api"
-        parent = _log_nested_run(env)
+        parent = _log_nested_run(env, monkeypatch)
         assert _finished_runs(env["MLFLOW_TRACKING_URI"]) == {"parent": "FINISHED", "stage": "FINISHED"}
 
-        # Postgres restarts: it goes down, `stack status` says so, `up` starts only it, the runs are all there.
-        os.killpg(first["postgres"]["pid"], signal.SIGTERM)
+        # Postgres restarts: it goes down (a fast shutdown, as `pg_ctl stop -m fast` does: SIGTERM would wait for
+        # MLflow's pooled connections to close), `stack status` says so, `up` starts only it, the runs are all there.
+        os.kill(first["postgres"]["pid"], signal.SIGINT)
         while alive(**first["postgres"]):
             time.sleep(0.2)
         assert "postgres     127.0.0.1" in stack("status", data).stdout

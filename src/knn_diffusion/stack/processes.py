@@ -46,16 +46,23 @@ def answers(url: str) -> Callable[[], bool]:
     return ready
 
 
-def as_user(cmd: list[str], user: str | None) -> list[str]:
-    """Run as ``user`` when we are root (Postgres refuses to run as root)."""
-    return ["runuser", "-u", user, "--", *cmd] if user and os.geteuid() == 0 else cmd
+def as_user(user: str | None) -> dict:
+    """Popen arguments that run the command as ``user`` when we are root (Postgres refuses to run as root).
+    The process itself switches user, with no wrapper such as runuser in between: the recorded pid is the
+    server's own, so a crash of the server (not of a wrapper) is what `stack status` sees."""
+    if not user or os.geteuid() != 0:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None, user: str | None = None) -> subprocess.Popen:
     """Start ``cmd`` detached in a new session (its pid is its process group id), output appended to ``log``."""
     with open(log, "a") as out:
-        return subprocess.Popen(as_user(cmd, user), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **as_user(user))
 
 
 def started_at(pid: int) -> int | None:

@@ -47,8 +47,8 @@ def init_postgres(cluster: Path) -> None:
     cluster.parent.mkdir(parents=True, exist_ok=True)
     if pg_owner():
         shutil.chown(cluster.parent, pg_owner())
-    done = subprocess.run(as_user([_pg("initdb"), "-D", str(cluster), "-A", "trust", "-U", PG_USER], pg_owner()),
-                          capture_output=True, text=True)
+    done = subprocess.run([_pg("initdb"), "-D", str(cluster), "-A", "trust", "-U", PG_USER],
+                          capture_output=True, text=True, **as_user(pg_owner()))
     if done.returncode != 0:
         raise StackError(f"initdb {cluster} failed: {done.stderr.strip().splitlines()[-1:]}")
 
