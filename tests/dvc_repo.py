@@ -16,12 +16,12 @@ DVC = str(Path(sys.executable).parent / "dvc")
 PIPELINE = ("ingest", "encoder", "judge", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
             "train_manipulation",
             "tokenizer", "train_discrete", "sample", "evaluate", "evaluate_manipulation", "human_eval",
-            "human_eval_manipulation", "human_eval_aggregate")
+            "human_eval_manipulation", "human_eval_aggregate", "human_eval_aggregate_manipulation")
 # The DVC stages those entries of dvc.yaml make (a matrix entry is one stage per item), each traced.
 TRACED = ("ingest", "encoder", "judge", "embed", "index", "knn", "train_continuous", "manipulation_pairs",
           "train_manipulation", "tokenizer", "train_discrete", "sample@continuous", "sample@discrete",
           "evaluate@continuous", "evaluate@discrete", "evaluate_manipulation", "human_eval", "human_eval_manipulation",
-          "human_eval_aggregate")
+          "human_eval_aggregate", "human_eval_aggregate_manipulation")
 TRACES = ".traces"  # in the repo root (git-ignored): a copy of a traced repo writes its own traces
 
 

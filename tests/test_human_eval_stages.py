@@ -136,3 +136,48 @@ def test_point_evaluate_did_not_produce_gives_no_package_and_both_stages_succeed
     human_eval_aggregate.main([])
     assert read_json(paths.HUMAN_EVAL_AGGREGATE_METRICS) == {}
     assert "not produced" in paths.HUMAN_EVAL_TABLE.read_text()
+
+
+def test_edit_study_answers_are_aggregated_by_its_own_stage(in_tmp):
+    """human_eval_manipulation's package, then human_eval_aggregate_manipulation before and after answers: the
+    edit questions get the paper's table, and the ablation report shows them beside any generation study."""
+    from knn_diffusion.stages import human_eval_aggregate_manipulation, human_eval_manipulation
+
+    mlflow.set_experiment(EXPERIMENT)
+    write_systems(in_tmp / "outputs")
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({
+        "human_eval_manipulation": {"system_a": "outputs/A", "system_b": "outputs/B", "name_a": "edit",
+                                    "name_b": "text_to_image", "raters": 2, "screenshot": False},
+        "human_eval_aggregate_manipulation": {"results_dir": "edit-answers"},
+        "tracking": {"experiment": EXPERIMENT}}))
+    human_eval_manipulation.main([])
+    (in_tmp / "edit-answers").mkdir()
+    human_eval_aggregate_manipulation.main([])
+    assert json.loads((in_tmp / paths.HUMAN_EVAL_AGGREGATE_MANIPULATION_METRICS).read_text()) == {}
+    assert "no answers yet" in (in_tmp / paths.HUMAN_EVAL_MANIPULATION_TABLE).read_text()
+
+    key = json.loads((in_tmp / paths.HUMAN_EVAL_MANIPULATION_KEY).read_text())
+    assert key["questions"] == ["edit_alignment", "edit_identity"]
+    rows = ["package_id,question,pair_id,rater_id,choice,answered_at"]
+    for pair in key["pairs"]:  # both raters say A keeps the object better
+        rows += [f"{key['package_id']},edit_identity,{pair['pair_id']},{rater},{pair['a_side']}," for rater in "xy"]
+    (in_tmp / "edit-answers" / "answers.csv").write_text("\n".join(rows) + "\n")
+    human_eval_aggregate_manipulation.main([])
+    metrics = json.loads((in_tmp / paths.HUMAN_EVAL_AGGREGATE_MANIPULATION_METRICS).read_text())
+    assert metrics["edit_identity.pct_prefer_a"] == 100.0 and "edit_alignment.pct_prefer_a" not in metrics
+    table = (in_tmp / paths.HUMAN_EVAL_MANIPULATION_TABLE).read_text()
+    assert "| Ours vs. | Edit matches the text | Keeps the object |" in table
+    assert "| text_to_image | no answers yet | 100.0% [61.0, 100.0] |" in table
+    assert not (in_tmp / paths.HUMAN_EVAL_TABLE).exists()  # the generation study's outputs are not touched
+    section = report_section(mlflow.MlflowClient(), mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+    row = next(line for line in section.splitlines() if line.startswith("| edit | text_to_image |"))
+    # other tests' generation studies share this experiment: their questions are columns that read "-" here
+    assert row.removeprefix("| edit | text_to_image |").lstrip(" -|").startswith(
+        "no answers yet | 100.0% [61.0, 100.0] | 6 |"), row
+
+
+def test_every_question_has_a_table_heading():
+    from knn_diffusion.human_eval.aggregate import HEADLINE
+    from knn_diffusion.human_eval.config import Question
+
+    assert set(HEADLINE) == {q.value for q in Question}

@@ -30,7 +30,12 @@ from knn_diffusion.config_fields import ConfigError, between, flatten, out_of_ra
 from knn_diffusion.data.config import DataConfig, Source
 from knn_diffusion.encoders.config import EmbedConfig, EncoderConfig, EncoderKind, judge_defaults
 from knn_diffusion.evaluation.config import EvaluateConfig
-from knn_diffusion.human_eval.config import HumanEvalAggregateConfig, HumanEvalConfig, manipulation_study
+from knn_diffusion.human_eval.config import (
+    HumanEvalAggregateConfig,
+    HumanEvalConfig,
+    manipulation_results,
+    manipulation_study,
+)
 from knn_diffusion.manipulation.config import (
     EditSampler,
     EvaluateManipulationConfig,
@@ -122,6 +127,7 @@ class Params:
     human_eval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     human_eval_manipulation: HumanEvalConfig = field(default_factory=manipulation_study)
     human_eval_aggregate: HumanEvalAggregateConfig = field(default_factory=HumanEvalAggregateConfig)
+    human_eval_aggregate_manipulation: HumanEvalAggregateConfig = field(default_factory=manipulation_results)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -38,7 +38,9 @@ PAGE_COLUMNS = {"package": "package_id", "question": "question", "pair": "pair_i
 MTURK_COLUMNS = {"package": "Input.package_id", "question": "Input.question", "pair": "Input.pair_id",
                  "rater": "WorkerId"}
 MTURK_ANSWERS = ("Answer.choice.label", "Answer.choice")
-HEADLINE = {"quality": "Image quality", "alignment": "Text alignment"}
+# The table heading of each question (human_eval.config.Question); a test checks none is missing.
+HEADLINE = {"quality": "Image quality", "alignment": "Text alignment",
+            "edit_alignment": "Edit matches the text", "edit_identity": "Keeps the object"}
 
 
 class ResultsError(ValueError):

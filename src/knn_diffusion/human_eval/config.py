@@ -1,4 +1,5 @@
-"""Params sections of the human evaluation stages (``human_eval``, ``human_eval_aggregate``)."""
+"""Params sections of the human evaluation stages (``human_eval``, ``human_eval_aggregate`` and their
+``_manipulation`` twins, which are the same sections with other defaults)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,8 @@ class HumanEvalAggregateConfig:
 
     results_dir: str = "results/human_eval"  # MTurk batch results and/or task-page downloads (*.csv)
     strict: bool = True  # any problem stops; false: leave the offending rows out, report and count them
+
+
+def manipulation_results() -> HumanEvalAggregateConfig:
+    """The ``human_eval_aggregate_manipulation`` section: the raters' answers to the edit study."""
+    return HumanEvalAggregateConfig(results_dir="results/human_eval_manipulation")

@@ -155,7 +155,8 @@ def _readme(package_id: str, questions: Sequence[str], raters: int, count: int, 
 Give each rater this folder (or a copy). They open {pages} in a browser (works offline), enter their
 rater id, answer with the left/right arrow keys (Backspace or U undoes the last answer) and press
 "Download answers (CSV)" at the end. Answers survive closing the page until downloaded. Collect the CSV
-files in the results folder named in `human_eval_aggregate.results_dir`.
+files in the results folder named in the aggregate stage's `results_dir` (`human_eval_aggregate` for
+generated images, `human_eval_aggregate_manipulation` for edits).
 
 ## On Mechanical Turk
 Upload this folder so that `{base_url or '<base_url>'}images/...` serves the images, create one project

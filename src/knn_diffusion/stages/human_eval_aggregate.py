@@ -13,6 +13,7 @@ stays green until the answers come back. Validation problems stop it (``error: .
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from knn_diffusion.config import Params
@@ -51,24 +52,39 @@ def log_on_system_a(key: dict, report: Report, table: str, aggregate_run_id: str
     return True
 
 
-def aggregate_study(params: Params) -> Report | None:
-    cfg = params.human_eval_aggregate
-    key = read_json(paths.HUMAN_EVAL_KEY)
+@dataclass(frozen=True)
+class ResultFiles:
+    """What one study's aggregation reads (the packaging stage's key) and writes."""
+
+    key: Path
+    table: Path
+    metrics: Path
+
+
+GENERATION_RESULTS = ResultFiles(paths.HUMAN_EVAL_KEY, paths.HUMAN_EVAL_TABLE, paths.HUMAN_EVAL_AGGREGATE_METRICS)
+
+
+def aggregate_study(params: Params, stage: str = "human_eval_aggregate",
+                    files: ResultFiles = GENERATION_RESULTS) -> Report | None:
+    """Aggregate the answers in params section ``stage``'s ``results_dir`` against ``files.key``."""
+    cfg = getattr(params, stage)
+    key = read_json(files.key)
     results_dir = Path(cfg.results_dir)
-    with tracked("human_eval_aggregate", params, "human_eval_aggregate") as run:
-        if not key.get("package_id"):  # human_eval made no package this run (its systems were not produced)
+    with tracked(stage, params, stage) as run:
+        if not key.get("package_id"):  # the packaging stage made no package this run (its systems were not produced)
             log.info("no human-evaluation package (missing %s): nothing to aggregate", key.get("missing"))
-            write_text(paths.HUMAN_EVAL_TABLE, f"No human-evaluation package: {key.get('missing')} not produced.\n")
-            write_json(paths.HUMAN_EVAL_AGGREGATE_METRICS, {})
+            write_text(files.table, f"No human-evaluation package: {key.get('missing')} not produced.\n")
+            write_json(files.metrics, {})
             return None
-        run.tags({"package_id": key["package_id"], "system_a": key["system_a"]["name"],
+        run.tags({"package_id": key["package_id"], "questions": ",".join(key["questions"]),
+                  "system_a": key["system_a"]["name"],
                   "system_b": key["system_b"]["name"], "system_a.run_id": key["system_a"].get("model_run_id", "")})
         report = aggregate(results_dir, key, strict=cfg.strict)
         table = markdown_table(report, key)
         metrics = report.metrics()
-        write_text(paths.HUMAN_EVAL_TABLE, table)
-        write_json(paths.HUMAN_EVAL_AGGREGATE_METRICS, metrics)
-        run.text(table, "human_eval/results.md")
+        write_text(files.table, table)
+        write_json(files.metrics, metrics)
+        run.text(table, f"human_eval/{files.table.name}")
         if not report.files:
             log.info("no result files (*.csv) in %s yet: nothing to aggregate, no metrics logged. Put the "
                      "raters' CSV files there and rerun", results_dir)

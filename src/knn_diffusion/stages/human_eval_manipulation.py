@@ -13,7 +13,7 @@ from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage
 from knn_diffusion.stages.human_eval import StudyFiles, package_study
 
-EDIT_STUDY = StudyFiles(paths.HUMAN_EVAL_MANIPULATION / "package", paths.HUMAN_EVAL_MANIPULATION / "key.json",
+EDIT_STUDY = StudyFiles(paths.HUMAN_EVAL_MANIPULATION / "package", paths.HUMAN_EVAL_MANIPULATION_KEY,
                         paths.HUMAN_EVAL_MANIPULATION_METRICS)
 
 

@@ -63,7 +63,11 @@ HUMAN_EVAL_METRICS = METRICS / "human_eval.json"
 HUMAN_EVAL_TABLE = HUMAN_EVAL / "results.md"
 HUMAN_EVAL_AGGREGATE_METRICS = METRICS / "human_eval_aggregate.json"
 HUMAN_EVAL_MANIPULATION = HUMAN_EVAL / "manipulation"  # the edit study: package/ + key.json, as above
+HUMAN_EVAL_MANIPULATION_KEY = HUMAN_EVAL_MANIPULATION / "key.json"
 HUMAN_EVAL_MANIPULATION_METRICS = METRICS / "human_eval_manipulation.json"
+HUMAN_EVAL_MANIPULATION_RESULTS = Path("results") / "human_eval_manipulation"  # ..._manipulation.results_dir
+HUMAN_EVAL_MANIPULATION_TABLE = HUMAN_EVAL_MANIPULATION / "results.md"
+HUMAN_EVAL_AGGREGATE_MANIPULATION_METRICS = METRICS / "human_eval_aggregate_manipulation.json"
 
 
 def dataset_dir(name: str) -> Path:
