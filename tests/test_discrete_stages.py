@@ -103,7 +103,7 @@ def test_sample_and_evaluate_with_model_discrete_score_the_discrete_checkpoint(d
     assert len(sidecars) == 4 and {(s["backbone"], s["model_run_id"], s["guidance"]) for s in sidecars} == {
         ("discrete", trained, 8.0)}
     metrics = json.loads(paths.evaluate_metrics("discrete").read_text())
-    assert set(metrics) == {"k0-g8", "k3-frac1-g8-openmoji", "retrieval_baseline", "seconds"}
+    assert set(metrics) == {"k0-g8", "k3-frac1-g8-openmoji", "retrieval_baseline", "differences", "seconds"}
     assert not paths.evaluate_dir("continuous").exists() and not paths.evaluate_metrics("continuous").exists()
     runs = mlflow.search_runs(experiment_names=["tiny-pipeline"], output_format="list",
                               filter_string="tags.stage = 'evaluate' and tags.model = 'discrete'")

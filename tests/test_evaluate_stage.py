@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from knn_diffusion.encoders.factory import load_open_clip
+from knn_diffusion.evaluation.intervals import interval_columns
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.stack.services import mlflow_server
 from knn_diffusion.stages import embed, encoder, evaluate, index, ingest, judge, judging, knn, paths, train_continuous
@@ -70,11 +72,22 @@ def evaluate_runs():
 
 def test_metrics_file_holds_only_numbers_per_point_and_baseline(evaluated):
     report = json.loads((evaluated / paths.evaluate_metrics("continuous")).read_text())
-    assert set(report) == {*POINTS, "retrieval_baseline", "seconds"}
+    assert set(report) == {*POINTS, "retrieval_baseline", "differences", "seconds"}
     for name in [*POINTS, "retrieval_baseline"]:
-        assert set(report[name]) == {"fid", "kid_mean", "kid_std", "clip_score", "r_precision"}
+        assert set(report[name]) == {"fid", "kid_mean", "kid_std", "clip_score", "r_precision",
+                                     *interval_columns()}
         assert all(isinstance(v, float) and np.isfinite(v) for v in report[name].values())
         assert 0 <= report[name]["r_precision"] <= 1
+        for metric in ("fid", "kid_mean", "clip_score", "r_precision"):  # every estimate inside its 95% CI
+            assert report[name][f"{metric}_ci_low"] <= report[name][metric] <= report[name][f"{metric}_ci_high"]
+    # every retrieving point and the baseline against no kNN at its guidance, paired
+    differences = report["differences"]
+    assert set(differences) == {f"{p} - k0-g3" for p in [*POINTS[1:], "retrieval_baseline"]}
+    for name, values in differences.items():
+        point = report[name.split(" - ")[0]]
+        assert values["clip_score"] == pytest.approx(point["clip_score"] - report["k0-g3"]["clip_score"], abs=1e-5)
+        assert values["fid"] == pytest.approx(point["fid"] - report["k0-g3"]["fid"], rel=1e-3, abs=1e-4)
+        assert values["r_precision_ci_low"] <= values["r_precision"] <= values["r_precision_ci_high"]
 
 
 def test_each_point_is_a_generate_folder_with_its_settings(evaluated):
@@ -127,7 +140,10 @@ def test_one_child_run_per_point_under_the_stage_run(evaluated):
     assert point.data.params["k"] == "2" and point.data.params["index_fraction"] == "0.5"
     assert point.data.params["guidance"] == "3.0" and point.data.params["index"] == "openmoji"
     assert point.data.params["fid_feature"].startswith("clip_image:")
-    assert {"fid", "kid_mean", "kid_std", "clip_score", "r_precision", "images_per_s"} <= set(point.data.metrics)
+    assert {"fid", "kid_mean", "kid_std", "clip_score", "r_precision", "images_per_s", *interval_columns()} \
+        <= set(point.data.metrics)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(point.info.run_id, "scores")}
+    assert artifacts == {f"scores/{part}.npy" for part in ("clip", "hits", "features")}
     assert point.data.tags["git.commit"] == parent.data.tags["git.commit"]
     assert parent.info.run_name == parent.data.tags["dvc.stage"] == "evaluate@continuous"
     assert {c.data.tags["model"] for c in children} == {parent.data.tags["model"]} == {"continuous"}
@@ -172,6 +188,33 @@ def test_score_quantile_points_draw_the_papers_fig8(evaluated, tmp_path, monkeyp
     assert (out / "score_quantiles.png").stat().st_size > 0
     record = json.loads(next((out / "k2-frac1-g3-openmoji-q2").glob("0000-*.json")).read_text())
     assert record["score_quantile"] == [2, 2]
+
+
+def test_whole_test_split_times_seeds(evaluated, tmp_path, monkeypatch):
+    """evaluate.count=0 takes every captioned test image; evaluate.seeds=2 generates each prompt twice,
+    every image with its own noise seed, the same seeds at every point; per-image values are kept."""
+    from knn_diffusion.data.store import ImageStore
+    from knn_diffusion.evaluation.intervals import PointScores
+
+    root = copy_outputs(evaluated, tmp_path / "seeds", "data", "models")
+    monkeypatch.chdir(root)
+    evaluate.main(["evaluate.count=0", "evaluate.seeds=2", "evaluate.retrieval_baseline=false",
+                   "evaluate.grid.k=[0,2]", "evaluate.grid.index_fraction=[1.0]", "evaluate.r_precision_candidates=3"])
+    store = ImageStore.open(paths.dataset_dir("openmoji"))
+    named = store.read_captions().loc[store.rows("test")].dropna()
+    prompts = json.loads((root / paths.evaluate_dir("continuous") / "evaluate.json").read_text())["prompts"]
+    assert len(prompts) == (named.str.strip() != "").sum() >= 2
+    out = root / paths.evaluate_dir("continuous")
+    seeds = {}
+    for point in ("k0-g3", "k2-frac1-g3-openmoji"):
+        sidecars = [json.loads(p.read_text()) for p in sorted((out / point).glob("0*.json"))]
+        assert [s["prompt"] for s in sidecars] == prompts * 2
+        seeds[point] = [s["seed"] for s in sidecars]
+        scores = PointScores.load(out / "scores" / point)
+        assert scores.clip.shape == scores.hits.shape == (len(prompts), 2) and len(scores.features) == 2 * len(prompts)
+    assert seeds["k0-g3"] == seeds["k2-frac1-g3-openmoji"] == list(range(2 * len(prompts)))
+    differences = json.loads((root / paths.evaluate_metrics("continuous")).read_text())["differences"]
+    assert set(differences) == {"k2-frac1-g3-openmoji - k0-g3"}
 
 
 def test_rerun_writes_identical_outputs(evaluated, monkeypatch):

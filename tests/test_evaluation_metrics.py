@@ -11,6 +11,8 @@ from scipy import linalg
 
 from knn_diffusion.encoders.factory import load_open_clip
 from knn_diffusion.evaluation import metrics
+from knn_diffusion.evaluation.config import BootstrapConfig
+from knn_diffusion.evaluation.intervals import interval_columns
 from knn_diffusion.evaluation.metrics import (
     EncoderImageFeatures,
     ImageScorer,
@@ -24,7 +26,7 @@ from knn_diffusion.evaluation.metrics import (
     metric_columns,
     r_precision,
 )
-from knn_diffusion.evaluation.runner import metrics_summary, write_table
+from knn_diffusion.evaluation.runner import metrics_summary, score_with_intervals, write_table
 from tests.continuous_helpers import square_images
 from tests.test_encoders import TINY_CLIP
 
@@ -197,12 +199,14 @@ def test_a_new_metric_is_one_entry_and_reaches_the_stage_outputs(tiny_encoder, t
     assert metric_columns()[-1] == "mean_feature"
     images = square_images(8, 16, seed=0)
     scorer = ImageScorer(tiny_encoder, images, kid_settings=KidSettings(subsets=2, subset_size=4), r_candidates=2)
-    scores = scorer.score(images, [f"prompt {i}" for i in range(8)])
-    assert list(scores) == metric_columns()
+    prompts = [f"prompt {i}" for i in range(8)]
+    assert list(scorer.score(images, prompts)) == metric_columns()
+    scores, _ = score_with_intervals(scorer, images, prompts, 1, BootstrapConfig(resamples=100, set_resamples=20),
+                                     tmp_path / "scores")
     row = {"point": "k0-g3", "k": 0, "index_fraction": "-", "guidance": 3.0, "index": "-", **scores}
     write_table(tmp_path / "points.csv", [row])
     header = (tmp_path / "points.csv").read_text().splitlines()[0].split(",")
-    assert set(metric_columns()) <= set(header)
-    assert set(metrics_summary([row])["k0-g3"]) == set(metric_columns())
+    assert {*metric_columns(), *interval_columns()} <= set(header)
+    assert set(metrics_summary([row])["k0-g3"]) == {*metric_columns(), *interval_columns()}
     with pytest.raises(KeyError, match="mean_feature"):
         write_table(tmp_path / "short.csv", [{key: v for key, v in row.items() if key != "mean_feature"}])

@@ -34,6 +34,15 @@ class DiscreteEvaluateSettings(DiscreteSampler):
     guidance: list[float] = field(default_factory=lambda: [8.0], metadata=between(0, 50))  # paper: lambda = 8
 
 
+@dataclass
+class BootstrapConfig:
+    """95% CIs of every metric: resamples of the prompts (a prompt's seeds together)."""
+
+    resamples: int = field(default=1000, metadata=between(100))  # CLIP score, R-precision, paired differences
+    set_resamples: int = field(default=200, metadata=between(20))  # FID and KID (each resample refits them)
+    seed: int = 0
+
+
 class JudgeChoice(str, Enum):
     judge = "judge"
     retrieval_encoder = "retrieval_encoder"
@@ -45,8 +54,11 @@ class EvaluateConfig:
     # dataset's test split, with their images as the paired reference set. The FID/KID reference is the
     # test split's images either way.
     prompts_file: str = ""
-    count: int = field(default=64, metadata=between(2))  # prompts (= images per grid point) and reference images
-    seed: int = 0  # draws the held-out prompts/images; image i is sampled from noise seed + i
+    # Prompts and reference images: 0 = every captioned test-split image (the study: all 358 named).
+    count: int = field(default=64, metadata=between(0))
+    seeds: int = field(default=1, metadata=between(1, 100))  # images per prompt and grid point
+    seed: int = 0  # draws the held-out prompts/images; image s * P + p (prompt p, seed s) from noise seed + s * P + p
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     batch_size: int = field(default=64, metadata=between(1))
     grid: EvaluateGridConfig = field(default_factory=EvaluateGridConfig)
     # Per backbone (the stage's ``--model``; dvc.yaml declares only that one's key): its sampler and

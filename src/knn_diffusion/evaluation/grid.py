@@ -75,7 +75,10 @@ def test_split_prompts(store: ImageStore, count: int, seed: int, template: str) 
 
 
 def draw(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """min(count, len(rows)) of ``rows``, sorted, chosen by ``seed`` (the same rows on every machine)."""
+    """min(count, len(rows)) of ``rows`` (all of them when ``count`` is 0), sorted, chosen by ``seed`` (the
+    same rows on every machine)."""
+    if count == 0:
+        return np.sort(np.asarray(rows))
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(rows, size=min(count, len(rows)), replace=False))
 

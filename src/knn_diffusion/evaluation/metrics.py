@@ -17,6 +17,7 @@ metric is its function and one entry.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from knn_diffusion.encoders.encoder import Encoder, as_uint8_batch
+from knn_diffusion.evaluation.intervals import PointScores, Reference
 from knn_diffusion.io import content_sha256
 
 INCEPTION_DIM = 2048
@@ -135,18 +137,23 @@ def kid(real: torch.Tensor, fake: torch.Tensor, settings: KidSettings = KidSetti
     return float(mean), float(std)
 
 
-def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
-    """Mean cosine between each image's embedding and its own prompt's text embedding (rows paired)."""
+def clip_cosines(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """(N,) cosine between each image's embedding and its own prompt's text embedding (rows paired)."""
     images, texts = _unit(image_embeddings), _unit(text_embeddings)
     if images.shape != texts.shape:
         raise ValueError(f"clip_score: {images.shape} image embeddings vs {texts.shape} text embeddings")
-    return float(np.einsum("nd,nd->n", images, texts).mean())
+    return np.einsum("nd,nd->n", images, texts)
 
 
-def r_precision(image_embeddings: np.ndarray, text_embeddings: np.ndarray, candidates: int, seed: int = 0,
-                labels: list[str] | None = None) -> float:
-    """CLIP R-precision (Park et al. 2021): the fraction of images whose own prompt ranks first among
-    ``candidates`` prompts - its own and ``candidates - 1`` distractors drawn from the other rows.
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+    """Mean of :func:`clip_cosines`."""
+    return float(clip_cosines(image_embeddings, text_embeddings).mean())
+
+
+def r_precision_hits(image_embeddings: np.ndarray, text_embeddings: np.ndarray, candidates: int, seed: int = 0,
+                     labels: list[str] | None = None) -> np.ndarray:
+    """(N,) bool: whether image i's own prompt ranks first among ``candidates`` prompts - its own and
+    ``candidates - 1`` distractors drawn from the other rows (CLIP R-precision, Park et al. 2021).
 
     ``labels`` (default: row numbers) marks rows with the same prompt; those are never distractors.
     Ties count as misses; chance level is ``1 / candidates``.
@@ -156,7 +163,7 @@ def r_precision(image_embeddings: np.ndarray, text_embeddings: np.ndarray, candi
         raise ValueError(f"r_precision: {images.shape} image embeddings vs {texts.shape} text embeddings")
     labels = np.asarray(labels if labels is not None else np.arange(len(texts)), dtype=object)
     rng = np.random.default_rng(seed)
-    hits = 0
+    hits = np.zeros(len(images), dtype=bool)
     for i in range(len(images)):
         others = np.flatnonzero(labels != labels[i])
         if len(others) < candidates - 1:
@@ -164,8 +171,14 @@ def r_precision(image_embeddings: np.ndarray, text_embeddings: np.ndarray, candi
                              f"only {len(others)} differ from prompt {i}")
         distractors = rng.choice(others, candidates - 1, replace=False)
         own = images[i] @ texts[i]
-        hits += bool(own > (texts[distractors] @ images[i]).max(initial=-np.inf))
-    return hits / len(images)
+        hits[i] = bool(own > (texts[distractors] @ images[i]).max(initial=-np.inf))
+    return hits
+
+
+def r_precision(image_embeddings: np.ndarray, text_embeddings: np.ndarray, candidates: int, seed: int = 0,
+                labels: list[str] | None = None) -> float:
+    """The fraction of images whose own prompt ranks first (:func:`r_precision_hits`)."""
+    return float(r_precision_hits(image_embeddings, text_embeddings, candidates, seed, labels).mean())
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -229,10 +242,30 @@ class ImageScorer:
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
         """uint8 (N, H, W, 3) images, one per prompt -> {column: value} for every entry of :data:`METRICS`."""
+        return self.values(self.scored_set(images, prompts))
+
+    def scored_set(self, images: np.ndarray, prompts: list[str]) -> ScoredSet:
+        """What every metric reads of ``images`` (one per prompt): features and embeddings, computed once."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        scored = ScoredSet(self.reference, extract_features(self.feature_network, images),
-                           self.encoder.encode_images(images), self.encoder.encode_texts(prompts), list(prompts))
+        return ScoredSet(self.reference, extract_features(self.feature_network, images),
+                         self.encoder.encode_images(images), self.encoder.encode_texts(prompts), list(prompts))
+
+    def per_image(self, scored: ScoredSet, seeds: int) -> PointScores:
+        """The per-image values behind the metrics of a set of ``seeds`` x P images (seed-major)."""
+        return PointScores.from_rows(
+            clip_cosines(scored.image_embeddings, scored.text_embeddings),
+            r_precision_hits(scored.image_embeddings, scored.text_embeddings, self.r_candidates, self.r_seed,
+                             labels=scored.prompts),
+            scored.generated.numpy(), seeds)
+
+    @functools.cached_property
+    def reference_statistics(self) -> Reference:
+        """The reference set's statistics every bootstrap resample reuses."""
+        return Reference(self.reference.numpy())
+
+    def values(self, scored: ScoredSet) -> dict[str, float]:
+        """{column: value} for every entry of :data:`METRICS`."""
         values: dict[str, float] = {}
         for metric in METRICS:
             result = tuple(metric.compute(self, scored))

@@ -5,18 +5,25 @@ scales of the grid (``evaluate.<model>``); both backbones are scored on the same
 reference images and metrics, so ``metrics/evaluate-continuous.json`` and ``-discrete.json`` compare them.
 
 Prompts are the generator dataset's test-split captions (or ``evaluate.prompts_file``); the test split's
-images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index, score quantile) is
-generated with the same model and seeds and becomes one MLflow child run of this stage's run, so the
-MLflow UI compares the points side by side; the first retrieved image per prompt is scored the same
-way as the retrieval baseline. Outputs: a generate-style folder per point under ``outputs/evaluate/<model>/``,
-``points.csv``, a prompts x settings ``grid.png``, with score-quantile points ``score_quantiles.csv`` and
-the paper's Fig. 8 as ``score_quantiles.png``, the facts in ``evaluate.json``, and the numbers in
-``metrics/evaluate-<model>.json``. The stage's MLflow run and its point runs are tagged ``model``.
+images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index, score
+quantile) is generated with the same model and seeds and becomes one MLflow child run of this stage's run, so
+the MLflow UI compares the points side by side; the first retrieved image per prompt is scored the same way as
+the retrieval baseline. Each point has ``evaluate.count`` prompts (0: every captioned test image) x
+``evaluate.seeds`` images; every metric carries a bootstrap 95% CI over prompts, and every retrieving point
+(and the baseline) its difference to the k=0 point of its guidance with a paired CI (``differences`` in the
+metrics file, ``difference/...`` metrics of the stage's run); the per-image values behind them go to
+``scores/<point>/`` and each point's MLflow run. Outputs: a generate-style folder per point under
+``outputs/evaluate/<model>/``, ``points.csv``, a prompts x settings ``grid.png``, with score-quantile points
+``score_quantiles.csv`` and the paper's Fig. 8 as ``score_quantiles.png``, the facts in ``evaluate.json``, and
+the numbers in ``metrics/evaluate-<model>.json``. The stage's MLflow run and its point runs are tagged
+``model``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 
@@ -28,12 +35,19 @@ from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, test_split_prompts
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features, metric_columns
-from knn_diffusion.evaluation.runner import metrics_summary, score_baseline, score_grid, write_table
+from knn_diffusion.evaluation.runner import (
+    SCORES,
+    differences_to_no_knn,
+    metrics_summary,
+    score_baseline,
+    score_grid,
+    write_table,
+)
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 from knn_diffusion.evaluation.score_quantiles import plot_score_quantiles, point_score_metrics
 from knn_diffusion.generation import read_prompts
 from knn_diffusion.images import save_png
-from knn_diffusion.io import atomic_dir, write_json
+from knn_diffusion.io import atomic_dir, save_npy, write_json
 from knn_diffusion.models.config import ConditioningVariant
 from knn_diffusion.retrieval.backends import open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
@@ -49,11 +63,13 @@ def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
     """(prompts, reference image rows, whether prompt i describes reference image i)."""
     cfg = params.evaluate
     if cfg.prompts_file:
-        prompts = read_prompts(cfg.prompts_file, within=paths.PROMPTS)[:cfg.count]
+        prompts = read_prompts(cfg.prompts_file, within=paths.PROMPTS)[:cfg.count or None]
         if len(prompts) < 2:
             raise ValueError(f"evaluate.prompts_file {cfg.prompts_file}: expected at least 2 prompts, one per line")
         return prompts, draw(store.rows("test"), cfg.count, cfg.seed), False
     prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, params.encoder.prompt_template)
+    if len(prompts) < 2:
+        raise ValueError(f"evaluate.count={cfg.count}: {len(prompts)} captioned test image(s); at least 2 needed")
     return prompts, rows, True
 
 
@@ -78,7 +94,8 @@ def evaluate_stage(params, model: str) -> None:
              cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
     common = {"fid_feature": scorer.feature, "judge": judge_name(judge), "backbone": generator.backbone,
               "variant": ConditioningVariant(generator.conditioning.variant).value,
-              "trained_k": generator.conditioning.k,
+              "trained_k": generator.conditioning.k, "seeds": cfg.seeds, "seed": cfg.seed,
+              "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
               "model_run_id": generator.run_id, "count": len(prompts), "steps": sampler.steps, **generator.settings}
 
     def search(point):
@@ -96,22 +113,30 @@ def evaluate_stage(params, model: str) -> None:
     def log_point(name: str, settings: dict, values: dict, kind: str) -> None:
         with child_run(name, {**common, **settings}, {"evaluate.kind": kind}) as child:
             child.metrics(values)
+            for part in sorted((out / SCORES / name).iterdir()):  # per-image values: the report's paired CIs
+                child.artifact(part, SCORES)
         log.info("%s: %s", name, ", ".join(f"{m} {values[m]:.4f}" for m in metric_columns()))
 
     started = time.perf_counter()
     with (tracked(f"evaluate@{model}", params, tags={"model": model}) as run,
           atomic_dir(paths.evaluate_dir(model)) as out):
         run.tags({"fid_feature": scorer.feature})
-        table, columns = score_grid(generator, points, search, prompts=prompts, encoder=encoder, scorer=scorer,
-                                    out=out, steps=sampler.steps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                    extra_scores=quantile_scores, on_point=log_point)
+        save_npy(out / SCORES / "reference.npy", scorer.reference.numpy().astype(np.float32))
+        run.artifact(out / SCORES / "reference.npy", SCORES)
+        table, columns, per_image = score_grid(
+            generator, points, search, prompts=prompts, seeds=cfg.seeds, encoder=encoder, scorer=scorer, out=out,
+            steps=sampler.steps, seed=cfg.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap,
+            extra_scores=quantile_scores, on_point=log_point)
         columns = {"reference": reference, **columns} if paired else columns
         if cfg.retrieval_baseline:
             index = cfg.grid.index[0]
-            row, columns[BASELINE] = score_baseline(backend.open(index), index, params.retrieval.index_fraction,
-                                                    prompts=prompts, encoder=encoder, scorer=scorer, out=out,
-                                                    on_point=log_point)
+            row, columns[BASELINE], per_image[BASELINE] = score_baseline(
+                backend.open(index), index, params.retrieval.index_fraction, prompts=prompts, seeds=cfg.seeds,
+                encoder=encoder, scorer=scorer, out=out, bootstrap=cfg.bootstrap, on_point=log_point)
             table.append(row)
+        differences = differences_to_no_knn(table, per_image, scorer.reference_statistics, cfg.bootstrap)
+        run.metrics({f"difference/{pair}/{key}": value for pair, values in differences.items()
+                     for key, value in values.items()})
         write_table(out / "points.csv", table)
         quantile_rows = pd.DataFrame([row for row in table if row.get("score_quantile") not in (None, 0, "-")])
         if len(quantile_rows):
@@ -132,7 +157,8 @@ def evaluate_stage(params, model: str) -> None:
         run.artifact(out / "points.csv", "evaluate")
         seconds = time.perf_counter() - started
         run.metrics({"seconds": seconds})
-    write_json(paths.evaluate_metrics(model), {**metrics_summary(table), "seconds": round(seconds, 1)})
+    write_json(paths.evaluate_metrics(model), {**metrics_summary(table), "differences": differences,
+                                               "seconds": round(seconds, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
