@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 from knn_diffusion.cli import main as cli_main
 from knn_diffusion.evaluation import metrics
 from knn_diffusion.evaluation.metrics import Metric, metric_columns
-from knn_diffusion.evaluation.report import MixedFeaturesError, evaluate_runs, write_report
+from knn_diffusion.evaluation.report import write_report
+from knn_diffusion.evaluation.runs import MixedFeaturesError, evaluate_runs
 from knn_diffusion.tracking import child_run, stage_run
 
 FEATURE = "clip_image:0123456789abcdef"

@@ -22,7 +22,7 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from flows.sweep import sweep
-from knn_diffusion.evaluation.report import read_same_inputs
+from knn_diffusion.evaluation.runs import read_same_inputs
 from knn_diffusion.stack.services import mlflow_server
 from knn_diffusion.tracking import with_retries
 from tests.browser import chromium_page, row_cells, show_columns
