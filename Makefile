@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc
+.PHONY: setup demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc study study-gpu study-doc
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The paper's ablations as one resumable sweep (flows/sweep_presets.py; rerun after a kill: only the missing
+# trials run), then docs/study.md from its MLflow runs. study-gpu: the same study at 64 px for a GPU worker.
+study: setup
+	$(PY) -m flows.pipeline
+	$(PY) -m flows.sweep --preset study
+	$(PY) -m flows.study_doc --prefix study
+
+study-gpu: setup
+	$(PY) -m flows.sweep --preset study-gpu
+	$(PY) -m flows.study_doc --prefix study-gpu --out docs/study-gpu.md
+
+study-doc:
+	$(PY) -m flows.study_doc --prefix study
 
 # DVC runs each stage's `python -m ...` with the first `python` on PATH; this Makefile puts the venv's
 # first (export PATH above). `make repro ARGS=train_continuous`, `make dvc ARGS="exp run -S data.resolution=64"`.

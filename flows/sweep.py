@@ -22,6 +22,7 @@ names; unchanged stages then come back from DVC's run cache.
     python -m flows.sweep train_continuous.variant=tokens,no_knn --parallel 2
     python -m flows.sweep train_continuous.k=1,5,10 sample.continuous.guidance=1.0,3.0
     python -m flows.sweep train_continuous.k=1,10 + train_continuous.variant=no_knn   # 2 trials + 1
+    python -m flows.sweep --preset study          # the paper's ablations (flows/sweep_presets.py; make study)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from prefect import flow, get_run_logger
 
 from flows.dvc_cli import dvc, dvc_experiments, stage_env
 from flows.liveness import pid_alive, process_tag
-from flows.sweep_plan import SweepBusy, TrialPlan, plan_trials, trials_of
+from flows.sweep_plan import GRID_SEPARATOR, SweepBusy, TrialPlan, plan_trials, trials_of
+from flows.sweep_presets import PRESETS, SweepPreset
 from flows.sweep_queue import queue_experiment, remote_for_experiments, run_queue
 from flows.sweep_tracking import (
     earlier_sweep,
@@ -65,14 +67,15 @@ def _close_done_trials(client: Any, experiment_id: str, plan: TrialPlan, previou
 
 
 def _run_trials(repo: Path, env: dict[str, str], combos: dict[str, list[str]], trials: dict[str, GroupRun],
-                plan: TrialPlan, parallel: int, retries: int, pull: bool) -> list[str]:
+                plan: TrialPlan, parallel: int, retries: int, pull: bool, targets: tuple[str, ...]) -> list[str]:
     """Queue the trials not done and run the queue, a failed one again up to ``retries`` times; returns the
     names of those that still fail. A trial run ends FINISHED as soon as its experiment succeeds."""
     pending = {name: combos[name] for name in trials}
     for attempt in range(retries + 1):
         for name, combo in pending.items():
             if attempt > 0 or name not in plan.live:
-                queue_experiment(repo, env, name, combo, plan.to_run.get(name) if attempt == 0 else None, pull)
+                queue_experiment(repo, env, name, combo, plan.to_run.get(name) if attempt == 0 else None, pull,
+                                 targets)
         states = run_queue(repo, env, list(pending), parallel, lambda name: trials[name].finish()) if pending else {}
         pending = {name: pending[name] for name, state in states.items() if state != "Success"}
         if not pending:
@@ -83,9 +86,10 @@ def _run_trials(repo: Path, env: dict[str, str], combos: dict[str, list[str]], t
 
 @flow(name="knn-diffusion-sweep")
 def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int = 1, retries: int = 1,
-          fresh: bool = False) -> list[str]:
+          fresh: bool = False, base: list[str] | None = None, targets: list[str] | None = None) -> list[str]:
     """Run one DVC experiment per combination of ``axes``, ``parallel`` at once; a failed experiment is
-    queued again up to ``retries`` times; the flow fails if any still fails.
+    queued again up to ``retries`` times; the flow fails if any still fails. ``base``: overrides every trial
+    shares (not in the names); ``targets``: the stages each trial reproduces (default: all).
 
     MLflow: one parent run for the sweep, one child per trial carrying all of that trial's params
     (flattened, so the compare view lines up k / index fraction / variant / size with the metrics),
@@ -101,14 +105,15 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
 
     logger = get_run_logger()
     repo_path = Path(repo).resolve()
-    combos, trial_params = trials_of(axes, repo_path, prefix)
+    combos, trial_params = trials_of(axes, repo_path, prefix, base or ())
     names = list(combos)
     uri = sweep_tracking_uri(repo_path)
     experiment = next(iter(trial_params.values())).tracking.experiment
     experiment_id = prepare_store(uri, experiment)
     client = MlflowClient(uri)
     tags = {"git.commit": git_commit(repo_path)[0], "prefect.flow_run_url": flow_run.ui_url or ""}
-    sweep_tags = {**tags, "kind": "sweep", "sweep.prefix": prefix, "sweep.axes": json.dumps(axes),
+    identity = {"axes": axes, "base": base, "targets": targets} if base or targets else axes
+    sweep_tags = {**tags, "kind": "sweep", "sweep.prefix": prefix, "sweep.axes": json.dumps(identity),
                   "sweep.workspace": workspace_changes(repo_path), "sweep.process": process_tag()}
     earlier = earlier_sweep(client, experiment_id, sweep_tags)
     if earlier is not None and fresh:
@@ -125,7 +130,8 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
     remote = remote_for_experiments(repo_path, env)
     if remote:
         logger.info("trials pull what they lack from the DVC remote %s", remote)
-    with group_run(f"sweep {prefix}", experiment, uri, params={"axes": axes}, tags=sweep_tags,
+    settings = {"axes": axes, "base": base or [], "targets": targets or []}
+    with group_run(f"sweep {prefix}", experiment, uri, params=settings, tags=sweep_tags,
                    resume=earlier.info.run_id if earlier else None) as parent:
         with contextlib.ExitStack() as stack:  # the trials end (FINISHED or FAILED) before the sweep does
             trials = {}
@@ -140,7 +146,8 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
             run_ids = {**{name: previous[name].info.run_id for name in plan.done},
                        **{name: run.id for name, run in trials.items()}}
             env[TRIAL_RUNS_ENV] = json.dumps(run_ids)
-            failed = _run_trials(repo_path, env, combos, trials, plan, parallel, retries, bool(remote))
+            failed = _run_trials(repo_path, env, combos, trials, plan, parallel, retries, bool(remote),
+                                 tuple(targets or ()))
             if not failed:
                 inputs = {name: {"deps": info.get("deps", {}), "params": flatten(info.get("params", {}))}
                           for name, info in dvc_experiments(repo_path, env).items() if name in combos}
@@ -155,25 +162,32 @@ def sweep(axes: list[str], repo: str = ".", prefix: str = "sweep", parallel: int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("axes", nargs="+", help="key=value1,value2 (one axis each; the grid is their product; "
+    parser.add_argument("axes", nargs="*", help="key=value1,value2 (one axis each; the grid is their product; "
                         "a list value in brackets: key=[1,2],[3]); '+' between axes adds another grid's trials")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a named sweep (flows/sweep_presets.py), e.g. study: the paper's ablations")
     parser.add_argument("--repo", default=".")
-    parser.add_argument("--prefix", default="sweep", help="experiment name prefix")
+    parser.add_argument("--prefix", help="experiment name prefix (default: the preset's name, else sweep)")
     parser.add_argument("--parallel", type=int, default=1,
                         help="experiments at once (each is a full pipeline; each stage gets cores / N threads)")
     parser.add_argument("--fresh", action="store_true",
                         help="run every trial again under a new MLflow parent run, instead of resuming the earlier "
                              "run of this sweep (same prefix, axes and git commit) and skipping its done trials")
     args = parser.parse_args(argv)
+    preset = PRESETS[args.preset] if args.preset else SweepPreset((), ())
+    axes = [*preset.axes(), *([GRID_SEPARATOR] if preset.trials and args.axes else []), *args.axes]
+    prefix = args.prefix or args.preset or "sweep"
+    if not axes:
+        parser.error("give axes (key=value1,value2 ...) or --preset")
     try:
-        trials_of(args.axes, Path(args.repo).resolve(), args.prefix)  # bad input: one line, before any flow run
-        names = sweep(axes=args.axes, repo=args.repo, prefix=args.prefix, parallel=args.parallel, fresh=args.fresh)
+        trials_of(axes, Path(args.repo).resolve(), prefix, preset.base)  # bad input: one line, before any flow run
+        names = sweep(axes=axes, repo=args.repo, prefix=prefix, parallel=args.parallel, fresh=args.fresh,
+                      base=list(preset.base), targets=list(preset.targets))
     except (ConfigError, ValueError, SweepBusy) as err:  # bad axes or values; a sweep already running
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print("experiments:", ", ".join(names), "\ncompare: dvc exp show  |  mlflow ui --backend-store-uri",
           sweep_tracking_uri(Path(args.repo).resolve()))
-
 
 if __name__ == "__main__":
     main()

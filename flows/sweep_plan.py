@@ -70,10 +70,21 @@ def experiment_name(prefix: str, overrides: list[str]) -> str:
     return name[:90].rstrip(".")
 
 
-def trials_of(axes: list[str], repo: Path, prefix: str) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """({experiment name: overrides}, {experiment name: its validated params}); bad axes or values raise."""
+def merge_overrides(*lists: list[str] | tuple[str, ...]) -> list[str]:
+    """Override lists in order, a later value of a key replacing an earlier one."""
+    merged: dict[str, str] = {}
+    for overrides in lists:
+        for override in overrides:
+            merged[override.split("=", 1)[0]] = override
+    return list(merged.values())
+
+
+def trials_of(axes: list[str], repo: Path, prefix: str, base: list[str] | tuple[str, ...] = ()
+              ) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """({experiment name: overrides}, {experiment name: its validated params}); bad axes or values raise.
+    ``base``: overrides every trial shares (a trial's own value of a key wins), not part of the names."""
     grid = expand_grid(axes)
-    combos = {experiment_name(prefix, combo): combo for combo in grid}
+    combos = {experiment_name(prefix, combo): merge_overrides(base, combo) for combo in grid}
     if len(combos) < len(grid):
         raise ValueError(f"sweep axes {axes}: two trials get the same experiment name (names keep only each "
                          f"key's last part): {sorted(combos)}")

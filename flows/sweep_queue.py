@@ -52,10 +52,11 @@ def remote_for_experiments(repo: Path, env: dict[str, str]) -> str:
 
 @task(cache_policy=NO_CACHE, task_run_name="queue {name}")
 def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list[str], dead: dict | None = None,
-                     pull: bool = True) -> str:
+                     pull: bool = True, targets: tuple[str, ...] = ()) -> str:
     """Queue one combination; an experiment (or finished queue task) of the same name is replaced, and a
     ``dead`` task of that name (its worker died with a killed sweep) is killed and its working copy removed.
-    ``pull``: the experiment pulls missing outputs from the default remote rather than recompute them."""
+    ``pull``: the experiment pulls missing outputs from the default remote rather than recompute them.
+    ``targets``: the stages it reproduces (with what they need upstream); empty: all of them."""
     logger = get_run_logger()
     if dead:
         logger.info("'%s' was left running by a dead worker (pid %s): dvc queue kill", name, dead["pid"])
@@ -65,7 +66,7 @@ def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list
         dvc(repo, env, "exp", "remove", name)
     dvc(repo, env, "queue", "remove", name, check=False)  # a finished task of an earlier sweep
     dvc(repo, env, "exp", "run", "--queue", *(["--pull"] if pull else []), "-n", name,
-        *itertools.chain.from_iterable(("-S", o) for o in overrides))
+        *itertools.chain.from_iterable(("-S", o) for o in overrides), *targets)
     return name
 
 

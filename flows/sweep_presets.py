@@ -1,0 +1,64 @@
+"""Named sweeps (``python -m flows.sweep --preset NAME``): the overrides every trial shares (``base``, left out
+of the trial names; a trial's own value of a key wins), the trials (each a list of overrides; a value that
+lists several, ``k=1,2``, makes a grid), and the DVC stages a trial reproduces (``targets``, with what they
+need upstream; empty: the whole pipeline).
+
+``study`` tests the paper's claims (docs/study.md): every model is evaluated on the whole test split (358
+named OpenMoji prompts) x 2 seeds with bootstrap CIs, and ``knn-diffusion report`` / ``flows.study_doc`` turn
+the runs into the claims table. What it runs, per backbone unless said (sizes and wall time: docs/study.md):
+
+- the kNN model (``tokens``, k=10, tiny) at k in {0, 1, 5, 10, 20} and its first retrieved image (Fig. 9, Fig. 2);
+- the same model at index fraction {0.1, 0.3, 0.5, 0.7, 1.0} (Sec. 6.5), guidance {1, 3, 8} (lambda = 8), and with
+  the swapped Noto index (out of distribution) - inference only: the model comes from DVC's run cache;
+- a trained ``no_knn`` model (Tab. 1), and both again at a second size, ``small`` (Fig. 10);
+- the other three kNN conditioning variants on the discrete backbone (Sec. 6.5).
+
+Settings are the val-chosen defaults of params.yaml; nothing here is tuned on the test split.
+``study-gpu`` is the same study at 64 px with 5 seeds, for a GPU worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flows.sweep_plan import GRID_SEPARATOR
+
+
+@dataclass(frozen=True)
+class SweepPreset:
+    base: tuple[str, ...]
+    trials: tuple[tuple[str, ...], ...]
+    targets: tuple[str, ...] = ()
+
+    def axes(self) -> list[str]:
+        """The trials as the sweep's axes: one grid each, '+' between them."""
+        axes: list[str] = []
+        for trial in self.trials:
+            axes += [*([GRID_SEPARATOR] if axes else []), *trial]
+        return axes
+
+
+def _both(key: str, value: str) -> tuple[str, str]:
+    """One training setting for both backbones."""
+    return f"train_continuous.{key}={value}", f"train_discrete.{key}={value}"
+
+
+STUDY_BASE = ("evaluate.count=0", "evaluate.seeds=2", "evaluate.grid.k=[0,10]", "evaluate.grid.index_fraction=[1.0]",
+              "evaluate.grid.index=[openmoji]", "evaluate.retrieval_baseline=false")
+STUDY_TRIALS = (
+    ("evaluate.grid.k=[0,1,5,10,20]", "evaluate.retrieval_baseline=true"),  # Fig. 9, Fig. 2
+    ("evaluate.grid.k=[10]", "evaluate.grid.index_fraction=[0.1,0.3,0.5,0.7,1.0]"),  # Sec. 6.5 index size
+    ("evaluate.continuous.guidance=[1.0,3.0,8.0]", "evaluate.discrete.guidance=[1.0,3.0,8.0]"),  # lambda
+    ("evaluate.grid.k=[10]", "evaluate.grid.index=[openmoji,noto]"),  # out-of-distribution index
+    _both("variant", "no_knn"),  # Tab. 1's no-kNN model
+    _both("preset", "small"),  # Fig. 10: a second size ...
+    (*_both("preset", "small"), *_both("variant", "no_knn")),  # ... with and without kNN
+    ("train_discrete.variant=self_attention,cross_attention_pooled,concat_linear",),  # Sec. 6.5 variants
+)
+EVALUATE = ("evaluate@continuous", "evaluate@discrete")
+GPU = ("data.resolution=64", "encoder.vision.image_size=64", "judge.vision.image_size=64", "evaluate.seeds=5")
+
+PRESETS = {
+    "study": SweepPreset(STUDY_BASE, STUDY_TRIALS, EVALUATE),
+    "study-gpu": SweepPreset(STUDY_BASE + GPU, STUDY_TRIALS, EVALUATE),
+}
