@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,13 @@ def test_console_shows_no_traceback(at_pipeline, tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["error: prompt 1 is empty: give text to generate from "
                                                 "(or only --image-embedding-from)"]
+
+
+def test_served_backend_with_no_service_listening(at_pipeline, tmp_path, capsys):
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    err = _refused(capsys, tmp_path / "out", "a cat", "--set", "retrieval.backend=served",
+                   "--set", f"retrieval.served_url={url}")
+    assert err == (f"error: retrieval.served_url={url}: /indices-list got no answer (ConnectionError); "
+                   "is `clip-retrieval back` running there?")

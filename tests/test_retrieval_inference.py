@@ -3,17 +3,24 @@ index; the per-query score quantile among each query's neighbours."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import faiss
 import numpy as np
+import pandas as pd
 import pytest
 
 from knn_diffusion.encoders.store import begin_embedding, emb_name, finish_embedding, ids_name
-from knn_diffusion.io import save_npy
+from knn_diffusion.io import read_json, save_npy
 from knn_diffusion.retrieval.backends import LocalRoots, open_backend
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
-from knn_diffusion.retrieval.index import load_index
+from knn_diffusion.retrieval.index import load_index, normalised
 from knn_diffusion.retrieval.inference import SCORES_FILE, allowed_ids, index_ids, open_neighbour_search
-from knn_diffusion.retrieval.scores import per_query_quantile
+from knn_diffusion.retrieval.scores import per_query_quantile, score_lookup
+from knn_diffusion.retrieval.served import decode_vector
+from knn_diffusion.retrieval.served_export import COLUMNS, SERVED_INDEX_FILE, export_index
 from knn_diffusion.retrieval.subsets import subset_mask
 from knn_diffusion.retrieval.synthetic import clustered_vectors
 
@@ -125,7 +132,7 @@ def test_local_backend_returns_content_ids_and_refuses_another_encoder(built, tm
     direct, _ = open_neighbour_search(root / "index", root / "embed", "enc", D)
     np.testing.assert_array_equal(neighbours.knn(vectors[:20], K)[0], direct(vectors[:20], K)[0])
     assert set(neighbours.knn(vectors[:20], K)[0].ravel().tolist()) <= set(ids.tolist())
-    assert neighbours.score_column is not None
+    assert neighbours.scores is not None
     with pytest.raises(ValueError, match="'enc'.*'other-encoder'"):
         open_backend(RetrievalConfig(), roots, "other-encoder", D).open("index")
     with pytest.raises(FileNotFoundError, match="index 'nowhere'"):
@@ -134,3 +141,28 @@ def test_local_backend_returns_content_ids_and_refuses_another_encoder(built, tm
         neighbours.images(ids[:2])
     with pytest.raises(ValueError, match=r"retrieval.backend='http': expected one of \['local'\]"):
         open_backend(RetrievalConfig(backend="http"), roots, "enc", D)
+
+
+def test_served_export_answers_by_position_with_the_content_ids_of_the_local_index(built, tmp_path):
+    """What `clip-retrieval back` does with an export - search its index by position, read the metadata row
+    of each position - gives the local backend's ids, embeddings and scores (the service itself:
+    tests/test_served_backend.py)."""
+    root, vectors, ids, scores = built
+    (tmp_path / "embed-root").mkdir()
+    (tmp_path / "embed-root" / "index").symlink_to(root / "embed")  # the stages' layout: <embed root>/<dataset>
+    indices = export_index(root / "index", tmp_path / "embed-root", tmp_path / "ingest-root", tmp_path / "served",
+                           name="emoji")
+    served = read_json(indices)["emoji"]
+    index = faiss.read_index(str(Path(served["indice_folder"]) / SERVED_INDEX_FILE))
+    table = pd.read_parquet(Path(served["indice_folder"]) / "metadata" / "0.parquet")
+    assert served["columns_to_return"] == COLUMNS and not served["provide_aesthetic_embeddings"]
+    queries = normalised(vectors[::97])
+    _, positions = index.search(queries, K)
+    local, _ = open_neighbour_search(root / "index", root / "embed", "enc", D)
+    found, _, neighbours = local(queries, K)
+    np.testing.assert_array_equal(table["content_id"].to_numpy()[positions], found)
+    rows = table.iloc[positions.ravel()]
+    np.testing.assert_array_equal(np.stack([decode_vector(v) for v in rows["embedding"]]),
+                                  neighbours.reshape(-1, D))
+    np.testing.assert_array_equal(rows["score"].to_numpy(), score_lookup(ids, scores)(found.ravel()))
+    assert json.loads(table["facts"][0])["fingerprint"] == "enc" and "png" not in table  # no ingested images here

@@ -245,6 +245,19 @@ def _report_command(args: argparse.Namespace) -> None:
     print(f"logged to MLflow run {run_id} (experiment '{args.experiment}')")
 
 
+def _serve_export_command(args: argparse.Namespace) -> None:
+    """Indexes in the layout `clip-retrieval back` serves (retrieval.backend=served)."""
+    from knn_diffusion.retrieval.served_export import export_index
+    from knn_diffusion.stages import paths
+
+    roots = paths.retrieval_roots()
+    for index in args.indexes:
+        folder = Path(index) if Path(index).is_dir() else roots.index / index
+        clip = {"service_clip": args.service_clip} if args.service_clip else {}
+        indices = export_index(folder, roots.embed, roots.ingest, args.out, **clip)
+    print(f"{indices}\nserve: clip-retrieval back --indices_paths {indices} --port 1234   (its own venv: README)")
+
+
 def _stack_command(args: argparse.Namespace) -> None:
     """Start, stop or show the team stack as local processes (knn_diffusion/stack/)."""
     from knn_diffusion.stack.command import DEFAULT_PORTS, down, status, up
@@ -291,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="outputs/report", help="output directory")
     r.set_defaults(handler=_report_command)
 
+    x = commands.add_parser("serve-export", help="write indexes for LAION's kNN service (retrieval.backend=served)")
+    x.add_argument("indexes", nargs="+", help="datasets with an index under data/index, or index directories")
+    x.add_argument("--out", default="served", help="folder for indices.json and one folder per index")
+    x.add_argument("--service-clip", help="the CLIP the service loads at start-up, an all_clip name (default: "
+                   "retrieval/served_export.py's DEFAULT_SERVICE_CLIP); knn-diffusion itself sends embeddings")
+    x.set_defaults(handler=_serve_export_command)
+
     from knn_diffusion.stack.command import DEFAULT_PORTS
 
     s = commands.add_parser("stack", help="the team stack (Postgres, S3, MLflow, Prefect, workers) as local processes")
@@ -307,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    # input the user can fix: one line, no traceback
-    except (ConfigError, ValueError, FileNotFoundError, StackError) as err:
+    # input the user can fix (a service that is down included): one line, no traceback
+    except (ConfigError, ValueError, FileNotFoundError, StackError, ConnectionError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -11,13 +11,14 @@ their scores from the index's score column. Both means carry a bootstrap CI over
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from knn_diffusion.evaluation.stats import mean_interval
 from knn_diffusion.retrieval.config import Scorer
-from knn_diffusion.retrieval.scores import image_scores, resolve_scorer, score_lookup
+from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 
 GENERATED, NEIGHBOURS = "generated_score", "neighbour_score"
 COLUMNS = [f"{name}{suffix}" for name in (GENERATED, NEIGHBOURS) for suffix in ("", "_ci_low", "_ci_high")]
@@ -31,14 +32,16 @@ def score_quantile_metrics(generated_scores: np.ndarray, neighbour_scores: np.nd
     return {**generated.as_dict(GENERATED), **neighbours.as_dict(NEIGHBOURS)}
 
 
-def point_score_metrics(records: list[dict], images: np.ndarray, score_column: tuple[np.ndarray, np.ndarray] | None,
-                        scorer: Scorer | str, weights: str, encoder, seed: int = 0) -> dict[str, float]:
+def point_score_metrics(records: list[dict], images: np.ndarray,
+                        neighbour_scores: Callable[[np.ndarray], np.ndarray] | None, scorer: Scorer | str,
+                        weights: str, encoder, seed: int = 0) -> dict[str, float]:
     """:func:`score_quantile_metrics` of a generated grid point: ``records`` from ``generate`` (their
-    ``neighbour_ids``), its ``images`` uint8 (N, H, W, 3), the index's score column (ids, scores), and
-    the index's scorer (the aesthetic head reads ``encoder``'s image embeddings)."""
-    if score_column is None:
+    ``neighbour_ids``), its ``images`` uint8 (N, H, W, 3), the index's score column as a lookup (content
+    ids -> scores, from the retrieval backend), and the index's scorer (the aesthetic head reads
+    ``encoder``'s image embeddings)."""
+    if neighbour_scores is None:
         raise ValueError("a score-quantile grid point needs the index's score column; rebuild the index stage")
-    neighbours = score_lookup(*score_column)(np.array([r["neighbour_ids"] for r in records], np.int64))
+    neighbours = neighbour_scores(np.array([r["neighbour_ids"] for r in records], np.int64))
     embeddings = encoder.encode_images(images) if resolve_scorer(scorer, weights) is Scorer.laion_aesthetic else None
     generated = image_scores(scorer, weights, embeddings=embeddings, image_batches=[images])
     return score_quantile_metrics(generated, neighbours, seed)

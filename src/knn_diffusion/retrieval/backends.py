@@ -2,12 +2,18 @@
 
 ``sample``, ``generate`` and ``evaluate`` open one backend per run with :func:`open_backend` and ask it
 for an index by name; they never look for directories themselves. A backend returns
-:class:`Neighbours`: the ``knn(queries, k)`` search (content ids, similarities, neighbour embeddings),
-the index's sidecar with the retrieval settings, the images of content ids (the retrieval baseline
-reads them here), and the per-image score column. Every backend refuses an index built with another
-encoder (fingerprint) before it searches.
+:class:`Neighbours`: the ``knn(queries, k)`` search (content ids - the image ids the index was built
+with, never a server's row positions -, similarities, neighbour embeddings), the index's sidecar with
+the retrieval settings, the images of content ids (the retrieval baseline reads them here), and the
+per-image score lookup. Every backend refuses an index built with another encoder (fingerprint)
+before it searches.
 
-A new backend is one class with ``has`` and ``open`` and one entry in :data:`BACKENDS`.
+* ``local``: the index stage's FAISS indexes, searched in this process (:class:`LocalFaiss`).
+* ``served``: indexes exported with ``knn-diffusion serve-export`` and answered by LAION's kNN service,
+  ``clip-retrieval back``, at ``retrieval.served_url`` (:class:`~knn_diffusion.retrieval.served.ServedIndex`).
+
+A new backend is one class with ``has`` and ``open`` and one entry in :data:`BACKENDS`. A backend that
+cannot answer mid-run raises :class:`ServiceUnavailable`, which the stages report as one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -15,22 +21,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.retrieval.config import RetrievalConfig
 from knn_diffusion.retrieval.index import read_sidecar
-from knn_diffusion.retrieval.inference import NeighbourSearch, open_neighbour_search, read_score_column
-
-
-@dataclass
-class Neighbours:
-    knn: NeighbourSearch                          # queries (N, d), k -> ids, similarities, embeddings
-    sidecar: dict[str, Any]                       # the index's facts plus the retrieval settings
-    images: Callable[[np.ndarray], np.ndarray]    # content ids (M,) -> uint8 (M, H, W, 3)
-    score_column: tuple[np.ndarray, np.ndarray] | None  # (ids, scores) the index stage wrote, if any
+from knn_diffusion.retrieval.inference import Neighbours, open_neighbour_search, read_score_column
+from knn_diffusion.retrieval.scores import score_lookup
+from knn_diffusion.retrieval.served import ServedIndex, ServiceUnavailable
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,12 @@ class LocalFaiss:
                                         f"{self.roots.ingest}")
             return ImageStore.open(self.roots.ingest / dataset)[np.asarray(ids, np.int64)]
 
-        return Neighbours(knn, sidecar, read_images, read_score_column(index_dir))
+        column = read_score_column(index_dir)
+        return Neighbours(knn, sidecar, read_images, score_lookup(*column) if column is not None else None)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"local": LocalFaiss}
+BACKENDS: dict[str, Callable[..., Backend]] = {"local": LocalFaiss, "served": ServedIndex}
+__all__ = ["BACKENDS", "LocalFaiss", "LocalRoots", "Neighbours", "ServedIndex", "ServiceUnavailable", "open_backend"]
 
 
 def open_backend(retrieval: RetrievalConfig, roots: LocalRoots, fingerprint: str, dim: int) -> Backend:

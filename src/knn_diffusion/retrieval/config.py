@@ -47,8 +47,11 @@ class RetrievalConfig:
     score_quantile: int = field(default=0, metadata=between(0, 100))
     score_quantiles: int = field(default=5, metadata=between(1, 100))
     # Where neighbours come from: a name in retrieval.backends.BACKENDS ('local': the index stage's FAISS
-    # indexes, searched in-process).
+    # indexes, searched in-process; 'served': indexes exported with `knn-diffusion serve-export` and
+    # answered by LAION's kNN service, `clip-retrieval back`, at served_url).
     backend: str = "local"
+    served_url: str = "http://127.0.0.1:1234"
+    served_timeout_s: float = field(default=30.0, metadata=between(0, 3600, low_open=True))  # per HTTP request
 
 
 @dataclass

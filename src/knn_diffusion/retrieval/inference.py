@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,16 @@ SCORES_FILE = "scores.npz"  # the index stage writes it beside index.faiss: ids,
 
 # queries (N, d) float32, k -> ids (N, k), scores (N, k), neighbour embeddings (N, k, d)
 NeighbourSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Neighbours:
+    """An opened index, as every retrieval backend returns it (``retrieval/backends.py``)."""
+
+    knn: NeighbourSearch                                   # queries (N, d), k -> content ids, similarities, embeddings
+    sidecar: dict[str, Any]                                # the index's facts plus the retrieval settings
+    images: Callable[[np.ndarray], np.ndarray]             # content ids (M,) -> uint8 (M, H, W, 3)
+    scores: Callable[[np.ndarray], np.ndarray] | None      # content ids -> their score-column values, if any
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:

@@ -49,7 +49,7 @@ from knn_diffusion.generation import read_prompts
 from knn_diffusion.images import save_png
 from knn_diffusion.io import atomic_dir, save_npy, write_json
 from knn_diffusion.models.config import ConditioningVariant
-from knn_diffusion.retrieval.backends import open_backend
+from knn_diffusion.retrieval.backends import ServiceUnavailable, open_backend
 from knn_diffusion.retrieval.scores import resolve_scorer
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
@@ -107,7 +107,7 @@ def evaluate_stage(params, model: str) -> None:
         """Paper Fig. 8: a score-quantile point's images scored against their neighbours' scores."""
         if not point.score_quantile:
             return {}
-        return point_score_metrics(records, images, neighbours.score_column, params.index.scorer,
+        return point_score_metrics(records, images, neighbours.scores, params.index.scorer,
                                    params.index.scorer_weights, encoder, cfg.seed)
 
     def log_point(name: str, settings: dict, values: dict, kind: str) -> None:
@@ -162,7 +162,8 @@ def evaluate_stage(params, model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("evaluate", evaluate_stage, argv, user_errors=(FileNotFoundError, ValueError, ModuleNotFoundError),
+    run_stage("evaluate", evaluate_stage, argv,
+              user_errors=(FileNotFoundError, ValueError, ModuleNotFoundError, ServiceUnavailable),
               per_model=True)
 
 

@@ -38,7 +38,7 @@ from knn_diffusion.manipulation.evaluation import changed_region, identity_score
 from knn_diffusion.manipulation.model import load_manipulation_model, trained_k
 from knn_diffusion.models.continuous.generator import load_denoiser
 from knn_diffusion.models.continuous.sampler import sample
-from knn_diffusion.retrieval.backends import open_backend
+from knn_diffusion.retrieval.backends import ServiceUnavailable, open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.stages.judging import load_judge
@@ -156,7 +156,8 @@ def evaluate_stage(params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("evaluate_manipulation", evaluate_stage, argv, user_errors=(FileNotFoundError, ValueError))
+    run_stage("evaluate_manipulation", evaluate_stage, argv,
+              user_errors=(FileNotFoundError, ValueError, ServiceUnavailable))
 
 
 if __name__ == "__main__":

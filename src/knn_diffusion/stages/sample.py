@@ -20,7 +20,7 @@ from knn_diffusion.config import Params
 from knn_diffusion.encoders.factory import load_encoder
 from knn_diffusion.generation import generate, read_prompts
 from knn_diffusion.io import atomic_dir, write_json
-from knn_diffusion.retrieval.backends import open_backend
+from knn_diffusion.retrieval.backends import ServiceUnavailable, open_backend
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 from knn_diffusion.tracking import model_run_id
@@ -56,7 +56,8 @@ def sample_stage(params: Params, model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("sample", sample_stage, argv, user_errors=(FileNotFoundError, ValueError), per_model=True)
+    run_stage("sample", sample_stage, argv, user_errors=(FileNotFoundError, ValueError, ServiceUnavailable),
+              per_model=True)
 
 
 if __name__ == "__main__":
