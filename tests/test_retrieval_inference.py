@@ -4,6 +4,7 @@ index; the per-query score quantile among each query's neighbours."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import faiss
@@ -11,13 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knn_diffusion.encoders.store import begin_embedding, emb_name, finish_embedding, ids_name
-from knn_diffusion.io import read_json, save_npy
+from knn_diffusion.encoders.store import EmbeddingStore, begin_embedding, emb_name, finish_embedding, ids_name
+from knn_diffusion.io import read_json, save_npy, write_json
 from knn_diffusion.retrieval.backends import LocalRoots, open_backend
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
 from knn_diffusion.retrieval.index import load_index, normalised
-from knn_diffusion.retrieval.inference import SCORES_FILE, allowed_ids, index_ids, open_neighbour_search
+from knn_diffusion.retrieval.inference import (
+    SCORES_FILE,
+    allowed_ids,
+    embeddings_facts,
+    index_ids,
+    open_neighbour_search,
+)
 from knn_diffusion.retrieval.scores import per_query_quantile, score_lookup
 from knn_diffusion.retrieval.served import decode_vector
 from knn_diffusion.retrieval.served_export import COLUMNS, SERVED_INDEX_FILE, export_index
@@ -166,3 +173,20 @@ def test_served_export_answers_by_position_with_the_content_ids_of_the_local_ind
                                   neighbours.reshape(-1, D))
     np.testing.assert_array_equal(rows["score"].to_numpy(), score_lookup(ids, scores)(found.ravel()))
     assert json.loads(table["facts"][0])["fingerprint"] == "enc" and "png" not in table  # no ingested images here
+
+
+def test_an_index_refuses_another_embedding_store_than_its_own(built, tmp_path):
+    """Ids only mean the same images in the embedding store the index was built from (the index stage records
+    it): another clone's or an older one is refused before a search pairs ids with the wrong vectors."""
+    root, vectors, _, _ = built
+    store = EmbeddingStore.open(root / "embed")
+    for recorded, refused in ((embeddings_facts(store), False), ({**embeddings_facts(store), "ids_sha256": "x"}, True)):
+        shutil.rmtree(tmp_path / "index", ignore_errors=True)
+        shutil.copytree(root / "index", tmp_path / "index")
+        write_json(tmp_path / "index" / "index.json", {**read_json(tmp_path / "index" / "index.json"),
+                                                       "embeddings": recorded})
+        if refused:
+            with pytest.raises(ValueError, match="another ingest or embed run"):
+                open_neighbour_search(tmp_path / "index", root / "embed", "enc", D)
+        else:
+            open_neighbour_search(tmp_path / "index", root / "embed", "enc", D)[0](vectors[:3], K)

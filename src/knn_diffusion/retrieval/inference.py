@@ -84,6 +84,20 @@ def read_score_column(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndar
         return data["ids"], data["scores"]
 
 
+def embeddings_facts(store: EmbeddingStore) -> dict[str, str]:
+    """What an index records of the embedding store it was built from: its ids and image content."""
+    return {key: store.meta.get(key, "") for key in ("ids_sha256", "content_sha256")}
+
+
+def check_same_embeddings(sidecar: dict[str, Any], store: EmbeddingStore, index_dir: Path) -> None:
+    """Refuse to pair an index with another embedding store than its own (another clone's ingest or an older
+    embed run): its ids would fetch the wrong vectors. Indexes that record nothing are not checked."""
+    recorded = sidecar.get("embeddings")
+    if recorded and recorded != embeddings_facts(store):
+        raise ValueError(f"{index_dir}: built from embeddings {recorded}, but {store.root} holds "
+                         f"{embeddings_facts(store)} (another ingest or embed run); rebuild the index")
+
+
 def open_neighbour_search(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike, fingerprint: str,
                           dim: int, retrieval: RetrievalConfig | None = None) -> tuple[NeighbourSearch, dict[str, Any]]:
     """A ``knn(queries, k)`` over the index at ``index_dir`` restricted to the part of it that
@@ -104,6 +118,7 @@ def open_neighbour_search(index_dir: str | os.PathLike, embeddings_dir: str | os
     store = EmbeddingStore.open(embeddings_dir)
     searcher = Searcher.open(index_dir, fingerprint, dim, get_vectors=vectors_by_id(store.ids, store.get))
     sidecar = read_sidecar(index_dir)
+    check_same_embeddings(sidecar, store, index_dir)
     filtering = filter_active(low, high)
     column = read_score_column(index_dir) if filtering or quantile else None
     if quantile and column is None:

@@ -22,7 +22,7 @@ from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, atomic_path, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, Scorer
-from knn_diffusion.retrieval.inference import SCORES_FILE
+from knn_diffusion.retrieval.inference import SCORES_FILE, embeddings_facts
 from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
 from knn_diffusion.stages import paths
@@ -66,7 +66,8 @@ def index_stage(params: Params) -> None:
                 start = time.perf_counter()
                 sidecar = build_tuned_index(store.vectors()[positions], store.ids[positions], cfg, store.fingerprint,
                                             out / name, get_vectors=vectors_by_id(store.ids, store.get),
-                                            dataset=name, splits=cfg.generator_splits
+                                            dataset=name, embeddings=embeddings_facts(store),
+                                            splits=cfg.generator_splits
                                             if name == params.data.generator_dataset else "all")
                 write_score_column(cfg, store, store.ids[positions], out / name)
                 # metrics: numbers only, timings included (the sidecar in the out holds the facts)
