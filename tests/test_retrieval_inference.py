@@ -146,7 +146,7 @@ def test_local_backend_returns_content_ids_and_refuses_another_encoder(built, tm
         backend.open("nowhere")
     with pytest.raises(FileNotFoundError, match="no ingested images"):
         neighbours.images(ids[:2])
-    with pytest.raises(ValueError, match=r"retrieval.backend='http': expected one of \['local'\]"):
+    with pytest.raises(ValueError, match=r"retrieval.backend='http': expected one of \['local', 'served'\]"):
         open_backend(RetrievalConfig(backend="http"), roots, "enc", D)
 
 
