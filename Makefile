@@ -37,10 +37,8 @@ dvc:
 	$(VENV)/bin/dvc $(ARGS)
 
 # The slow tier (CI runs it after `make test`): sweeps through DVC's queue, work-pool deployments, the
-# Postgres/S3 tracking server, the cross-clone rollback, fresh venvs from the lock and LAION's kNN service
-# (its own venv, .venv-served: KNN_SETUP_SERVED=1). Exit 5 = none collected.
-test-slow:
-	KNN_SETUP_SERVED=1 bash scripts/setup.sh
+# Postgres/S3 tracking server, the cross-clone rollback and fresh venvs from the lock. Exit 5 = none collected.
+test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # docker/compose.yaml built and started under docker or podman, a pipeline deployment run through it

@@ -27,11 +27,6 @@ else
     echo "setup: $VENV matches requirements.lock; nothing to install"
 fi
 
-# `make test-slow` and retrieval.backend=served (KNN_SETUP_SERVED=1): LAION's kNN service in its own venv.
-if [ "${KNN_SETUP_SERVED:-0}" = 1 ]; then
-    VENV="$VENV" PYTHON="$PYTHON" bash scripts/setup_served.sh
-fi
-
 # Emoji styles from npm (paired image/name data for the encoders), exactly as emoji-styles/package-lock.json
 # pins them; `npm ci` again only when the lock changed.
 styles_stamp=emoji-styles/node_modules/.installed-lock
