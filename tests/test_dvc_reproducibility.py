@@ -209,5 +209,5 @@ def test_metrics_hold_only_numbers(repo, stage):
     (metrics_file,) = (next(iter(entry)) for entry in dvc_stages(REPO / "dvc.yaml")[stage]["metrics"])
     values = {k: v for k, v in flatten(json.loads((repo / metrics_file).read_text())).items()
               if v != {}}  # an empty group, e.g. no images skipped
-    assert values or stage == "human_eval_aggregate", "empty"  # which has nothing to count before any answers
+    assert values or stage.startswith("human_eval_aggregate"), "empty"  # nothing to count before any answers
     assert all(isinstance(v, (int, float)) for v in values.values()), values

@@ -131,9 +131,10 @@ def test_sample_and_evaluate_are_one_stage_per_backbone_with_its_own_upstream():
     # pipeline.backbones: [continuous] skips the discrete items, keeps human_eval (fed by evaluate@continuous)
     assert without_backbones(graph, backbones, {"continuous"}) == {"tokenizer", "train_discrete", "sample@discrete",
                                                                    "evaluate@discrete"}
+    # manipulation fine-tunes the continuous model, so its stages go with it
     assert without_backbones(graph, backbones, {"discrete"}) == {
         "train_continuous", "sample@continuous", "evaluate@continuous", "manipulation_pairs", "train_manipulation",
-        "evaluate_manipulation", "human_eval_manipulation", "human_eval_aggregate_manipulation"}  # manipulation fine-tunes the continuous model
+        "evaluate_manipulation", "human_eval_manipulation", "human_eval_aggregate_manipulation"}
     from flows.remote import git_tracked_outputs, stage_pools
 
     assert stage_pools(REPO / "dvc.yaml")["evaluate@discrete"] == "gpu"

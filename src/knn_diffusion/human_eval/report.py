@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from knn_diffusion.human_eval.aggregate import HEADLINE, preference_cell
 
+
 def latest_results(client, experiment_id: str) -> list:
     """The newest finished aggregate run with answers for each (system A, system B)."""
     runs = client.search_runs([experiment_id], filter_string="tags.stage LIKE 'human_eval_aggregate%' and "
