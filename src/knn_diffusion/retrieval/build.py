@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import faiss
 import numpy as np
 
 from knn_diffusion.retrieval.config import IndexConfig
-from knn_diffusion.retrieval.index import build_index, save_index, sidecar_from
+from knn_diffusion.retrieval.index import BuildInfo, build_index, save_index, sidecar_from
 from knn_diffusion.retrieval.search import (
     Searcher,
     VectorGetter,
@@ -34,6 +35,18 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
     index, info = build_index(vectors, ids, config.factory, train_size=config.train_size,
                               seed=config.seed, batch=config.add_batch, use_gpu=config.use_gpu,
                               bytes_per_vector=config.bytes_per_vector, progress=progress)
+    sidecar = tuned_sidecar(index, info, vectors, ids, config, fingerprint, get_vectors=get_vectors, **sidecar_extra)
+    return save_index(index, directory, sidecar)
+
+
+def tuned_sidecar(index: faiss.Index, info: BuildInfo, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
+                  fingerprint: str, *, get_vectors: VectorGetter | None = None, **sidecar_extra: Any) -> dict[str, Any]:
+    """Tune ``index`` (built over ``vectors`` with ``ids``) to ``config.target_recall`` and return its sidecar.
+
+    ``vectors`` is read in slices (exact ground truth) and at the sampled query rows, so a row reader over
+    a memory-mapped store serves as well as an array.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
     rerank = 1 if is_exact(index) else config.rerank_factor
     searcher = Searcher(index, get_vectors=get_vectors or vectors_by_id(ids, vectors),
                         rerank_factor=rerank)
@@ -44,6 +57,5 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
     _, truth = exact_neighbours(vectors, ids, queries, k + 1)
     truth = without_ids(truth, query_ids, k)
     params, recall = tune_search_params(searcher, queries, truth, k, config.target_recall, query_ids)
-    sidecar = sidecar_from(info, fingerprint, params, recall, config.target_recall, k, searcher.rerank_factor,
-                           seed=config.seed, **sidecar_extra)
-    return save_index(index, directory, sidecar)
+    return sidecar_from(info, fingerprint, params, recall, config.target_recall, k, searcher.rerank_factor,
+                        seed=config.seed, **sidecar_extra)

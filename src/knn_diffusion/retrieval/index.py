@@ -104,31 +104,23 @@ class BuildInfo:
     metric: str = METRIC
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", *,
-                train_size: int = 100_000, seed: int = 0, batch: int = 65_536,
-                use_gpu: GpuUse | str = GpuUse.auto, bytes_per_vector: int = 256,
-                progress: bool = True) -> tuple[faiss.Index, BuildInfo]:
-    """Train on a seeded sample of ``vectors`` (N, d) and add them all with their int64 ``ids``.
+def train_index(vectors: np.ndarray, factory: str = "auto", *, train_size: int = 100_000, seed: int = 0,
+                use_gpu: GpuUse | str = GpuUse.auto, bytes_per_vector: int = 256) -> tuple[faiss.Index, str, str]:
+    """(the trained, empty index of ``factory``, the factory string, the device) for ``vectors`` (N, d).
 
-    ``vectors`` may be a memory map; it is read in ``batch``-row slices. On a GPU (faiss-gpu and a
-    visible device) the k-means of the coarse quantizer runs there; the index itself stays a CPU
-    index so it saves and memory-maps like any other.
+    ``'auto'`` resolves with :func:`choose_factory`. Training reads a seeded sample of at most ``train_size``
+    rows (``vectors[sorted positions]``: an array, a memory map or any row reader with ``shape``). On a GPU
+    (faiss-gpu and a visible device) the k-means of the coarse quantizer runs there; the index itself stays
+    a CPU index so it saves and memory-maps like any other.
     """
     n, d = vectors.shape
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.shape != (n,):
-        raise ValueError(f"build_index: ids has shape {ids.shape}, expected ({n},) to match vectors")
-    if len(np.unique(ids)) != n:
-        raise ValueError("build_index: ids are not unique")
     factory = choose_factory(n, d, bytes_per_vector) if factory == "auto" else factory
     device = _resolve_device(use_gpu)
-    start = time.perf_counter()
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise ValueError(f"index factory {factory!r} is not valid for d={d}: "
                          f"{str(err).splitlines()[0]}") from None
-
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(train_size, n), replace=False))
@@ -138,6 +130,25 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", *,
         index.train(normalised(vectors[sample]))
         if ivf is not None:
             ivf.clustering_index = None
+    return index, factory, device
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", *,
+                train_size: int = 100_000, seed: int = 0, batch: int = 65_536,
+                use_gpu: GpuUse | str = GpuUse.auto, bytes_per_vector: int = 256,
+                progress: bool = True) -> tuple[faiss.Index, BuildInfo]:
+    """Train on a seeded sample of ``vectors`` (N, d) (:func:`train_index`) and add them all with their
+    int64 ``ids``. ``vectors`` may be a memory map; it is read in ``batch``-row slices.
+    """
+    n, d = vectors.shape
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape != (n,):
+        raise ValueError(f"build_index: ids has shape {ids.shape}, expected ({n},) to match vectors")
+    if len(np.unique(ids)) != n:
+        raise ValueError("build_index: ids are not unique")
+    start = time.perf_counter()
+    index, factory, device = train_index(vectors, factory, train_size=train_size, seed=seed, use_gpu=use_gpu,
+                                         bytes_per_vector=bytes_per_vector)
     if faiss.try_extract_index_ivf(index) is None or refine_of(index) is not None:
         index = faiss.IndexIDMap(index)  # only bare inverted files store ids themselves
 
@@ -222,6 +233,17 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def check_file(path: Path, facts: dict[str, Any], verify_checksum: bool = True) -> None:
+    """Refuse a file missing or differing from the ``bytes`` / ``sha256`` its sidecar records."""
+    if not path.is_file():
+        raise ValueError(f"{path}: not found, but the index sidecar names it; rebuild the index")
+    if path.stat().st_size != facts["bytes"]:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, but the index sidecar records {facts['bytes']} "
+                         "(truncated or replaced); rebuild the index")
+    if verify_checksum and content_sha256(path) != facts["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from the index sidecar (corrupt); rebuild the index")
+
+
 def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
                expected_dim: int | None = None, *, mmap: bool = True,
                verify_checksum: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
@@ -229,7 +251,9 @@ def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
 
     Refuses an index built with another encoder (fingerprint) or dimension, and a file whose size or
     sha256 differs from its sidecar, before faiss parses it. ``mmap`` maps the codes instead of
-    reading them (faiss falls back to reading for types it cannot map).
+    reading them (faiss falls back to reading for types it cannot map). An index whose sidecar names an
+    ``ivfdata`` file (``retrieval/sharded.py``: on-disk inverted lists) is opened with its lists
+    memory-mapped read-only from that file, which is checked the same way.
     """
     index_path, sidecar_path = index_paths(path)
     meta = read_sidecar(path)
@@ -247,14 +271,27 @@ def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
                          "(truncated or replaced); rebuild the index")
     if verify_checksum and content_sha256(index_path) != meta["sha256"]:
         raise ValueError(f"{index_path}: sha256 differs from its sidecar (corrupt); rebuild the index")
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+    if meta.get("ivfdata"):  # a sharded build: its inverted lists live in their own file, always memory-mapped
+        check_file(index_path.parent / Path(meta["ivfdata"]["file"]).name, meta["ivfdata"], verify_checksum)
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+        index = faiss.read_index(str(index_path), flags)
     except RuntimeError as err:
         raise ValueError(f"{index_path}: faiss cannot read it: {str(err).splitlines()[0]}") from None
     if index.d != meta["d"] or index.ntotal != meta["ntotal"]:
         raise ValueError(f"{index_path}: holds {index.ntotal} x {index.d}, sidecar says "
                          f"{meta['ntotal']} x {meta['d']}")
-    return index, meta
+    return (without_prefetch_threads(index) if meta.get("ivfdata") else index), meta
+
+
+def without_prefetch_threads(index: faiss.Index) -> faiss.Index:
+    """``index`` with on-disk lists that scan straight from the mapping: faiss otherwise starts 32 threads per
+    search call to touch the probed lists first, which only helps lists not yet in the page cache."""
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        lists.prefetch_nthread = 0
+    return index
 
 
 def sidecar_from(info: BuildInfo, fingerprint: str, search_params: dict[str, int], recall: float,
