@@ -69,6 +69,12 @@ class IndexConfig:
     rerank_factor: int = field(default=40, metadata=between(1, 1000))
     use_gpu: GpuUse = GpuUse.auto
     seed: int = 0
+    # >0: a sharded build (retrieval/sharded.py) of every index with an inverted file: train on a sample here, add
+    # slices of the vectors on this many Dask worker processes (on the cluster at embed.dask_address when set),
+    # merge their lists on disk (index.ivfdata, searched memory-mapped). Fast-scan PQ becomes plain PQ of the
+    # same size and the re-rank reads the embedding store. A worker reads add_batch x d x 4 bytes at a time.
+    shard_workers: int = field(default=0, metadata=between(0, 256))
+    shard_memory_limit: str = "auto"  # per local worker: Dask's memory_limit ('auto': RAM / shard_workers, or '2GB')
     # Splits of the generator dataset that go into its index (keeps val/test images out of training
     # neighbours and out of retrieval during evaluation); other datasets are indexed whole.
     generator_splits: list[str] = field(default_factory=lambda: ["train"])

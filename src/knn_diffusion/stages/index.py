@@ -5,7 +5,8 @@ the target recall against exact search; the sidecar records factory, fingerprint
 only what a rebuild reproduces, so an unchanged index keeps its DVC hash (the build time goes to
 metrics/index.json). Beside each index, ``scores.npz`` holds a per-image score column (colourfulness,
 or the LAION aesthetic head when its weights are given) for ``retrieval.global_score_filter`` and
-``retrieval.score_quantile`` at inference.
+``retrieval.score_quantile`` at inference. With ``index.shard_workers > 0`` an inverted-file index is built on
+Dask workers and merged on disk (``retrieval/sharded.py``); the vectors are read from the store in batches.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from knn_diffusion.encoders.store import EmbeddingStore
 from knn_diffusion.io import atomic_dir, atomic_path, write_json
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, Scorer
+from knn_diffusion.retrieval.index import choose_factory
 from knn_diffusion.retrieval.inference import SCORES_FILE, embeddings_facts
 from knn_diffusion.retrieval.scores import image_scores, resolve_scorer
 from knn_diffusion.retrieval.search import vectors_by_id
+from knn_diffusion.retrieval.sharded import StoreRows, build_sharded_index, sharded_factory
 from knn_diffusion.stages import paths
 from knn_diffusion.stages.common import run_stage, tracked
 
@@ -64,11 +67,21 @@ def index_stage(params: Params) -> None:
                     keep = np.concatenate([images.rows(split) for split in cfg.generator_splits])
                     positions = np.flatnonzero(np.isin(store.ids, keep))
                 start = time.perf_counter()
-                sidecar = build_tuned_index(store.vectors()[positions], store.ids[positions], cfg, store.fingerprint,
-                                            out / name, get_vectors=vectors_by_id(store.ids, store.get),
-                                            dataset=name, embeddings=embeddings_facts(store),
-                                            splits=cfg.generator_splits
-                                            if name == params.data.generator_dataset else "all")
+                facts = dict(get_vectors=vectors_by_id(store.ids, store.get), dataset=name,
+                             embeddings=embeddings_facts(store),
+                             splits=cfg.generator_splits if name == params.data.generator_dataset else "all")
+                factory = choose_factory(len(positions), store.dim, cfg.bytes_per_vector) \
+                    if cfg.factory == "auto" else cfg.factory
+                if cfg.shard_workers > 0 and sharded_factory(factory) is not None:
+                    sidecar, shards = build_sharded_index(
+                        StoreRows.of_store(store, positions), store.ids[positions], cfg, store.fingerprint, out / name,
+                        workers=cfg.shard_workers, address=params.embed.dask_address,
+                        memory_limit=cfg.shard_memory_limit, **facts)
+                    log.info("%s: sharded build, %d shards, peak RSS per worker %s", name, shards["shards"],
+                             shards["peak_rss_bytes"])
+                else:
+                    sidecar = build_tuned_index(store.vectors()[positions], store.ids[positions], cfg,
+                                                store.fingerprint, out / name, **facts)
                 write_score_column(cfg, store, store.ids[positions], out / name)
                 # metrics: numbers only, timings included (the sidecar in the out holds the facts)
                 report[name] = {k.replace("@", "_at_"): v for k, v in flatten(sidecar).items()
