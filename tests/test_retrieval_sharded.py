@@ -87,7 +87,7 @@ def test_shards_merged_on_disk_equal_the_one_process_build(store, cluster, tmp_p
     with dask_client(0, cluster.scheduler_address) as client:
         shard_paths, workers = add_shards(client, rows, ids, work, n_shards=3, batch=400)  # 3 uneven slices
     peaks = workers["peak_rss_bytes"]
-    assert len(shard_paths) == 3 and len(peaks) == 2 and all(v > 0 for v in peaks.values())
+    assert len(shard_paths) == 3 and len(peaks) == 2 and all(0 < v < 400e6 for v in peaks.values())
     assert workers["restarted_workers"] == 0
     merged = merge_on_disk(work / "trained.faiss", shard_paths, tmp_path / IVFDATA_FILE)
     on_disk = faiss.downcast_InvertedLists(faiss.extract_index_ivf(merged).invlists)

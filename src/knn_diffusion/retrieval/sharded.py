@@ -126,7 +126,13 @@ class StoreRows:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    """This process's peak resident set size in bytes: Linux's VmHWM, which counts from the process's exec
+    (``ru_maxrss`` also keeps the peak of the parent a spawned worker was forked from), else ``ru_maxrss``."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -229,7 +235,7 @@ def build_sharded_index(rows: StoreRows, ids: np.ndarray, config: IndexConfig, f
 
     ``batch`` rows (default ``config.add_batch``) are read at a time on a worker: batch x d x 4 bytes.
     ``get_vectors`` (content ids -> embeddings, for the re-rank) defaults to reading ``rows``. The report's
-    ``peak_rss_bytes`` is each worker process's peak RSS (``ru_maxrss``), by worker address.
+    ``peak_rss_bytes`` is each worker process's peak RSS (:func:`peak_rss`), by worker address.
     """
     n, d = rows.shape
     ids = np.asarray(ids, dtype=np.int64)
