@@ -160,3 +160,27 @@ def test_sharded_index_is_searched_memory_mapped_through_the_project_path(store,
     os.truncate(damaged / IVFDATA_FILE, 64)
     with pytest.raises(ValueError, match="index.ivfdata: 64 bytes"):
         load_index(damaged)
+
+
+def test_index_stage_builds_sharded_and_the_knn_stage_reads_it(tiny_pipeline, tmp_path, monkeypatch):
+    """``index.shard_workers`` in params: the index stage builds on a 2-worker LocalCluster, the knn stage
+    searches the merged on-disk index (the tiny pipeline's ingest and embeddings, copied)."""
+    import yaml
+
+    from knn_diffusion.io import read_json
+    from knn_diffusion.stages import index, knn, paths
+    from tests.conftest import copy_outputs
+
+    root = copy_outputs(tiny_pipeline, tmp_path / "repo", "data/ingest", "data/embed")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["index"] = {**params.get("index", {}), "factory": "IVF2,PQ16x4fs,Refine(SQfp16)", "shard_workers": 2,
+                       "shard_memory_limit": MEMORY_LIMIT}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(root)
+    index.main([])
+    knn.main([])
+    sidecar = read_json(root / paths.index_dir("openmoji") / "index.json")
+    assert sidecar["factory"] == "IVF2,PQ16x4" and sidecar["ivfdata"]["file"] == IVFDATA_FILE
+    assert (root / paths.index_dir("openmoji") / IVFDATA_FILE).is_file()
+    table = np.load(root / paths.neighbours_file("openmoji"))
+    assert table["ids"].shape == (len(table["rows"]), 10) and (table["ids"] != table["rows"][:, None]).all()
