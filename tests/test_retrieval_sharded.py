@@ -18,6 +18,7 @@ from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig
 from knn_diffusion.retrieval.index import load_index, normalised, train_index
 from knn_diffusion.retrieval.inference import embeddings_facts, index_ids, open_neighbour_search
 from knn_diffusion.retrieval.search import exact_neighbours, recall_at_k, vectors_by_id
+from knn_diffusion.retrieval.served_export import by_position
 from knn_diffusion.retrieval.sharded import (
     IVFDATA_FILE,
     StoreRows,
@@ -149,6 +150,8 @@ def test_sharded_index_is_searched_memory_mapped_through_the_project_path(store,
 
     with pytest.raises(ValueError, match="fingerprint"):
         load_index(moved, "another encoder", D)
+    with pytest.raises(ValueError, match="stores its ids in its lists"):  # what the served backend cannot serve
+        by_position(*load_index(moved), moved)
     damaged = tmp_path / "damaged"
     shutil.copytree(moved, damaged)
     os.chmod(damaged / IVFDATA_FILE, stat.S_IRUSR | stat.S_IWUSR)
