@@ -185,3 +185,12 @@ def test_every_metric_of_the_table_is_a_report_column(tmp_path, monkeypatch):
     assert runs["planted"].tolist() == [0.5]
     write_report(runs, tmp_path, title="t")
     assert pd.read_csv(tmp_path / "by_k.csv")["planted"].tolist() == [0.5]
+
+
+def test_a_run_without_a_metric_shows_an_empty_cell_beside_runs_with_intervals():
+    from knn_diffusion.evaluation.tables import with_intervals
+
+    # a trial restored from DVC's run cache logs no evaluate run: its row has None, not NaN, in an object column
+    frame = pd.DataFrame({"fid": [0.25, None, 0.5], "fid_ci_low": [0.2, None, None],
+                          "fid_ci_high": [0.3, None, None]}, dtype=object)
+    assert with_intervals(frame)["fid"].tolist() == ["0.25 [0.2, 0.3]", "", "0.5"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -86,5 +87,7 @@ def test_cut_down_study_runs_resumes_and_writes_its_doc(harness, tmp_path):  # n
     assert "## Sample grids" in doc and len(list((repo / "docs" / "study" / "grids").glob("*.png"))) >= 2
     packages = repo / "outputs" / "study" / "human_eval" / "continuous"
     key = yaml.safe_load((packages / "key.json").read_text())
-    images = len(list((packages / "a-tokens").glob("0*.png")))  # every test prompt x 2 seeds
-    assert len(key["pairs"]) == images > 4 and key["system_b"]["name"] == "no kNN"
+    images = len(list((packages / "a-tokens").glob("0*.png")))
+    test_rows = (pd.read_parquet(repo / "data" / "ingest" / "openmoji" / "manifest.parquet")["split"] == "test").sum()
+    assert len(key["pairs"]) == images == 2 * test_rows > 0  # every test prompt x 2 seeds
+    assert key["system_b"]["name"] == "no kNN"

@@ -108,10 +108,16 @@ def with_intervals(frame: pd.DataFrame) -> pd.DataFrame:
         low, high = f"{metric}_ci_low", f"{metric}_ci_high"
         if metric not in shown or low not in shown:
             continue
-        shown[metric] = [f"{v:.4g}" if pd.isna(lo) else f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
-                         for v, lo, hi in zip(shown[metric], shown[low], shown[high])]
+        shown[metric] = [interval_cell(v, lo, hi) for v, lo, hi in zip(shown[metric], shown[low], shown[high])]
         shown = shown.drop(columns=[low, high])
     return shown
+
+
+def interval_cell(value, low, high) -> str:
+    """``value [low, high]``; the value alone without a CI; empty for a run that did not log the metric."""
+    if pd.isna(value):
+        return ""
+    return f"{value:.4g}" if pd.isna(low) else f"{value:.4g} [{low:.4g}, {high:.4g}]"
 
 
 def markdown(frame: pd.DataFrame) -> str:
