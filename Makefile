@@ -3,10 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc study study-gpu study-doc
+.PHONY: setup served-venv demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc study study-gpu study-doc
 
 setup:
 	bash scripts/setup.sh
+
+# LAION's kNN service (clip-retrieval back, for retrieval.backend=served) in its own venv, .venv-served, from
+# services/clip-retrieval/requirements.lock (its pins clash with .venv's). 2 min 19 s and 6.4 GB the first
+# time (torch's CUDA wheels again), nothing when the venv matches the lock.
+served-venv:
+	bash scripts/setup-served.sh
 
 demo: setup
 	$(PY) -m flows.pipeline
@@ -37,8 +43,9 @@ dvc:
 	$(VENV)/bin/dvc $(ARGS)
 
 # The slow tier (CI runs it after `make test`): sweeps through DVC's queue, work-pool deployments, the
-# Postgres/S3 tracking server, the cross-clone rollback and fresh venvs from the lock. Exit 5 = none collected.
-test-slow: setup
+# Postgres/S3 tracking server, the cross-clone rollback, fresh venvs from the lock and retrieval.backend=served
+# against a live clip-retrieval back (tests/test_served_live.py, from .venv-served). Exit 5 = none collected.
+test-slow: setup served-venv
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # docker/compose.yaml built and started under docker or podman, a pipeline deployment run through it
