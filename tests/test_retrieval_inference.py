@@ -153,7 +153,7 @@ def test_local_backend_returns_content_ids_and_refuses_another_encoder(built, tm
 def test_served_export_answers_by_position_with_the_content_ids_of_the_local_index(built, tmp_path):
     """What `clip-retrieval back` does with an export - search its index by position, read the metadata row
     of each position - gives the local backend's ids, embeddings and scores (the service itself:
-    tests/test_served_backend.py)."""
+    tests/test_served_live.py)."""
     root, vectors, ids, scores = built
     (tmp_path / "embed-root").mkdir()
     (tmp_path / "embed-root" / "index").symlink_to(root / "embed")  # the stages' layout: <embed root>/<dataset>
