@@ -10,7 +10,8 @@ own venv (``.venv-served``: ``make served-venv``), started on a free loopback po
   ``sample@continuous`` fails with one ``error: retrieval.served_url=...`` line and writes no outputs;
 * every service a test starts is killed (its process group) whatever the test does.
 
-Wall time: 1 min 45 s for the 6 tests on 2 shared cores, the tiny pipeline and three service start-ups included.
+Wall time: 66-105 s for the 6 tests on 2 shared cores (two runs), the tiny pipeline and three service start-ups
+included.
 """
 
 from __future__ import annotations

@@ -255,7 +255,8 @@ def _serve_export_command(args: argparse.Namespace) -> None:
         folder = Path(index) if Path(index).is_dir() else roots.index / index
         clip = {"service_clip": args.service_clip} if args.service_clip else {}
         indices = export_index(folder, roots.embed, roots.ingest, args.out, **clip)
-    print(f"{indices}\nserve: clip-retrieval back --indices_paths {indices} --port 1234   (its own venv: README)")
+    print(f"{indices}\nserve (make served-venv): .venv-served/bin/python services/clip-retrieval/back_loopback.py "
+          f"--indices_paths {indices} --port 1234")
 
 
 def _stack_command(args: argparse.Namespace) -> None:
