@@ -6,12 +6,12 @@ own venv (``.venv-served``: ``make served-venv``), started on a free loopback po
   embeddings, scores, images) for the same queries: Flat, IVF-PQ + re-rank, a subset with a per-query
   score quantile, and the tiny pipeline's own index exported by the real CLI;
 * ``knn-diffusion generate`` refuses a served index built with another encoder with one ``error:`` line;
-* the service killed mid-sample (after the first index's images, before the second index's neighbours):
-  ``sample@continuous`` fails with one ``error: retrieval.served_url=...`` line and writes no outputs;
+* the service killed mid-sample (after the first index's images, as it answers the second index's first
+  query) and mid-evaluation (after the first kNN grid point): ``sample@continuous`` and
+  ``evaluate@continuous`` fail with one ``error: retrieval.served_url=...`` line and write no outputs;
 * every service a test starts is killed (its process group) whatever the test does.
 
-Wall time: 66-105 s for the 6 tests on 2 shared cores (two runs), the tiny pipeline and three service start-ups
-included.
+Wall time: 105 s for the 7 tests on 2 shared cores, two tiny pipelines and four service start-ups included.
 """
 
 from __future__ import annotations
@@ -266,3 +266,63 @@ def test_a_service_killed_mid_sample_fails_the_stage_and_leaves_no_outputs(tiny_
     samples = root / paths.SAMPLES
     left = sorted(str(p.relative_to(root)) for p in samples.rglob("*")) if samples.exists() else []
     assert left == [] and not (root / paths.sample_metrics("continuous")).exists(), left
+
+
+@pytest.fixture(scope="module")
+def evaluate_pipeline(tmp_path_factory, service_clip) -> Path:
+    """tests/test_evaluate_stage.py's miniature (tiny pretrained encoder and judge, three grid points) up to
+    training, in an MLflow experiment of its own, with its openmoji index exported by ``serve-export``."""
+    from knn_diffusion.stages import embed, encoder, index, ingest, judge, knn, train_continuous
+    from tests.continuous_helpers import write_micro_preset
+    from tests.test_evaluate_stage import TINY as EVALUATE_TINY
+    from tests.test_evaluate_stage import tiny_pretrained_clip
+
+    root = tmp_path_factory.mktemp("served-evaluate")
+    train = {**EVALUATE_TINY["train_continuous"], "preset": write_micro_preset(root)}
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        **EVALUATE_TINY, "encoder": tiny_pretrained_clip(root), "judge": tiny_pretrained_clip(root, seed=1),
+        "train_continuous": train, "tracking": {"experiment": "served-evaluate"}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (ingest, encoder, judge, embed, index, knn, train_continuous):
+            stage.main([])
+    done = _cli(root, "serve-export", "openmoji", "--out", str(root / "served"), "--service-clip", service_clip)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def test_a_service_killed_mid_evaluation_fails_the_stage_and_leaves_no_outputs(evaluate_pipeline):
+    """evaluate@continuous against the served index; the service is killed as soon as the stage has scored
+    and logged its first kNN grid point (k2-frac0.5): one error line, exit 2, no evaluate folder or metrics."""
+    root = evaluate_pipeline
+    lines: list[str] = []
+    with running(root / "served" / "indices.json") as service:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["retrieval"] = {"backend": "served", "served_url": service.url}
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+        stage = subprocess.Popen([sys.executable, "-m", "knn_diffusion.stages.evaluate", "--model", "continuous"],
+                                 cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        try:
+            for line in stage.stderr:
+                lines.append(line.rstrip())
+                if "INFO k2-frac0.5-g3-openmoji: " in line and service.process.poll() is None:
+                    os.killpg(service.process.pid, signal.SIGKILL)
+            stage.wait(timeout=600)
+        finally:
+            if stage.poll() is None:
+                os.killpg(stage.pid, signal.SIGKILL)
+                stage.wait()
+        killed = service.process.poll() == -signal.SIGKILL
+    stderr = "\n".join(lines)
+    assert killed, f"the stage never logged its first kNN point:\n{stderr[-3000:]}"
+    assert stage.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    (error,) = [line for line in lines if line.startswith("error:")]
+    assert re.fullmatch(rf"error: retrieval\.served_url={re.escape(service.url)}: /(indices-list|metadata|knn-service) "
+                        r"got no answer \((ConnectionError|ChunkedEncodingError)\); is `clip-retrieval back` running "
+                        r"there\?", error), error
+    assert stderr.strip().splitlines()[-1] == error
+    folder = root / paths.evaluate_dir("continuous")
+    left = sorted(str(p.relative_to(root)) for p in folder.parent.rglob("*")) if folder.parent.exists() else []
+    assert left == [] and not (root / paths.evaluate_metrics("continuous")).exists(), left
