@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from knn_diffusion.config import Backbone, ConfigError, Params, load_params, to_plain
-from knn_diffusion.tracking import StageRun, repo_root, stage_run
+from knn_diffusion.tracking import StageRun, TrackingUnavailable, repo_root, stage_run, tracking_uri
+from knn_diffusion.tracking.server import server_errors
 
 log = logging.getLogger(__name__)
 # Read by every stage without being declared: where runs are logged, and how many threads compute (the
@@ -176,8 +177,8 @@ def run_stage(name: str, body: Callable[..., None], argv: list[str] | None = Non
 
     ``per_model``: a dvc.yaml ``matrix`` stage over ``model``; ``--model`` (default continuous) picks the
     backbone, the stage is ``<name>@<model>`` (DVC's name) and ``body(params, model)`` runs.
-    Bad config, and the exception types in ``user_errors`` (input the user can fix), end as one
-    ``error: ...`` line and exit code 2.
+    Bad config, the exception types in ``user_errors`` (input the user can fix) and a tracking server that
+    stops answering (the flows retry the stage once it is back) end as one ``error: ...`` line and exit code 2.
     """
     parser = argparse.ArgumentParser(prog=f"python -m knn_diffusion.stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -202,9 +203,10 @@ def run_stage(name: str, body: Callable[..., None], argv: list[str] | None = Non
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     pin_threads(params.runtime.threads)
-    try:
-        body(params)
-    except (UndeclaredParamError, *user_errors) as err:
+    try:  # any MLflow call of the stage, its own run's or a look-up of another run
+        with server_errors(tracking_uri(params.tracking.tracking_uri), f"during stage '{name}'"):
+            body(params)
+    except (UndeclaredParamError, TrackingUnavailable, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

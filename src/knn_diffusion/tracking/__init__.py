@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
+from knn_diffusion.tracking.server import TrackingUnavailable, end_active_run, server_errors
+
 T = TypeVar("T")
 
 PIPELINE_RUN_ENV = "KNN_DIFFUSION_PIPELINE_RUN"  # set by the Prefect flow to group a run's stages
@@ -239,32 +241,76 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str = "knn-diffusi
               configured_uri: str = "", tags: dict[str, str] | None = None,
               run_name: str | None = None) -> Iterator[StageRun]:
     """Open the MLflow run for one stage execution and tag it for traceability (git, pipeline run, ``tags``);
-    the run is named ``run_name`` (default: the stage)."""
+    the run is named ``run_name`` (default: the stage). It ends FINISHED, or FAILED when the block raises;
+    a tracking server that stops answering makes it raise :class:`TrackingUnavailable` (one line)."""
     import mlflow
 
     from knn_diffusion.config_fields import flatten
 
     root = repo_root()
-    mlflow.set_tracking_uri(tracking_uri(configured_uri))
-    experiment_id = with_retries(lambda: experiment_id_for(experiment))
-    sha, dirty = git_commit(root)
-    run_tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
-                "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or os.environ.get(DVC_EXP_NAME_ENV, ""),
-                "dvc.experiment": os.environ.get(DVC_EXP_NAME_ENV, ""),
-                "prefect.flow_run_url": os.environ.get(FLOW_RUN_URL_ENV, ""), **(tags or {})}
-    run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage,
-                                                tags=run_tags, parent_run_id=parent_run_id()))
-    try:
+    uri = tracking_uri(configured_uri)
+    mlflow.set_tracking_uri(uri)
+    with server_errors(uri, f"as stage '{stage}' opened its run"):
+        experiment_id = with_retries(lambda: experiment_id_for(experiment))
+        sha, dirty = git_commit(root)
+        run_tags = {"stage": stage, "git.commit": sha, "git.dirty": str(dirty),
+                    "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or os.environ.get(DVC_EXP_NAME_ENV, ""),
+                    "dvc.experiment": os.environ.get(DVC_EXP_NAME_ENV, ""),
+                    "prefect.flow_run_url": os.environ.get(FLOW_RUN_URL_ENV, ""), **(tags or {})}
+        end_lost_attempts(mlflow.MlflowClient(), experiment_id, run_name or stage, run_tags, parent_run_id())
+        run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage,
+                                                    tags=run_tags, parent_run_id=parent_run_id()))
+    with _ends_active_run(uri, f"while stage '{stage}' logged to run {run.info.run_id}"):
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             with_retries(lambda chunk=dict(items[i:i + 100]): mlflow.log_params(chunk))
         yield StageRun(run)
-    except BaseException:
-        with_retries(lambda: mlflow.end_run(status="FAILED"))
-        raise
-    with_retries(lambda: mlflow.end_run(status="FINISHED"))
 
+
+@contextlib.contextmanager
+def _ends_active_run(uri: str, doing: str) -> Iterator[None]:
+    """End the active run when the block ends: FINISHED, or FAILED when it raises. When the tracking server
+    stops answering, the block raises :class:`TrackingUnavailable` and the run gets one quick try to end."""
+    import mlflow
+
+    try:
+        with server_errors(uri, doing):
+            yield
+    except TrackingUnavailable:
+        end_active_run("FAILED")
+        raise
+    except BaseException:
+        with server_errors(uri, doing):
+            with_retries(lambda: mlflow.end_run(status="FAILED"))
+        raise
+    with server_errors(uri, doing):
+        with_retries(lambda: mlflow.end_run(status="FINISHED"))
+
+
+def end_lost_attempts(client: Any, experiment_id: str, run_name: str, tags: dict[str, str],
+                      parent: str | None) -> list[str]:
+    """End FAILED the runs of earlier attempts of this stage in this pipeline run that are still RUNNING (and the
+    runs nested under them); returns their ids.
+
+    A pipeline run (or a DVC experiment) runs a stage one attempt at a time, so an attempt still RUNNING when
+    the next one starts lost its tracking server or its process (a killed worker) before it could end its run.
+    Without a ``pipeline_run`` tag nothing tells another user's run of the same stage from a lost one: none
+    is touched.
+    """
+    marker = tags.get("pipeline_run")
+    if not marker:
+        return []
+    query = (f"attributes.status = 'RUNNING' and attributes.run_name = '{run_name}' "
+             f"and tags.pipeline_run = '{marker}'")
+    found = with_retries(lambda: client.search_runs([experiment_id], query, max_results=100))
+    lost = [r.info.run_id for r in found if r.data.tags.get("mlflow.parentRunId") == parent]
+    for run_id in lost:
+        end_stale_descendants(client, experiment_id, run_id, "FAILED")
+        with_retries(lambda r=run_id: client.set_tag(r, "failure", "lost: the attempt never ended its run (its "
+                                                     "tracking server or its process went away); a later one did"))
+        with_retries(lambda r=run_id: client.set_terminated(r, "FAILED"))
+    return lost
 
 
 @contextlib.contextmanager
@@ -280,10 +326,6 @@ def child_run(name: str, params: dict[str, Any], tags: dict[str, str] | None = N
     inherited = {k: v for k, v in parent_tags.items() if not k.startswith("mlflow.")}
     run = with_retries(lambda: mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
                                                 tags={**inherited, **(tags or {})}))
-    try:
+    with _ends_active_run(mlflow.get_tracking_uri(), f"while run {run.info.run_id} ({name}) logged"):
         with_retries(lambda: mlflow.log_params({k: str(v)[:6000] for k, v in params.items()}))
         yield StageRun(run)
-    except BaseException:
-        with_retries(lambda: mlflow.end_run(status="FAILED"))
-        raise
-    with_retries(lambda: mlflow.end_run(status="FINISHED"))
