@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,9 @@ from knn_diffusion.tracking import git_commit
 
 DVC = str(Path(sys.executable).parent / "dvc")
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
+# A stage's one line when its MLflow server stops answering (knn_diffusion.tracking.server): retried once it is back.
+TRACKING_DOWN = re.compile(r"MLflow tracking server at (\S+) is unreachable")
+TRACKING_WAIT_ENV = "KNN_DIFFUSION_TRACKING_WAIT"  # seconds a retry waits for that server (default 600)
 
 
 class StageFailed(RuntimeError):
@@ -50,11 +57,35 @@ def stage_env(run_env: dict[str, str] | None = None, side_by_side: int = 1) -> d
     return env
 
 
+def tracking_server_back(url: str, seconds: float | None = None) -> bool:
+    """Wait until the MLflow server at ``url`` answers its ``/health`` (True) or ``seconds`` have passed (False;
+    default ``$KNN_DIFFUSION_TRACKING_WAIT`` or 600)."""
+    seconds = float(os.environ.get(TRACKING_WAIT_ENV) or 600) if seconds is None else seconds
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+        time.sleep(1)
+
+
 def _retry_only_transient(task, task_run, state) -> bool:
+    """Retry a transient failure; one of a tracking server that stopped answering once the server is back."""
     try:
         state.result()
-    except TransientStageError:
-        return True
+    except TransientStageError as err:
+        down = TRACKING_DOWN.search(str(err))
+        if not down:
+            return True
+        try:
+            logger = get_run_logger()
+        except Exception:  # no run context
+            logger = logging.getLogger(__name__)
+        logger.warning("waiting for the MLflow tracking server at %s to answer again, then retrying", down.group(1))
+        return tracking_server_back(down.group(1))
     except Exception:
         return False
     return False
@@ -78,7 +109,8 @@ def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = Fals
             tail.append(line.rstrip())
     output = "\n".join(tail)
     if proc.returncode != 0:
-        kind = TransientStageError if any(m in output for m in TRANSIENT_MARKERS) else StageFailed
+        transient = any(m in output for m in TRANSIENT_MARKERS) or TRACKING_DOWN.search(output)
+        kind = TransientStageError if transient else StageFailed
         raise kind(f"stage '{stage}' failed (exit {proc.returncode}); last output:\n{output}")
     return output
 
