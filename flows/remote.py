@@ -13,6 +13,7 @@ and across sweep trials.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,10 @@ from knn_diffusion.tracking import PIPELINE_RUN_ENV
 STAGE_FLOW = "knn-diffusion-stage"
 DEFAULT_POOL = "cpu"
 LOCK_ARTIFACT = "dvc-lock"
+# A stage run whose worker died with it (Crashed by the stack's zombie automation, knn_diffusion.stack.zombies)
+# runs again this many times: the same flow run, back in its pool's queue for a live worker. (A flow's own
+# `retries` cannot do it: the server keeps such retries for the process that failed, and no worker takes them.)
+CRASH_RETRIES = 1
 
 
 def stage_pools(dvc_yaml: str | Path) -> dict[str, str]:
@@ -105,6 +110,28 @@ def read_handed_back(flow_run_id) -> dict[str, str]:
     return files_from_markdown(str(found[0].data))
 
 
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow run
+        return logging.getLogger(__name__)
+
+
+def rerun(flow_run_id, poll_interval: float = 2):
+    """Put a deployment's finished flow run back in its work queue (what the UI's Retry does) and wait until it
+    ends again; returns the flow run."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, AwaitingRetry(message="its worker died: run again"))
+        while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+            time.sleep(poll_interval)
+    return run
+
+
 def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: bool = False, repo_url: str = "",
                  publish_branch: str = "") -> None:
     """Run ``order`` stage by stage, each as a flow run of its pool's :func:`remote_stage` deployment.
@@ -132,6 +159,12 @@ def run_on_pools(order: list[str], repo: Path, run_env: dict[str, str], force: b
             "stage": stage, "repo_url": url, "rev": rev, "params_yaml": (repo / "params.yaml").read_text(),
             "dvc_lock": lock_path.read_text() if lock_path.is_file() else "", "force": force,
             "run_env": run_env})
+        for _ in range(CRASH_RETRIES):
+            if not run.state.is_crashed():
+                break
+            _logger().warning("stage '%s': flow run '%s' crashed (%s); running it again", stage, run.name,
+                              run.state.message)
+            run = rerun(run.id)
         if not run.state.is_completed():
             raise RuntimeError(f"stage '{stage}' on pool '{pools[stage]}': flow run '{run.name}' ended "
                                f"{run.state.name}: {run.state.message}")

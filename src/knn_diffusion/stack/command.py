@@ -24,6 +24,7 @@ from knn_diffusion.stack.processes import (
     stop_group,
     wait_until,
 )
+from knn_diffusion.stack.zombies import HEARTBEAT_ENV, ensure_zombie_automation
 
 BUCKET = "knn-diffusion"  # as in docker/compose.yaml: s3://knn-diffusion/mlflow and s3://knn-diffusion/dvc
 POOLS = ("cpu", "gpu")
@@ -102,7 +103,7 @@ def _launch(s: StackSettings, service: str) -> None:
         cmd, env, user = (sv.prefect_cmd(host, ports["prefect"]),
                           sv.prefect_env(prefect_home, f"{s.url('prefect')}/api", database), None)
     else:
-        env = {**sv.prefect_env(prefect_home, f"{s.url('prefect')}/api"), **client_env(s)}
+        env = {**sv.prefect_env(prefect_home, f"{s.url('prefect')}/api"), **client_env(s), **HEARTBEAT_ENV}
         cmd, user = sv.worker_cmd(service.removeprefix("worker-")), None
     proc = start(cmd, logs / f"{service}.log", env=env, user=user)
     s.processes[service] = {"pid": proc.pid, "start_time": started_at(proc.pid)}
@@ -113,6 +114,12 @@ def _launch(s: StackSettings, service: str) -> None:
             sv.create_database(host, ports["postgres"], database)
     elif service == "s3":
         restore_bucket(s.url("s3"), BUCKET, s.data_dir / "s3")
+    elif service == "prefect":  # flow runs of a dead worker are marked Crashed (the pipeline reruns its stages)
+        try:
+            ensure_zombie_automation(f"{s.url('prefect')}/api")
+        except Exception as err:
+            raise StackError(f"prefect server at {s.url('prefect')}: could not add the zombie-run automation: "
+                             f"{' '.join(str(err).split())[:300]}") from err
 
 
 def up(data_dir: Path, host: str = "127.0.0.1", ports: dict | None = None) -> StackSettings:
