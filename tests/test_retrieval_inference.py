@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knn_diffusion.encoders.store import EmbeddingStore, begin_embedding, emb_name, finish_embedding, ids_name
-from knn_diffusion.io import read_json, save_npy, write_json
+from knn_diffusion.encoders.store import EmbeddingStore
+from knn_diffusion.io import read_json, write_json
 from knn_diffusion.retrieval.backends import LocalRoots, open_backend
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig, ScoreFilterConfig
@@ -29,7 +29,7 @@ from knn_diffusion.retrieval.scores import per_query_quantile, score_lookup
 from knn_diffusion.retrieval.served import decode_vector
 from knn_diffusion.retrieval.served_export import COLUMNS, SERVED_INDEX_FILE, export_index
 from knn_diffusion.retrieval.subsets import subset_mask
-from knn_diffusion.retrieval.synthetic import clustered_vectors
+from tests.embedding_helpers import write_clustered_store
 
 N, D, K = 2_000, 32, 5
 
@@ -38,13 +38,8 @@ N, D, K = 2_000, 32, 5
 def built(request, tmp_path_factory):
     """An embedding store of N vectors (ids not 0..N-1) and a full index over it with a score column."""
     root = tmp_path_factory.mktemp("inference")
-    vectors = clustered_vectors(N, D, n_clusters=20, seed=3)
-    ids = np.arange(N, dtype=np.int64) * 7 + 3
     store = root / "embed"
-    for shard in begin_embedding(store, "enc", D, ids, 1_000, "float32"):
-        save_npy(store / emb_name(shard), vectors[shard * 1_000:(shard + 1) * 1_000])
-        save_npy(store / ids_name(shard), ids[shard * 1_000:(shard + 1) * 1_000])
-    finish_embedding(store)
+    vectors, ids = write_clustered_store(store, N, D)
     config = IndexConfig(factory=request.param, tune_queries=50, train_size=1_000, use_gpu="never")
     build_tuned_index(vectors, ids, config, "enc", root / "index", progress=False)
     scores = np.random.default_rng(0).random(N).astype(np.float32)

@@ -33,16 +33,14 @@ import pytest
 import requests
 import yaml
 
-from knn_diffusion.encoders.store import begin_embedding, emb_name, finish_embedding, ids_name
-from knn_diffusion.io import save_npy
 from knn_diffusion.retrieval.backends import LocalRoots, open_backend
 from knn_diffusion.retrieval.build import build_tuned_index
 from knn_diffusion.retrieval.config import IndexConfig, RetrievalConfig
 from knn_diffusion.retrieval.inference import SCORES_FILE
 from knn_diffusion.retrieval.served_export import export_index
-from knn_diffusion.retrieval.synthetic import clustered_vectors
 from knn_diffusion.stages import paths
 from tests.conftest import REPO, copy_outputs
+from tests.embedding_helpers import write_clustered_store
 
 SERVED_VENV = REPO / ".venv-served"
 SERVED_PYTHON = SERVED_VENV / "bin" / "python"
@@ -140,13 +138,8 @@ def synthetic(tmp_path_factory, service_clip):
     """A Flat and an IVF-PQ + re-rank index (with a score column) over one store of N vectors whose ids are
     not 0..N-1, exported and served by one service; yields (local roots, vectors, the service)."""
     root = tmp_path_factory.mktemp("served-synthetic")
-    vectors = clustered_vectors(N, D, n_clusters=20, seed=3)
-    ids = np.arange(N, dtype=np.int64) * 7 + 3
     store = root / "store"
-    for shard in begin_embedding(store, "enc", D, ids, 1_000, "float32"):
-        save_npy(store / emb_name(shard), vectors[shard * 1_000:(shard + 1) * 1_000])
-        save_npy(store / ids_name(shard), ids[shard * 1_000:(shard + 1) * 1_000])
-    finish_embedding(store)
+    vectors, ids = write_clustered_store(store, N, D)
     roots = LocalRoots(index=root / "index", embed=root / "embed", ingest=root / "ingest")
     roots.embed.mkdir()
     scores = np.random.default_rng(0).random(N).astype(np.float32)
