@@ -52,7 +52,16 @@ def test_rater_answers_with_keys_undo_reload_download_and_aggregate(study, page,
     assert page.inner_text("#prompt") == f"\u201c{key['pairs'][3]['prompt']}\u201d"
     page.screenshot(path=str(tmp_path / "task_screen.png"))
 
-    page.reload()  # answers live in localStorage until downloaded
+    # Answers live in localStorage until downloaded. Chromium writes it to its storage service
+    # asynchronously, so a reload a few milliseconds after the last key could read the store before the
+    # write lands (seen once in CI). A second tab on the page, as a rater might open, waits until the
+    # answers are there, and stays open across the reload so the store is not released in between.
+    second = page.context.new_page()
+    second.goto((folder / "alignment.html").as_uri())
+    second.wait_for_function("key => (JSON.parse(localStorage.getItem(key)) || {answers: []}).answers.length === 3",
+                             arg=f"knn-diffusion-human-eval:{key['package_id']}:alignment", timeout=10_000)
+    page.reload()
+    second.close()
     assert page.inner_text("#progress").strip() == "3 / 6 answered"
     assert page.input_value("#rater") == "alice"
     for press in ("ArrowLeft", "ArrowLeft", "ArrowRight"):
