@@ -9,8 +9,8 @@ setup:
 	bash scripts/setup.sh
 
 # LAION's kNN service (clip-retrieval back, for retrieval.backend=served) in its own venv, .venv-served, from
-# services/clip-retrieval/requirements.lock (its pins clash with .venv's). 2 min 19 s and 6.4 GB the first
-# time (torch's CUDA wheels again), nothing when the venv matches the lock.
+# services/clip-retrieval/requirements.lock (its pins clash with .venv's). 6.4 GB, installed by uv (seconds with
+# its cache warm), nothing when the venv matches the lock.
 served-venv:
 	bash scripts/setup-served.sh
 
