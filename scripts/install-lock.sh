@@ -12,5 +12,6 @@ install_lock() {
     # (grep drops warnings about index locations some machines' pip.conf names but lack)
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$uv_pin" \
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
-    "$venv/bin/uv" pip install -q --python "$venv/bin/python" -r "$lock"
+    # --compile-bytecode: pip does it at install; without it every stage recompiles (PYTHONDONTWRITEBYTECODE)
+    "$venv/bin/uv" pip install -q --compile-bytecode --python "$venv/bin/python" -r "$lock"
 }
