@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setup-served: installing $lock into $VENV (5 GB; under a minute with uv's cache cold)"
+    echo "setup-served: installing $lock into $VENV (5 GB; about a minute with uv, bytecode compiled)"
     install_lock "$VENV" "$lock"
     echo "$want" > "$stamp"
 else

@@ -17,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setup: installing pinned packages from requirements.lock (7 GB; under a minute with uv's cache cold)"
+    echo "setup: installing pinned packages from requirements.lock (7 GB; about a minute with uv, bytecode compiled)"
     install_lock "$VENV" requirements.lock
     "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e .
     echo "$want" > "$stamp"
