@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup served-venv demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc study study-gpu study-doc
+.PHONY: setup served-venv demo test test-slow test-stack lock gpu-preset clean-outputs repro dvc study study-gpu study-doc defaults
 
 setup:
 	bash scripts/setup.sh
@@ -33,6 +33,12 @@ study-gpu: setup
 
 study-doc:
 	$(PY) -m flows.study_doc --prefix study
+
+# The paper's explicit settings (lambda 8, VQ-Diffusion's auxiliary weight and importance sampling) against
+# today's defaults on the val split, as a sweep; docs/defaults.md from its runs.
+defaults: setup
+	$(PY) -m flows.sweep --preset defaults
+	$(PY) -m flows.defaults_doc --prefix defaults
 
 # DVC runs each stage's `python -m ...` with the first `python` on PATH; this Makefile puts the venv's
 # first (export PATH above). `make repro ARGS=train_continuous`, `make dvc ARGS="exp run -S data.resolution=64"`.

@@ -1,6 +1,7 @@
 """Tests that fail when the evaluation is wired wrong (each found by breaking the code on purpose):
 
-- prompts and FID/KID references come from the test split only, on the default path and the prompts-file path;
+- prompts and FID/KID references come from the test split only, on the default path and the prompts-file path
+  (and from the val split only when ``evaluate.split=val`` chooses settings);
 - R-precision ranks each image's prompts (image -> texts), checked on a fixture where the two axes disagree.
 (The points of one evaluate run sharing prompts and seeds: tests/test_evaluate_stage.py.)
 """
@@ -48,6 +49,20 @@ def test_prompts_file_reference_is_still_the_test_split(openmoji, tmp_path, monk
     assert prompts == ["an emoji of a cat", "an emoji of a dog", "an emoji of a tree"] and not paired
     assert len(rows) == min(5, len(openmoji.rows("test")))
     assert set(rows) <= set(openmoji.rows("test")) and not set(rows) & _other_splits(openmoji)
+
+
+@pytest.mark.parametrize("prompts_file", ["", "prompts/wiring.txt"])
+def test_split_val_draws_prompts_and_reference_from_val_only(openmoji, prompts_file):
+    (paths.PROMPTS).mkdir(exist_ok=True)
+    (paths.PROMPTS / "wiring.txt").write_text("an emoji of a cat\nan emoji of a dog\n")
+    params = build_params(None, ["evaluate.split=val", "evaluate.count=0",
+                                 *([f"evaluate.prompts_file={prompts_file}"] if prompts_file else [])])
+    _, rows, _ = evaluate.held_out(params, openmoji)
+    val = set(openmoji.rows("val"))
+    assert rows.size and set(rows) <= val
+    assert not set(rows) & (set(openmoji.rows("test")) | set(openmoji.rows("train")))
+    if not prompts_file:
+        assert len(rows) == openmoji.read_captions().loc[sorted(val)].dropna().str.strip().ne("").sum()
 
 
 def test_r_precision_ranks_prompts_per_image_not_images_per_prompt():

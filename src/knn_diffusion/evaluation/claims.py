@@ -208,9 +208,10 @@ class ScoreStore:
         return self.cache[key]
 
 
-def _measure(claim: Claim, a: pd.Series, b: pd.Series, scores: ScoreStore, resamples: int,
-             set_resamples: int) -> dict:
-    row = {"difference": a[claim.metric] - b[claim.metric], "ci_low": np.nan, "ci_high": np.nan}
+def measure_pair(metric: str, sign: int, a: pd.Series, b: pd.Series, scores: ScoreStore, resamples: int,
+                 set_resamples: int) -> dict:
+    """``a - b`` in ``metric`` with its paired 95% CI and the verdict on the expected ``sign``."""
+    row = {"difference": a[metric] - b[metric], "ci_low": np.nan, "ci_high": np.nan}
     if (a["prompts_sha256"], a["seeds"]) != (b["prompts_sha256"], b["seeds"]) or not a["prompts_sha256"]:
         return {**row, "verdict": f"{NOT_MEASURED}: other prompts or seeds"}
     point_a, point_b = scores.point(a["run_id"]), scores.point(b["run_id"])
@@ -218,9 +219,9 @@ def _measure(claim: Claim, a: pd.Series, b: pd.Series, scores: ScoreStore, resam
     if point_a is None or point_b is None or reference is None:
         return {**row, "verdict": f"{NOT_MEASURED}: no per-image values logged"}
     interval = paired_differences(point_a, point_b, reference, resamples=resamples, set_resamples=set_resamples,
-                                  metrics=(claim.metric,))[claim.metric]
+                                  metrics=(metric,))[metric]
     return {"difference": interval.estimate, "ci_low": interval.low, "ci_high": interval.high,
-            "verdict": verdict(interval, claim.sign).value}
+            "verdict": verdict(interval, sign).value}
 
 
 def claims_table(runs: pd.DataFrame, client, *, resamples: int = 1000, set_resamples: int = 200) -> pd.DataFrame:
@@ -238,7 +239,7 @@ def claims_table(runs: pd.DataFrame, client, *, resamples: int = 1000, set_resam
                              "ci_low": np.nan, "ci_high": np.nan, "verdict": f"{NOT_MEASURED}: not in these runs"})
             for label, a, b in pairs:
                 rows.append({**base, "compared": label, "a": a[claim.metric], "b": b[claim.metric],
-                             **_measure(claim, a, b, scores, resamples, set_resamples),
+                             **measure_pair(claim.metric, claim.sign, a, b, scores, resamples, set_resamples),
                              "run_a": a["run_id"], "run_b": b["run_id"]})
     return pd.DataFrame(rows)
 

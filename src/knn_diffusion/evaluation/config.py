@@ -48,13 +48,22 @@ class JudgeChoice(str, Enum):
     retrieval_encoder = "retrieval_encoder"
 
 
+class HeldOutSplit(str, Enum):
+    """Where evaluate draws its prompts and reference images: ``val`` to choose settings, ``test`` to report."""
+
+    test = "test"
+    val = "val"
+
+
 @dataclass
 class EvaluateConfig:
+    # The generator dataset's held-out split evaluated: test reports, val chooses settings (never tune on test).
+    split: HeldOutSplit = HeldOutSplit.test
     # One prompt per line, a file under prompts/ (a declared dep). Empty: captions of the generator
-    # dataset's test split, with their images as the paired reference set. The FID/KID reference is the
-    # test split's images either way.
+    # dataset's held-out split, with their images as the paired reference set. The FID/KID reference is that
+    # split's images either way.
     prompts_file: str = ""
-    # Prompts and reference images: 0 = every captioned test-split image (the study: all 358 named).
+    # Prompts and reference images: 0 = every captioned image of the split (the study: all 358 named test images).
     count: int = field(default=64, metadata=between(0))
     seeds: int = field(default=1, metadata=between(1, 100))  # images per prompt and grid point
     seed: int = 0  # draws the held-out prompts/images; image s * P + p (prompt p, seed s) from noise seed + s * P + p

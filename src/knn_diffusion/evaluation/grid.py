@@ -64,12 +64,12 @@ def grid_points(grid: EvaluateGridConfig, guidance_scales: list[float], trained:
     return points
 
 
-def test_split_prompts(store: ImageStore, count: int, seed: int, template: str) -> tuple[list[str], np.ndarray]:
-    """``count`` captioned test-split images drawn with ``seed``: (prompts from ``template``, their rows)."""
-    captions = store.read_captions().loc[store.rows("test")].dropna()
+def split_prompts(store: ImageStore, split: str, count: int, seed: int, template: str) -> tuple[list[str], np.ndarray]:
+    """``count`` captioned images of ``split`` drawn with ``seed``: (prompts from ``template``, their rows)."""
+    captions = store.read_captions().loc[store.rows(split)].dropna()
     captions = captions[captions.str.strip() != ""]
     if captions.empty:
-        raise ValueError(f"{store.root}: no test-split image has a caption; set evaluate.prompts_file")
+        raise ValueError(f"{store.root}: no {split}-split image has a caption; set evaluate.prompts_file")
     rows = draw(captions.index.to_numpy(np.int64), count, seed)
     return [template.format(name=captions[row]) for row in rows], rows
 

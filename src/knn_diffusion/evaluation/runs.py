@@ -19,7 +19,7 @@ from knn_diffusion.evaluation.intervals import interval_columns
 from knn_diffusion.evaluation.metrics import metric_columns
 from knn_diffusion.evaluation.score_quantiles import COLUMNS as QUANTILE_COLUMNS
 
-SOURCE_COLUMNS = ("judge", "run_id", "git_commit", "data_version", "restored_from")
+SOURCE_COLUMNS = ("split", "judge", "run_id", "git_commit", "data_version", "restored_from")
 
 
 class MixedFeaturesError(ValueError):
@@ -33,17 +33,21 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def _model_size(client, run_id: str, cache: dict[str, str]) -> str:
-    """The architecture preset of the run that trained the model (any ``<section>.preset`` param)."""
+def _model_params(client, run_id: str, cache: dict[str, dict]) -> dict[str, str]:
+    """The params logged by the run that trained the model (empty when it was trained in another store)."""
     if not run_id:
-        return "unknown"
+        return {}
     if run_id not in cache:
         try:
-            params = client.get_run(run_id).data.params
+            cache[run_id] = dict(client.get_run(run_id).data.params)
         except Exception:  # trained in another store
-            params = {}
-        cache[run_id] = next((v for k, v in sorted(params.items()) if k.endswith(".preset")), "unknown")
+            cache[run_id] = {}
     return cache[run_id]
+
+
+def model_size(model_params: dict[str, str]) -> str:
+    """The architecture preset the model was trained with (any ``<section>.preset`` param)."""
+    return next((v for k, v in sorted(model_params.items()) if k.endswith(".preset")), "unknown")
 
 
 def _same_value(logged: str, value) -> bool:
@@ -69,12 +73,13 @@ def read_same_inputs(run, inputs: dict) -> bool:
     return all(_same_value(value, params[key]) for key, value in run.data.params.items() if key in params)
 
 
-def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[str, str]) -> dict:
+def _point_row(client, run, pipeline_run: str, restored_from: str, models: dict[str, dict]) -> dict:
     p, tags = run.data.params, run.data.tags
+    trained_with = _model_params(client, p.get("model_run_id", ""), models)
     dvc = {k[len("dvc.dep."):]: v for k, v in sorted(tags.items()) if k.startswith("dvc.dep.")}
     return {
         "kind": tags["evaluate.kind"], "point": run.info.run_name, "pipeline_run": pipeline_run,
-        "variant": p.get("variant", ""), "model_size": _model_size(client, p.get("model_run_id", ""), sizes),
+        "variant": p.get("variant", ""), "model_size": model_size(trained_with), "split": p.get("split", "test"),
         "backbone": p.get("backbone", ""), "trained_k": _number(p.get("trained_k")),
         "k": _number(p.get("k")), "index_fraction": _number(p.get("index_fraction")),
         "guidance": _number(p.get("guidance")), "index": p.get("index", NOT_APPLICABLE),
@@ -86,6 +91,7 @@ def _point_row(client, run, pipeline_run: str, restored_from: str, sizes: dict[s
         "run_id": run.info.run_id, "git_commit": tags.get("git.commit", ""),
         "data_version": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest()[:12] if dvc else "",
         "restored_from": restored_from, "dvc_deps": json.dumps(dvc, sort_keys=True), "start_time": run.info.start_time,
+        "model_params": json.dumps(trained_with, sort_keys=True),
     }
 
 
@@ -104,8 +110,8 @@ def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = Non
               if r.info.status == "FINISHED"]
     points = [r for r in logged if "evaluate.kind" in r.data.tags]
     stages = {r.info.run_id: r for r in logged if "evaluate.kind" not in r.data.tags}
-    sizes: dict[str, str] = {}
-    rows = [_point_row(client, r, r.data.tags.get("pipeline_run", ""), "", sizes) for r in points
+    models: dict[str, dict] = {}
+    rows = [_point_row(client, r, r.data.tags.get("pipeline_run", ""), "", models) for r in points
             if not pipeline_runs or r.data.tags.get("pipeline_run") in set(pipeline_runs)]
     for name, inputs in (restored or {}).items():
         own = {s.info.run_name for s in stages.values() if s.data.tags.get("pipeline_run") == name}
@@ -115,12 +121,12 @@ def evaluate_runs(client, experiment: str, pipeline_runs: list[str] | None = Non
                 sources[stage.info.run_name] = stage  # the latest one per evaluate stage
         for stage in sources.values():
             source = stage.data.tags.get("pipeline_run") or stage.info.run_id
-            rows += [_point_row(client, r, name, source, sizes) for r in points
+            rows += [_point_row(client, r, name, source, models) for r in points
                      if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     columns = ["kind", "point", "pipeline_run", "variant", "model_size", "backbone", "trained_k", "k",
                "index_fraction", "guidance", "index", "fid_feature", "score_quantile", *metric_columns(),
                *interval_columns(), *QUANTILE_COLUMNS, "seeds", "prompts_sha256", "parent_run_id", *SOURCE_COLUMNS,
-               "dvc_deps", "start_time"]
+               "dvc_deps", "start_time", "model_params"]
     return pd.DataFrame(rows, columns=columns)
 
 

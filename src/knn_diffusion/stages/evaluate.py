@@ -4,19 +4,19 @@
 scales of the grid (``evaluate.<model>``); both backbones are scored on the same prompts, seeds,
 reference images and metrics, so ``metrics/evaluate-continuous.json`` and ``-discrete.json`` compare them.
 
-Prompts are the generator dataset's test-split captions (or ``evaluate.prompts_file``); the test split's
-images are the FID/KID reference. Every grid point (k, index fraction, guidance, retrieval index, score
-quantile) is generated with the same model and seeds and becomes one MLflow child run of this stage's run, so
-the MLflow UI compares the points side by side; the first retrieved image per prompt is scored the same way as
-the retrieval baseline. Each point has ``evaluate.count`` prompts (0: every captioned test image) x
-``evaluate.seeds`` images; every metric carries a bootstrap 95% CI over prompts, and every retrieving point
-(and the baseline) its difference to the k=0 point of its guidance with a paired CI (``differences`` in the
-metrics file, ``difference/...`` metrics of the stage's run); the per-image values behind them go to
-``scores/<point>/`` and each point's MLflow run. Outputs: a generate-style folder per point under
-``outputs/evaluate/<model>/``, ``points.csv``, a prompts x settings ``grid.png``, with score-quantile points
-``score_quantiles.csv`` and the paper's Fig. 8 as ``score_quantiles.png``, the facts in ``evaluate.json``, and
-the numbers in ``metrics/evaluate-<model>.json``. The stage's MLflow run and its point runs are tagged
-``model``.
+Prompts are the captions of the generator dataset's ``evaluate.split`` (test; val to choose settings) or
+``evaluate.prompts_file``; that split's images are the FID/KID reference. Every grid point (k, index fraction,
+guidance, retrieval index, score quantile) is generated with the same model and seeds and becomes one MLflow
+child run of this stage's run, so the MLflow UI compares the points side by side; the first retrieved image
+per prompt is scored the same way as the retrieval baseline. Each point has ``evaluate.count`` prompts (0:
+every captioned image of the split) x ``evaluate.seeds`` images; every metric carries a bootstrap 95% CI over
+prompts, and every retrieving point (and the baseline) its difference to the k=0 point of its guidance with a
+paired CI (``differences`` in the metrics file, ``difference/...`` metrics of the stage's run); the per-image
+values behind them go to ``scores/<point>/`` and each point's MLflow run. Outputs: a generate-style folder per
+point under ``outputs/evaluate/<model>/``, ``points.csv``, a prompts x settings ``grid.png``, with
+score-quantile points ``score_quantiles.csv`` and the paper's Fig. 8 as ``score_quantiles.png``, the facts in
+``evaluate.json``, and the numbers in ``metrics/evaluate-<model>.json``. The stage's MLflow run and its point
+runs are tagged ``model``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pandas as pd
 from knn_diffusion.backbones import load_generator
 from knn_diffusion.data.store import ImageStore
 from knn_diffusion.encoders.factory import load_encoder
-from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, test_split_prompts
+from knn_diffusion.evaluation.grid import BASELINE, draw, grid_points, settings_grid, split_prompts
 from knn_diffusion.evaluation.metrics import ImageScorer, KidSettings, inception_features, metric_columns
 from knn_diffusion.evaluation.runner import (
     SCORES,
@@ -62,14 +62,15 @@ log = logging.getLogger(__name__)
 def held_out(params, store: ImageStore) -> tuple[list[str], np.ndarray, bool]:
     """(prompts, reference image rows, whether prompt i describes reference image i)."""
     cfg = params.evaluate
+    split = cfg.split.value
     if cfg.prompts_file:
         prompts = read_prompts(cfg.prompts_file, within=paths.PROMPTS)[:cfg.count or None]
         if len(prompts) < 2:
             raise ValueError(f"evaluate.prompts_file {cfg.prompts_file}: expected at least 2 prompts, one per line")
-        return prompts, draw(store.rows("test"), cfg.count, cfg.seed), False
-    prompts, rows = test_split_prompts(store, cfg.count, cfg.seed, params.encoder.prompt_template)
+        return prompts, draw(store.rows(split), cfg.count, cfg.seed), False
+    prompts, rows = split_prompts(store, split, cfg.count, cfg.seed, params.encoder.prompt_template)
     if len(prompts) < 2:
-        raise ValueError(f"evaluate.count={cfg.count}: {len(prompts)} captioned test image(s); at least 2 needed")
+        raise ValueError(f"evaluate.count={cfg.count}: {len(prompts)} captioned {split} image(s); at least 2 needed")
     return prompts, rows, True
 
 
@@ -91,8 +92,10 @@ def evaluate_stage(params, model: str) -> None:
     points = grid_points(cfg.grid, sampler.guidance, generator.conditioning)
     backend = open_backend(params.retrieval, paths.retrieval_roots(), encoder.fingerprint, encoder.dim)
     log.info("%d prompts (%s), %d reference images, %d grid points, features %s", len(prompts),
-             cfg.prompts_file or "test-split captions", len(reference), len(points), scorer.feature)
-    common = {"fid_feature": scorer.feature, "judge": judge_name(judge), "backbone": generator.backbone,
+             cfg.prompts_file or f"{cfg.split.value}-split captions", len(reference), len(points),
+             scorer.feature)
+    common = {"split": cfg.split.value, "fid_feature": scorer.feature, "judge": judge_name(judge),
+              "backbone": generator.backbone,
               "variant": ConditioningVariant(generator.conditioning.variant).value,
               "trained_k": generator.conditioning.k, "seeds": cfg.seeds, "seed": cfg.seed,
               "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
@@ -149,7 +152,8 @@ def evaluate_stage(params, model: str) -> None:
             run.artifact(out / "score_quantiles.png", "evaluate")
         grid = settings_grid(columns, cfg.grid_prompts)
         save_png(out / "grid.png", grid)
-        write_json(out / "evaluate.json", {**common, "prompts_source": cfg.prompts_file or "test_split_captions",
+        source = cfg.prompts_file or f"{cfg.split.value}_split_captions"
+        write_json(out / "evaluate.json", {**common, "prompts_source": source,
                                            "prompts": prompts, "reference_rows": reference_rows.tolist(),
                                            "grid_columns": list(columns)})
         run.image(grid, "evaluate/grid.png")
