@@ -22,9 +22,12 @@ test: setup
 
 # The paper's ablations as one resumable sweep (flows/sweep_presets.py; rerun after a kill: only the missing
 # trials run), then docs/study.md from its MLflow runs. study-gpu: the same study at 64 px for a GPU worker.
+# Two trials side by side, one thread each: 1.6x the throughput of one trial with both threads on 2 cores
+# (docs/benchmarks.md, "Threads per stage process"); STUDY_PARALLEL=N for N workers.
+STUDY_PARALLEL ?= 2
 study: setup
 	$(PY) -m flows.pipeline
-	$(PY) -m flows.sweep --preset study
+	$(PY) -m flows.sweep --preset study --parallel $(STUDY_PARALLEL)
 	$(PY) -m flows.study_doc --prefix study
 
 study-gpu: setup

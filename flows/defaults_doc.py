@@ -2,7 +2,7 @@
 
 ``python -m flows.sweep --preset defaults`` evaluates them (``make defaults`` runs both); this writes, from
 that sweep's MLflow runs, the choices table (``knn_diffusion.evaluation.choices``: each metric's paired
-difference with its 95% CI and the computed decision) and the val tables with CIs.
+difference with its 95% CI and the computed decision) and every val point with its CIs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from flows.study_doc import provenance, sweep_runs
 
 def write_defaults_doc(repo: Path, prefix: str, out: Path) -> Path:
     from knn_diffusion.evaluation.choices import choices_markdown, choices_table
-    from knn_diffusion.evaluation.tables import build_tables, markdown
+    from knn_diffusion.evaluation.intervals import interval_columns
+    from knn_diffusion.evaluation.metrics import metric_columns
+    from knn_diffusion.evaluation.runs import SOURCE_COLUMNS
+    from knn_diffusion.evaluation.tables import markdown
 
     client, parent, trials, runs = sweep_runs(repo, prefix)
     runs = runs[runs["split"] == "val"]
@@ -29,9 +32,10 @@ def write_defaults_doc(repo: Path, prefix: str, out: Path) -> Path:
              "Every setting is measured on the generator dataset's **val** split (never test): each metric's "
              "difference paper - default on the same prompts and seeds, with a paired bootstrap 95% CI. `keep` is "
              "computed: the paper's value unless the CIs favour the default on more metrics than the paper's.", "",
-             choices_markdown(choices), "", "## The val points", ""]
-    for name, frame in build_tables(runs).items():
-        lines += [f"### {name}", "", markdown(frame), ""]
+             choices_markdown(choices), "", "## Every val point of the sweep", ""]
+    keys = ["pipeline_run", "backbone", "variant", "model_size", "k", "guidance"]
+    points = runs[runs["kind"] == "grid_point"].sort_values(keys)
+    lines += [markdown(points[[*keys, *metric_columns(), *interval_columns(), *SOURCE_COLUMNS, "dvc_deps"]]), ""]
     out.write_text("\n".join(lines))
     return out
 

@@ -60,7 +60,8 @@ EVALUATE = ("evaluate@continuous", "evaluate@discrete")
 # lambda 8 vs 3 (continuous), VQ-Diffusion's auxiliary weight 5e-4 vs 1.0 and importance vs uniform timesteps.
 DEFAULTS_BASE = ("evaluate.split=val", "evaluate.count=0", "evaluate.seeds=2", "evaluate.grid.k=[10]",
                  "evaluate.grid.index_fraction=[1.0]", "evaluate.grid.index=[openmoji]",
-                 "evaluate.retrieval_baseline=false", "evaluate.continuous.guidance=[3.0,8.0]")
+                 "evaluate.retrieval_baseline=false", "evaluate.continuous.guidance=[3.0,8.0]",
+                 "train_discrete.timestep_sampling=uniform")  # both values named: independent of params.yaml
 DEFAULTS_TRIALS = (("train_discrete.aux_weight=1.0,0.0005",), ("train_discrete.timestep_sampling=importance",))
 GPU = ("data.resolution=64", "encoder.vision.image_size=64", "judge.vision.image_size=64", "evaluate.seeds=5")
 

@@ -25,10 +25,12 @@ def scores(hit_rate: float, seed: int) -> PointScores:
     return PointScores.from_rows(rng.uniform(0.1, 0.3, n), rng.random(n) < hit_rate, rng.normal(size=(n, 6)), SEEDS)
 
 
-def log_discrete_model(experiment: str, aux_weight: float, points: dict[float, PointScores], tmp_path) -> None:
+def log_discrete_model(experiment: str, aux_weight: float, points: dict[float, PointScores], tmp_path,
+                       sampling: str = "uniform") -> None:
     """A train_discrete run with ``aux_weight`` and its val evaluate run: one k=10 point per guidance."""
-    name = f"aux{aux_weight}"
-    with stage_run("train_discrete", {"train_discrete": {"preset": "tiny", "aux_weight": aux_weight}}, experiment,
+    name = f"aux{aux_weight}-{sampling}"
+    train_params = {"preset": "tiny", "aux_weight": aux_weight, "timestep_sampling": sampling}
+    with stage_run("train_discrete", {"train_discrete": train_params}, experiment,
                    tags={"pipeline_run": name}) as train:
         pass
     common = {"split": "val", "fid_feature": "clip_image:feed", "variant": "tokens", "trained_k": 10,
@@ -60,9 +62,12 @@ def test_the_decision_follows_a_planted_training_effect(tmp_path, paper_rate, de
     experiment = f"choices-{keep}"
     log_discrete_model(experiment, 1.0, {8.0: scores(default_rate, seed=1)}, tmp_path)
     log_discrete_model(experiment, 0.0005, {8.0: scores(paper_rate, seed=2)}, tmp_path)
+    # the default aux weight, but trained otherwise too: never the paper's value's counterpart
+    log_discrete_model(experiment, 1.0, {8.0: scores(paper_rate, seed=5)}, tmp_path, sampling="importance")
     table = choices_table(evaluate_runs(MlflowClient(), experiment), MlflowClient(), choices=[AUX])
     planted = rows(table, AUX, "r_precision")
     assert planted["keep"] == keep and planted["a"] == pytest.approx(paper_rate, abs=0.1)
+    assert planted["b"] == pytest.approx(default_rate, abs=0.1)
     assert (planted["ci_low"] > 0) == (keep == "paper") and (planted["ci_high"] < 0) == (keep == "default")
     assert f"**{keep}**" in choices_markdown(table)
 

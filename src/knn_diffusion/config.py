@@ -65,7 +65,7 @@ class RuntimeConfig:
 
 @dataclass
 class ContinuousSampleSettings(ContinuousSampler):
-    guidance: float = field(default=3.0, metadata=between(0, 50))  # classifier-free guidance scale
+    guidance: float = field(default=8.0, metadata=between(0, 50))  # paper: lambda = 8 (chosen on val: docs/defaults.md)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A choice is one params key with the paper's value and ours. Its two systems are evaluate rows that differ
 only there: two guidance points of one evaluate run (an inference setting), or the same grid point of two
-models trained with either value (a training setting, read from the training run's logged params). Each
+models trained alike but for that key (a training setting, read from the training runs' logged params). Each
 metric's paired difference (paper - default) gets a bootstrap 95% CI on the same prompts and seeds, and
 the decision is computed, never typed in: the paper's value unless the CIs favour the default on more
 metrics than they favour the paper's (a tie, or no measured difference, keeps the paper's value).
@@ -31,7 +31,7 @@ class Choice:
     backbone: str
     key: str  # the params key; a training key names the section that trains it
     paper_value: float | str
-    default_value: float | str
+    default_value: float | str  # what it is measured against: the default before the measurement
 
     @property
     def at_inference(self) -> bool:
@@ -47,16 +47,17 @@ CHOICES = [
 ]
 
 
-def _trained_with(rows: pd.DataFrame, key: str, value) -> pd.Series:
-    def matches(params: str) -> bool:
-        logged = json.loads(params or "{}").get(key)
-        if logged is None:
-            return False
-        try:
-            return float(logged) == float(value)
-        except ValueError:
-            return logged == str(value)
-    return rows["model_params"].map(matches)
+def _training(params: str, key: str) -> tuple[object, dict]:
+    """(the value of ``key`` in a model's logged training params, the rest of them)."""
+    rest = json.loads(params or "{}")
+    return rest.pop(key, None), rest
+
+
+def _same_value(logged, value) -> bool:
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return logged == str(value)
 
 
 def choice_pair(choice: Choice, runs: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
@@ -70,12 +71,17 @@ def choice_pair(choice: Choice, runs: pd.DataFrame) -> tuple[pd.Series, pd.Serie
             if len(paper) and len(default):
                 return paper.iloc[0], default.iloc[0]
         return None
-    paper = points[_trained_with(points, choice.key, choice.paper_value)]
-    default = points[_trained_with(points, choice.key, choice.default_value)]
-    for _, a in paper.iterrows():  # the same grid point of the other model
-        same = default[(default["point"] == a["point"]) & (default["prompts_sha256"] == a["prompts_sha256"])]
-        if len(same):
-            return a, same.iloc[0]
+    # Two models trained alike but for ``key``: the paper's value vs the default's.
+    trained = [(i, *_training(row["model_params"], choice.key)) for i, row in points.iterrows()]
+    for i, value, rest in trained:
+        if not _same_value(value, choice.paper_value):
+            continue
+        a = points.loc[i]
+        for j, other, other_rest in trained:
+            b = points.loc[j]
+            if (_same_value(other, choice.default_value) and other_rest == rest and b["point"] == a["point"]
+                    and b["prompts_sha256"] == a["prompts_sha256"]):
+                return a, b
     return None
 
 

@@ -26,7 +26,7 @@ class EvaluateGridConfig:
 
 @dataclass
 class ContinuousEvaluateSettings(ContinuousSampler):
-    guidance: list[float] = field(default_factory=lambda: [3.0], metadata=between(0, 50))
+    guidance: list[float] = field(default_factory=lambda: [8.0], metadata=between(0, 50))  # docs/defaults.md
 
 
 @dataclass

@@ -20,7 +20,7 @@ class Question(str, Enum):
 class HumanEvalConfig:
     """The ``human_eval`` stage: two generate-style folders (A = ours, B = the baseline) -> a study package."""
 
-    system_a: str = "outputs/evaluate/continuous/k10-frac1-g3-openmoji"  # an evaluate@continuous grid point (kNN)
+    system_a: str = "outputs/evaluate/continuous/k10-frac1-g8-openmoji"  # an evaluate@continuous grid point (kNN)
     system_b: str = "outputs/evaluate/continuous/retrieval_baseline"
     name_a: str = ""  # shown in the table and MLflow; empty: the folder's name
     name_b: str = ""

@@ -150,8 +150,10 @@ class DiscreteTrainConfig:
     ema_decay: float = field(default=0.999, metadata=between(0, 1))
     precision: Precision = Precision.auto
     transition: TransitionConfig = field(default_factory=TransitionConfig)
-    aux_weight: float = field(default=1.0, metadata=between(0))  # VQ-Diffusion: 5e-4 of a summed loss
-    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    # VQ-Diffusion: 5e-4 of a summed loss; here the terms are means per token, and 5e-4 scored worse on val on
+    # every metric (docs/defaults.md)
+    aux_weight: float = field(default=1.0, metadata=between(0))
+    timestep_sampling: TimestepSampling = TimestepSampling.importance  # VQ-Diffusion's (docs/defaults.md)
     seed: int = 0
     checkpoint_every: int = field(default=250, metadata=between(1))
     keep_checkpoints: int = field(default=2, metadata=between(1))
