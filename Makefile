@@ -14,8 +14,11 @@ setup:
 served-venv:
 	bash scripts/setup-served.sh
 
+# Independent stages two at a time, one thread each (flows/pipeline.py run_side_by_side): the demo's critical path
+# (ingest, encoder, embed, index, knn, train_continuous, evaluate) with the rest beside it. DEMO_PARALLEL=1: in turn.
+DEMO_PARALLEL ?= 2
 demo: setup
-	$(PY) -m flows.pipeline
+	$(PY) -m flows.pipeline --parallel-stages $(DEMO_PARALLEL)
 
 test: setup
 	$(PY) -m pytest -q

@@ -84,6 +84,45 @@ def test_failing_stage_fails_the_flow_run(harness, repo_copy):
         state.result()
 
 
+STAMP = ("import json, sys, time; start = time.time(); time.sleep(2); {fail}"
+         "open(sys.argv[1], 'w').write(json.dumps([start, time.time()]))")
+
+
+def _stamping_stages(repo: Path, failing: str = "") -> None:
+    """Stages a, b (independent) and c (after a) that write when they ran; ``failing`` exits 1 instead."""
+    stages = {}
+    for name, deps in (("a", []), ("b", []), ("c", ["out/a.json"])):
+        fail = "sys.exit('stage failed on purpose'); " if name == failing else ""
+        script = repo / f"{name}.py"
+        script.write_text(STAMP.format(fail=fail))
+        stages[name] = {"cmd": f"python {script.name} out/{name}.json", "deps": [script.name, *deps],
+                        "outs": [f"out/{name}.json"]}
+    (repo / "out").mkdir()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+
+
+def _ran(repo: Path, name: str) -> list[float] | None:
+    path = repo / "out" / f"{name}.json"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def test_parallel_stages_start_each_stage_once_its_upstream_is_done(harness, repo_copy):
+    _stamping_stages(repo_copy)
+    assert pipeline(repo=str(repo_copy), stages=["b", "c"], parallel_stages=2) == ["a", "b", "c"]
+    a, b, c = (_ran(repo_copy, n) for n in "abc")
+    assert a[0] < b[1] and b[0] < a[1]  # a and b side by side (real DVC processes in one repo)
+    assert c[0] >= a[1]  # c after its upstream
+
+
+def test_parallel_stages_run_what_a_failure_does_not_block(harness, repo_copy):
+    _stamping_stages(repo_copy, failing="a")
+    state = pipeline(repo=str(repo_copy), stages=["b", "c"], parallel_stages=2, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="stage 'a' failed"):
+        state.result()
+    assert _ran(repo_copy, "b") is not None and _ran(repo_copy, "c") is None
+
+
 def test_dag_is_derived_from_dvc_yaml(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "train": {"cmd": "x", "deps": ["data/knn/table.npy", "data/ingest"], "outs": ["models/m"]},
