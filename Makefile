@@ -29,7 +29,7 @@ test: setup
 # (docs/benchmarks.md, "Threads per stage process"); STUDY_PARALLEL=N for N workers.
 STUDY_PARALLEL ?= 2
 study: setup
-	$(PY) -m flows.pipeline
+	$(PY) -m flows.pipeline --parallel-stages $(DEMO_PARALLEL)
 	$(PY) -m flows.sweep --preset study --parallel $(STUDY_PARALLEL)
 	$(PY) -m flows.study_doc --prefix study
 
