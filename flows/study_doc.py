@@ -20,6 +20,7 @@ from pathlib import Path
 from flows.dvc_cli import dvc, dvc_experiments, stage_env
 from flows.sweep_tracking import sweep_tracking_uri
 from knn_diffusion.config import flatten, load_params
+from knn_diffusion.tracking import quiet_artifact_downloads
 
 
 def latest_study(client, experiment_id: str, prefix: str):
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packages", default="outputs/study/human_eval", help="where the human-eval packages go")
     args = parser.parse_args(argv)
     repo = Path(args.repo).resolve()
+    quiet_artifact_downloads()
     try:
         print(write_study_doc(repo, args.prefix, repo / args.out, repo / args.packages))
     except ValueError as err:

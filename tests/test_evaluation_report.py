@@ -65,6 +65,7 @@ def test_tables_hold_the_logged_numbers_with_their_sources(store, tmp_path):
     assert (tiny["data_version"].str.len() == 12).all() and tiny["dvc_deps"].str.contains("data/index").all()
     fractions = pd.read_csv(tmp_path / "by_index_fraction.csv")
     assert fractions[(fractions["k"] == 10) & (fractions["model_size"] == "tiny")]["fid"].tolist() == [21.0, 20.0]
+    assert set(zip(fractions["model_size"], fractions["k"])) == {("tiny", 1), ("tiny", 10)}  # 35M: one fraction
     guidance = pd.read_csv(tmp_path / "by_guidance.csv")
     tiny_tokens = guidance[(guidance["model_size"] == "tiny") & (guidance["variant"] == "tokens")]
     assert tiny_tokens["guidance"].tolist() == [1.0, 3.0] and tiny_tokens["fid"].tolist() == [23.0, 20.0]

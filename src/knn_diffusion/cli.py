@@ -236,8 +236,9 @@ def _edit_command(args: argparse.Namespace) -> None:
 def _report_command(args: argparse.Namespace) -> None:
     """Ablation tables and plots from the evaluate runs of an experiment, logged to a `report` run."""
     from knn_diffusion.evaluation.report import publish_report
-    from knn_diffusion.tracking import tracking_uri
+    from knn_diffusion.tracking import quiet_artifact_downloads, tracking_uri
 
+    quiet_artifact_downloads()
     run_id, files = publish_report(args.experiment, args.out, pipeline_runs=args.pipeline_run or None,
                                    feature=args.feature, tracking_uri=tracking_uri())
     for path in files:

@@ -49,8 +49,11 @@ def at_trained_k(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _by_fraction(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each model's k that was evaluated at more than one index fraction: a lone point says nothing of index size."""
     points = runs[(runs["kind"] == "grid_point") & (runs["k"] > 0)]
-    return points[(points["guidance"] == mode(points["guidance"])) & (points["index"] == mode(points["index"]))]
+    points = points[(points["guidance"] == mode(points["guidance"])) & (points["index"] == mode(points["index"]))]
+    fractions = points.groupby(["variant", "model_size", "k"])["index_fraction"].transform("nunique")
+    return points[fractions > 1]
 
 
 def _by_guidance(runs: pd.DataFrame) -> pd.DataFrame:

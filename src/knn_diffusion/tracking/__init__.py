@@ -52,6 +52,12 @@ def tracking_uri(configured: str = "", root: Path | None = None) -> str:
     return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
 
 
+def quiet_artifact_downloads() -> None:
+    """Reports read one small score file per evaluated point, hundreds per study: MLflow's progress bar per
+    download would bury their output. An exported ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` still wins."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
     """Retry sqlite lock contention between concurrently running stages."""
     for attempt in range(attempts):
