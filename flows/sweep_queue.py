@@ -33,6 +33,22 @@ def stop_dead_task(repo: Path, env: dict[str, str], name: str, dead: dict) -> No
         shutil.rmtree(root, ignore_errors=True)
 
 
+class DeadTasks:
+    """Tasks DVC reports "Running" whose process is gone at two checks in a row. One check is not enough: between
+    an experiment's process ending and its worker collecting the result and marking it done DVC still says
+    "Running" for a few seconds, and removing the working copy then would fail a finished trial."""
+
+    def __init__(self) -> None:
+        self.suspects: set[str] = set()
+
+    def confirm(self, running: dict[str, dict]) -> dict[str, dict]:
+        """``running``: {name: {"pid", "root"}} of the tasks still reported running; returns those dead twice."""
+        gone = {name: task for name, task in running.items() if not pid_alive(task["pid"])}
+        confirmed = {name: task for name, task in gone.items() if name in self.suspects}
+        self.suspects = set(gone) - set(confirmed)
+        return confirmed
+
+
 def remote_for_experiments(repo: Path, env: dict[str, str]) -> str:
     """The default DVC remote as the queued experiments will see it ('' when none is configured).
 
@@ -79,17 +95,18 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
     logger = get_run_logger()
     dvc(repo, env, "queue", "start", "-j", str(jobs))
     reported: dict[str, str] = {}
+    dead_tasks = DeadTasks()
     polls = 0
     while True:
         polls += 1
         if polls % 10 == 0 and "Running" in reported.values():  # about every 30 s
             known = dvc_experiments(repo, env)
-            for name in [n for n, state in reported.items() if state == "Running"]:
-                running = known.get(name, {}).get("running")
-                if running and not pid_alive(running["pid"]):
-                    logger.warning("%s: its process (pid %s) died", name, running["pid"])
-                    stop_dead_task(repo, env, name, running)
-                    dvc(repo, env, "queue", "start", "-j", str(jobs))
+            running = {name: known.get(name, {}).get("running") for name, state in reported.items()
+                       if state == "Running"}
+            for name, task in dead_tasks.confirm({n: t for n, t in running.items() if t}).items():
+                logger.warning("%s: its process (pid %s) died", name, task["pid"])
+                stop_dead_task(repo, env, name, task)
+                dvc(repo, env, "queue", "start", "-j", str(jobs))
         status = queue_status(repo, env)
         for name in names:
             if status.get(name) != reported.get(name):

@@ -3,11 +3,13 @@ MLflow report; and the trial names the grid gets."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
 
 from flows.sweep_plan import SweepBusy, expand_grid, experiment_name, plan_trials, trials_of, with_overrides
+from flows.sweep_queue import DeadTasks
 from tests.conftest import REPO
 
 PARAMS = {"train_continuous": {"k": 10, "lr": 0.001}, "data": {"resolution": 32}}
@@ -105,3 +107,28 @@ def test_float_negative_and_list_values_make_distinct_valid_trials():
 def test_float_values_of_one_key_are_separate_trials():
     combos, _ = trials_of(["sample.continuous.guidance=1.0,3.0"], REPO, "g")
     assert list(combos) == ["g-guidance-1.0", "g-guidance-3.0"]
+
+
+def exited_pid() -> int:
+    """The pid of a real process that has ended and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_task_is_dead_only_when_its_process_is_gone_at_two_checks_in_a_row():
+    """DVC says "Running" for a few seconds after an experiment's process ends, while its worker collects the
+    result: one check that finds no process must not kill the task and delete its working copy."""
+    gone = {"pid": exited_pid(), "root": "/repo/.dvc/tmp/exps/tmpabc"}
+    live = {"pid": os.getpid(), "root": "/repo/.dvc/tmp/exps/tmpdef"}
+    watch = DeadTasks()
+    assert watch.confirm({"s-k-1": gone, "s-k-2": live}) == {}
+    assert watch.confirm({"s-k-1": gone, "s-k-2": live}) == {"s-k-1": gone}
+    assert watch.confirm({"s-k-1": gone}) == {}  # counted once: a second kill would need two more misses
+
+
+def test_a_task_that_finished_between_checks_is_never_called_dead():
+    watch = DeadTasks()
+    assert watch.confirm({"s-k-1": {"pid": exited_pid(), "root": None}}) == {}
+    assert watch.confirm({}) == {}  # its worker marked it done: no longer reported running
+    assert watch.suspects == set()
