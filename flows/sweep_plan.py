@@ -131,7 +131,8 @@ def plan_trials(combos: dict[str, list[str]], params_file: dict, known: dict[str
             plan.live.append(name)
         elif busy:
             raise SweepBusy(f"experiment '{name}' is being run by another process (pid {running['pid']}): "
-                            f"wait for it, or stop it with `dvc queue kill {name}`")
+                            f"wait for it, or stop it with `dvc queue kill {name}` (a sweep resumes an earlier "
+                            "one only from the same git commit with the same uncommitted changes)")
         elif (info.get("succeeded") and not running and previous.get(name) in DONE_STATUSES
               and info.get("params") == with_overrides(params_file, overrides)):
             plan.done.append(name)
