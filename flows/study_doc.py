@@ -85,8 +85,9 @@ def human_eval_packages(repo: Path, runs, out: Path, seed: int = 0) -> list[str]
         key = write_package(matched, out / backbone / "package", out / backbone / "key.json", a=system_a, b=system_b,
                             name_a=f"kNN ({a['variant']})", name_b="no kNN", questions=["quality", "alignment"],
                             raters=5, base_url="", seed=seed)
-        lines.append(f"- {backbone} ({label}): {len(matched)} pairs, package `{out / backbone / 'package'}` "
-                     f"(id {key['package_id']}; the key apart in `{out / backbone / 'key.json'}`)")
+        shown = out.relative_to(repo) if out.is_relative_to(repo) else out  # the doc is committed: no home paths
+        lines.append(f"- {backbone} ({label}): {len(matched)} pairs, package `{shown / backbone / 'package'}` "
+                     f"(id {key['package_id']}; the key apart in `{shown / backbone / 'key.json'}`)")
     return lines
 
 

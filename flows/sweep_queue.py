@@ -101,9 +101,9 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
         polls += 1
         if polls % 10 == 0 and "Running" in reported.values():  # about every 30 s
             known = dvc_experiments(repo, env)
-            running = {name: known.get(name, {}).get("running") for name, state in reported.items()
-                       if state == "Running"}
-            for name, task in dead_tasks.confirm({n: t for n, t in running.items() if t}).items():
+            running = {name: known[name]["running"] for name, state in reported.items()
+                       if state == "Running" and known.get(name, {}).get("running")}
+            for name, task in dead_tasks.confirm(running).items():
                 logger.warning("%s: its process (pid %s) died", name, task["pid"])
                 stop_dead_task(repo, env, name, task)
                 dvc(repo, env, "queue", "start", "-j", str(jobs))

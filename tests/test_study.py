@@ -94,6 +94,7 @@ def test_cut_down_study_runs_resumes_and_writes_its_doc(harness, tmp_path):  # n
     assert "tokens vs no_knn, tiny" in doc and "k=3 vs k=0" in doc
     assert "![](study/fid_vs_k.png)" in doc and (repo / "docs" / "study" / "fid_vs_k.png").is_file()
     assert "## Sample grids" in doc and len(list((repo / "docs" / "study" / "grids").glob("*.png"))) >= 2
+    assert "package `outputs/study/human_eval/continuous/package`" in doc  # repo-relative: the doc is committed
     packages = repo / "outputs" / "study" / "human_eval" / "continuous"
     key = yaml.safe_load((packages / "key.json").read_text())
     images = len(list((packages / "a-tokens").glob("0*.png")))
