@@ -66,7 +66,7 @@ def export_point(repo: Path, env: dict[str, str], trial: str, backbone: str, poi
 
 
 def human_eval_packages(repo: Path, runs, out: Path, seed: int = 0) -> list[str]:
-    """Per backbone, the human-evaluation package of the kNN model vs the no-kNN model (smallest size, same
+    """Per backbone, the human-evaluation package of the kNN model vs the no-kNN model (largest size, same
     prompts and seeds): a markdown line per package."""
     from knn_diffusion.evaluation.claims import knn_vs_no_knn_model
     from knn_diffusion.human_eval.package import make_pairs, read_system, write_package
@@ -77,7 +77,7 @@ def human_eval_packages(repo: Path, runs, out: Path, seed: int = 0) -> list[str]
         if not pairs:
             lines.append(f"- {backbone}: no kNN / no-kNN pair among the study's runs")
             continue
-        label, a, b = pairs[0]
+        label, a, b = pairs[-1]
         folders = [export_point(repo, env, row["pipeline_run"], backbone, row["point"],
                                 out / backbone / f"{side}-{row['variant']}") for side, row in (("a", a), ("b", b))]
         system_a, system_b = read_system(folders[0]), read_system(folders[1])
