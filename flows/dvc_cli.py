@@ -115,12 +115,14 @@ def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = Fals
     return output
 
 
-def dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``dvc *args`` in ``repo``, its output captured; ``check``: raise with its stderr when it fails."""
+def dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``dvc *args`` in ``repo``, its output captured; ``check``: raise with its stderr when it fails;
+    ``timeout``: kill it after that many seconds (``subprocess.TimeoutExpired``)."""
     # Output through files, not pipes: the queue workers `dvc queue start` leaves running inherit them, and
     # reading a pipe to its end would wait for those workers to exit (for the whole queue).
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run([DVC, *args], cwd=repo, env=env, stdout=out, stderr=err).returncode
+        code = subprocess.run([DVC, *args], cwd=repo, env=env, stdout=out, stderr=err, timeout=timeout).returncode
         out.seek(0), err.seek(0)
         done = subprocess.CompletedProcess(args, code, out.read(), err.read())
     if check and done.returncode != 0:
@@ -139,16 +141,16 @@ def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
     return status
 
 
-def dvc_experiments(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+def dvc_experiments(repo: Path, env: dict[str, str], timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """What DVC knows of the experiments of HEAD, by name (``dvc exp show``, ``dvc exp list``).
 
     ``succeeded``: an experiment of that name is committed (its results are in ``dvc exp show``);
     ``params``: its params.yaml; ``deps``: {path: DVC hash} of its stages' deps; ``running``: the pid and
     working copy of a queue task of that name that DVC reports as running (its worker may have died with
-    a killed sweep: DVC keeps saying "Running" until ``dvc queue kill``).
+    a killed sweep: DVC keeps saying "Running" until ``dvc queue kill``). ``timeout``: per dvc command.
     """
-    committed = set(dvc(repo, env, "exp", "list", "--name-only").stdout.split())
-    shown = json.loads(dvc(repo, env, "exp", "show", "--json").stdout or "[]")
+    committed = set(dvc(repo, env, "exp", "list", "--name-only", timeout=timeout).stdout.split())
+    shown = json.loads(dvc(repo, env, "exp", "show", "--json", timeout=timeout).stdout or "[]")
     return experiments_of(shown, git_commit(repo)[0], committed)
 
 

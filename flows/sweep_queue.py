@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from flows.dvc_cli import dvc, dvc_experiments, queue_status
 from flows.liveness import pid_alive
 
 POLL_SECONDS = 3
+SHOW_TIMEOUT_SECONDS = 120
 FINISHED = {"Success", "Failed"}
 
 
@@ -86,6 +88,20 @@ def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list
     return name
 
 
+def running_tasks(repo: Path, env: dict[str, str], reported: dict[str, str]) -> dict[str, dict]:
+    """{name: {"pid", "root"}} of the experiments reported "Running" that DVC has a running task for; none when
+    ``dvc exp show`` does not answer in SHOW_TIMEOUT_SECONDS (seen once in a study: it hung while queue workers
+    collected experiments, and the sweep waited on it for an hour after the last trial had finished)."""
+    try:
+        known = dvc_experiments(repo, env, timeout=SHOW_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        get_run_logger().warning("dvc exp show did not answer in %d s: the dead-worker check waits for the next "
+                                 "round", SHOW_TIMEOUT_SECONDS)
+        return {}
+    return {name: known[name]["running"] for name, state in reported.items()
+            if state == "Running" and known.get(name, {}).get("running")}
+
+
 @task(cache_policy=NO_CACHE)
 def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
               on_success: Callable[[str], None] = lambda name: None) -> dict[str, str]:
@@ -100,9 +116,7 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
     while True:
         polls += 1
         if polls % 10 == 0 and "Running" in reported.values():  # about every 30 s
-            known = dvc_experiments(repo, env)
-            running = {name: known[name]["running"] for name, state in reported.items()
-                       if state == "Running" and known.get(name, {}).get("running")}
+            running = running_tasks(repo, env, reported)
             for name, task in dead_tasks.confirm(running).items():
                 logger.warning("%s: its process (pid %s) died", name, task["pid"])
                 stop_dead_task(repo, env, name, task)

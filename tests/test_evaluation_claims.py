@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from knn_diffusion.evaluation.claims import CLAIMS, NOT_MEASURED
+from knn_diffusion.evaluation.claims import CLAIMS, NOT_MEASURED, knn_at_inference
 from knn_diffusion.evaluation.intervals import PointScores
 from knn_diffusion.evaluation.report import write_report
 from knn_diffusion.evaluation.runs import evaluate_runs
@@ -26,9 +26,9 @@ def scores(hit_rate: float, shift: float, seed: int) -> PointScores:
 
 
 def log_scored_model(experiment: str, variant: str, points: dict[str, tuple[int, PointScores]], tmp_path,
-                     pipeline_run: str, prompts: str = "p" * 16) -> None:
+                     pipeline_run: str, prompts: str = "p" * 16, preset: str = "tiny") -> None:
     """A training run and an evaluate run whose points carry their per-image values, as the stage logs them."""
-    with stage_run("train_continuous", {"train_continuous": {"preset": "tiny", "variant": variant, "k": 10}},
+    with stage_run("train_continuous", {"train_continuous": {"preset": preset, "variant": variant, "k": 10}},
                    experiment, tags={"pipeline_run": pipeline_run}) as train:
         pass
     common = {"fid_feature": FEATURE, "variant": variant, "trained_k": 10, "model_run_id": train.id,
@@ -83,3 +83,16 @@ def test_identical_systems_are_inconclusive_and_other_prompts_are_not_paired(tmp
     assert claim_rows(table, "fid", "k=10 vs k=0")["verdict"] == "inconclusive"
     unpaired = claim_rows(table, "r_precision", "tokens vs no_knn, tiny")
     assert unpaired["verdict"] == f"{NOT_MEASURED}: other prompts or seeds"
+
+
+def test_inference_claims_use_the_largest_model_not_the_latest(tmp_path):
+    """The study evaluates a smaller second size after the main model: k=10 vs k=0 stays the main model's."""
+    log_scored_model("claims-size", "tokens", {"k10-frac1-g3-openmoji": (10, scores(0.45, 0.0, seed=5)),
+                                               "k0-g3": (0, scores(0.10, 0.0, seed=6))}, tmp_path, "tiny")
+    same = scores(0.2, 0.0, seed=7)
+    log_scored_model("claims-size", "tokens", {"k10-frac1-g3-openmoji": (10, same), "k0-g3": (0, same)}, tmp_path,
+                     "micro", preset="micro")
+    runs = evaluate_runs(MlflowClient(), "claims-size")
+    (claim,) = [c for c in CLAIMS if c.pairs is knn_at_inference]
+    ((label, a, b),) = claim.pairs(runs[runs["backbone"] == "continuous"])
+    assert (a["model_size"], b["model_size"]) == ("tiny", "tiny") and a["r_precision"] > b["r_precision"]

@@ -96,10 +96,14 @@ def _same_model(rows: pd.DataFrame, like: pd.Series) -> pd.DataFrame:
 
 
 def within_one_run(compare: Callable[[pd.Series, pd.DataFrame], list[Pair]]) -> Callable[[pd.DataFrame], list[Pair]]:
-    """A claim about one model's inference settings: the latest evaluate run of the kNN model whose grid holds
-    the pair (each study trial evaluates its own slice of the grid)."""
+    """A claim about one model's inference settings: the latest evaluate run of the largest kNN model whose grid
+    holds the pair (each study trial evaluates its own slice of the grid; a second, smaller size evaluated later
+    must not stand in for the main model)."""
     def pairs(runs: pd.DataFrame) -> list[Pair]:
-        for _, main in _main(runs).sort_values(["start_time", "run_id"], ascending=False).iterrows():
+        main = _main(runs)
+        order = main.assign(size_rank=[_size_key(size)[0] for size in main["model_size"]])
+        order = order.sort_values(["size_rank", "start_time", "run_id"], ascending=False)
+        for _, main in order.iterrows():
             found = compare(main, _same_model(runs, main))
             if found:
                 return found
