@@ -4,8 +4,9 @@ lists several, ``k=1,2``, makes a grid), and the DVC stages a trial reproduces (
 need upstream; empty: the whole pipeline).
 
 ``study`` tests the paper's claims (docs/study.md): every model is evaluated on the whole test split (358
-named OpenMoji prompts) x 1 seed with bootstrap CIs over prompts (2 seeds made it 4 h 30 min here), and ``knn-diffusion report`` / ``flows.study_doc`` turn
-the runs into the claims table. What it runs, per backbone unless said (sizes and wall time: docs/study.md):
+named OpenMoji prompts) x 1 seed with bootstrap CIs over prompts (2 seeds made it 4 h 30 min here), and
+``knn-diffusion report`` / ``flows.study_doc`` turn the runs into the claims table. What it runs, per backbone
+unless said (sizes and wall time: docs/study.md):
 
 - the kNN model (``tokens``, k=10, tiny) at k in {0, 1, 5, 10, 20} and its first retrieved image (Fig. 9, Fig. 2);
 - the same model at index fraction {0.1, 0.3, 0.5, 0.7, 1.0} (Sec. 6.5), guidance {1, 3, 8} at k=10 (lambda = 8),
