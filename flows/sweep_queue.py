@@ -91,12 +91,19 @@ def queue_experiment(repo: Path, env: dict[str, str], name: str, overrides: list
 def running_tasks(repo: Path, env: dict[str, str], reported: dict[str, str]) -> dict[str, dict]:
     """{name: {"pid", "root"}} of the experiments reported "Running" that DVC has a running task for; none when
     ``dvc exp show`` does not answer in SHOW_TIMEOUT_SECONDS (seen once in a study: it hung while queue workers
-    collected experiments, and the sweep waited on it for an hour after the last trial had finished)."""
+    collected experiments, and the sweep waited on it for an hour after the last trial had finished) or fails
+    (seen in CI: it read a task's .run file as its worker was deleting it). The check waits for the next round."""
     try:
         known = dvc_experiments(repo, env, timeout=SHOW_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         get_run_logger().warning("dvc exp show did not answer in %d s: the dead-worker check waits for the next "
                                  "round", SHOW_TIMEOUT_SECONDS)
+        return {}
+    except RuntimeError as failed:  # dvc() raises it with DVC's stderr, whose "ERROR:" line is not ours to print
+        reason = next((line.split("ERROR: ", 1)[1] for line in str(failed).splitlines() if "ERROR: " in line),
+                      str(failed).splitlines()[0])
+        get_run_logger().warning("dvc exp show failed while workers were collecting experiments (%s): the "
+                                 "dead-worker check waits for the next round", reason[:200])
         return {}
     return {name: known[name]["running"] for name, state in reported.items()
             if state == "Running" and known.get(name, {}).get("running")}
