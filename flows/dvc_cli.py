@@ -28,6 +28,7 @@ from knn_diffusion.tracking import git_commit
 
 DVC = str(Path(sys.executable).parent / "dvc")
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
+SHOW_ATTEMPTS, SHOW_RETRY_SECONDS = 3, 2.0  # dvc_experiments: a read racing a queue worker
 # A stage's one line when its MLflow server stops answering (knn_diffusion.tracking.server): retried once it is back.
 TRACKING_DOWN = re.compile(r"MLflow tracking server at (\S+) is unreachable")
 TRACKING_WAIT_ENV = "KNN_DIFFUSION_TRACKING_WAIT"  # seconds a retry waits for that server (default 600)
@@ -148,7 +149,18 @@ def dvc_experiments(repo: Path, env: dict[str, str], timeout: float | None = Non
     ``params``: its params.yaml; ``deps``: {path: DVC hash} of its stages' deps; ``running``: the pid and
     working copy of a queue task of that name that DVC reports as running (its worker may have died with
     a killed sweep: DVC keeps saying "Running" until ``dvc queue kill``). ``timeout``: per dvc command.
+    It is asked up to SHOW_ATTEMPTS times: ``dvc exp show`` fails when a queue worker deletes a finished task's
+    files while it reads them (seen in CI), and answers a moment later.
     """
+    for _ in range(SHOW_ATTEMPTS - 1):
+        try:
+            return _experiments_now(repo, env, timeout)
+        except RuntimeError:
+            time.sleep(SHOW_RETRY_SECONDS)
+    return _experiments_now(repo, env, timeout)
+
+
+def _experiments_now(repo: Path, env: dict[str, str], timeout: float | None) -> dict[str, dict[str, Any]]:
     committed = set(dvc(repo, env, "exp", "list", "--name-only", timeout=timeout).stdout.split())
     shown = json.loads(dvc(repo, env, "exp", "show", "--json", timeout=timeout).stdout or "[]")
     return experiments_of(shown, git_commit(repo)[0], committed)
