@@ -95,6 +95,7 @@ def test_generate_refuses_an_index_from_another_encoder(tiny_pipeline, tmp_path,
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # starts a Dask LocalCluster (~22 s): `make test-slow`
 def test_dask_parallel_embed_matches_serial_bytes(tiny_pipeline, tmp_path, monkeypatch):
     """embed.workers > 0 fans shards out over a LocalCluster through Prefect; the result is identical."""
     import shutil

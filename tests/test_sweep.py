@@ -40,9 +40,10 @@ def _cache_is_intact(repo: Path) -> int:
     return checked
 
 
-def test_a_failing_dvc_exp_show_postpones_the_dead_worker_check(tmp_path):
+def test_a_failing_dvc_exp_show_postpones_the_dead_worker_check(tmp_path, monkeypatch):
     """CI saw ``dvc exp show`` fail reading a task's .run file as its worker deleted it: the sweep failed although
     every trial was fine. A DVC command that fails here (no DVC repo at all) must leave the check for later."""
+    monkeypatch.setattr("flows.dvc_cli.SHOW_RETRY_SECONDS", 0.0)
     with disable_run_logger():
         assert running_tasks(tmp_path, stage_env(), {"s-k-1": "Running"}) == {}
 

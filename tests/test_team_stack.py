@@ -80,6 +80,7 @@ print(json.dumps(where))
 """
 
 
+@pytest.mark.slow  # builds a wheel and imports every module from it (~18 s): `make test-slow`, with the stack
 def test_wheel_carries_and_imports_every_module(tmp_path):
     """What the worker images install (`pip install .`, not editable) holds the library AND the flows,
     and every module imports from it alone with the locked dependencies."""
