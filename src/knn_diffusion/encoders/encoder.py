@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip import get_model_preprocess_cfg
 from torch import nn
 
 
@@ -58,7 +57,12 @@ class Encoder(nn.Module):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.description = dict(description)
+        # Imported here: open_clip's package import takes ~4 s, which every stage that only reads stored
+        # embeddings (index, knn, training, human eval) would pay at start for nothing.
+        from open_clip import get_model_preprocess_cfg
+
         preprocess_cfg = get_model_preprocess_cfg(model)
+        self.normalization = {key: [float(v) for v in preprocess_cfg[key]] for key in ("mean", "std")}
         self.image_size = _image_size(preprocess_cfg)
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(3, 1, 1), persistent=False)
@@ -127,14 +131,8 @@ class Encoder(nn.Module):
 
     def identity(self) -> dict[str, Any]:
         """What, besides the weights, decides the embedding space (no file paths)."""
-        preprocess_cfg = get_model_preprocess_cfg(self.model)
-        return {
-            "architecture": type(self.model).__name__,
-            "dim": self.dim,
-            "image_size": self.image_size,
-            "mean": [float(v) for v in preprocess_cfg["mean"]],
-            "std": [float(v) for v in preprocess_cfg["std"]],
-        }
+        return {"architecture": type(self.model).__name__, "dim": self.dim, "image_size": self.image_size,
+                **self.normalization}
 
     @property
     def fingerprint(self) -> str:
