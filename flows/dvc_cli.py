@@ -28,7 +28,6 @@ from knn_diffusion.tracking import git_commit
 
 DVC = str(Path(sys.executable).parent / "dvc")
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable")
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 SHOW_ATTEMPTS, SHOW_RETRY_SECONDS = 3, 2.0  # dvc_experiments: a read racing a queue worker
 # A stage's one line when its MLflow server stops answering (knn_diffusion.tracking.server): retried once it is back.
 TRACKING_DOWN = re.compile(r"MLflow tracking server at (\S+) is unreachable")
@@ -55,9 +54,6 @@ def stage_env(run_env: dict[str, str] | None = None, side_by_side: int = 1) -> d
     # on purpose: each Python resolves it against the directory it starts in, the stage's workspace.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, ["src", env.get("PYTHONPATH", "")]))
     env[THREADS_ENV] = str(threads_per_process(side_by_side))
-    # Idle OpenMP threads sleep instead of spinning: processes whose threads outnumber the cores (stages side by
-    # side, a busy box) then share them at no cost, where spinning made two 2-thread processes 9x slower.
-    env.setdefault(WAIT_POLICY_ENV, "PASSIVE")
     env.setdefault("TQDM_MININTERVAL", "10")  # output is piped: fewer, longer-spaced progress lines
     return env
 
@@ -98,16 +94,16 @@ def _retry_only_transient(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_transient,
       task_run_name="dvc repro {stage}")
-def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = False) -> str:
-    """Reproduce one stage through DVC with every core (:func:`stage_env`), streaming its output; returns the
-    tail of that output."""
+def run_stage(stage: str, repo: str, run_env: dict[str, str], force: bool = False, side_by_side: int = 1) -> str:
+    """Reproduce one stage through DVC, one of ``side_by_side`` running at once (:func:`stage_env`),
+    streaming its output; returns the tail of that output."""
     logger = get_run_logger()
     cmd = [DVC, "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
     logger.info("%s (in %s)", " ".join(cmd[1:]), repo)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env), stdout=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=repo, env=stage_env(run_env, side_by_side), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)

@@ -1,6 +1,5 @@
 """Stage processes pin torch's thread count: runtime.threads, else their share of the cores the flows give
-them (cores / processes side by side in a sweep; every core for the pipeline's stages, whose threads wait
-passively)."""
+them (cores / processes side by side)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import os
 
 import torch
 
-from flows.dvc_cli import WAIT_POLICY_ENV, stage_env
+from flows.dvc_cli import stage_env
 from knn_diffusion.stages.common import THREADS_ENV, pin_threads, threads_per_process, usable_cores
 
 
@@ -19,14 +18,6 @@ def test_processes_side_by_side_share_the_budget(monkeypatch):
     monkeypatch.delenv(THREADS_ENV)
     assert threads_per_process() == usable_cores()
     assert stage_env(side_by_side=usable_cores() * 2)[THREADS_ENV] == "1"
-
-
-def test_stage_threads_wait_passively_unless_the_user_chose_a_policy(monkeypatch):
-    """Spinning OpenMP threads made two 2-thread processes on 2 cores 9x slower; sleeping ones cost nothing."""
-    monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
-    assert stage_env()[WAIT_POLICY_ENV] == "PASSIVE"
-    monkeypatch.setenv(WAIT_POLICY_ENV, "ACTIVE")
-    assert stage_env()[WAIT_POLICY_ENV] == "ACTIVE"
 
 
 def test_a_stage_pins_the_params_count_or_its_share(monkeypatch):
