@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2),
-           ("2 processes x 1 thread", 2, 1), ("2 processes x 2 threads", 2, 2))
+CONFIGS = (("1 process x 1 thread", 1, 1, ""), ("1 process x 2 threads", 1, 2, ""),
+           ("2 processes x 1 thread", 2, 1, ""), ("2 processes x 2 threads", 2, 2, ""),
+           ("1 process x 2 threads, passive wait", 1, 2, "PASSIVE"),
+           ("2 processes x 2 threads, passive wait", 2, 2, "PASSIVE"))
 
 
 def work(steps: int) -> None:
@@ -53,9 +55,12 @@ def work(steps: int) -> None:
             optimizer_step(loss, model, optimizer, None, cfg.grad_clip)
 
 
-def measure(processes: int, threads: int, steps: int) -> float:
-    """Wall seconds until ``processes`` workers of ``threads`` threads each have done ``steps`` steps."""
+def measure(processes: int, threads: int, wait_policy: str, steps: int) -> float:
+    """Wall seconds until ``processes`` workers of ``threads`` threads each have done ``steps`` steps;
+    ``wait_policy``: OMP_WAIT_POLICY (PASSIVE: idle threads sleep instead of spinning), '' for OpenMP's default."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+    env.pop("OMP_WAIT_POLICY", None)
+    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
     cmd = [sys.executable, __file__, "--worker", "--steps", str(steps)]
     start = time.perf_counter()
     workers = [subprocess.Popen(cmd, cwd=REPO, env=env) for _ in range(processes)]
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         work(args.steps)
         return
     load = os.getloadavg()[0]
-    seconds = {name: measure(processes, threads, args.steps) for name, processes, threads in CONFIGS}
+    seconds = {name: measure(processes, threads, policy, args.steps) for name, processes, threads, policy in CONFIGS}
     base = seconds[CONFIGS[0][0]]
     print(f"{args.steps} training steps per process, {os.cpu_count()} cores, load average {load:.1f} at start")
     print("| configuration | wall s | vs 1 process x 1 thread |\n|---|---|---|")
