@@ -60,7 +60,8 @@ def measure(processes: int, threads: int, wait_policy: str, steps: int) -> float
     ``wait_policy``: OMP_WAIT_POLICY (PASSIVE: idle threads sleep instead of spinning), '' for OpenMP's default."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
     env.pop("OMP_WAIT_POLICY", None)
-    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     cmd = [sys.executable, __file__, "--worker", "--steps", str(steps)]
     start = time.perf_counter()
     workers = [subprocess.Popen(cmd, cwd=REPO, env=env) for _ in range(processes)]

@@ -102,7 +102,7 @@ def running_tasks(repo: Path, env: dict[str, str], reported: dict[str, str]) -> 
     except RuntimeError as failed:  # dvc() raises it with DVC's stderr, whose "ERROR:" line is not ours to print
         reason = next((line.split("ERROR: ", 1)[1] for line in str(failed).splitlines() if "ERROR: " in line),
                       str(failed).splitlines()[0])
-        get_run_logger().warning("dvc exp show failed while workers were collecting experiments (%s): the "
+        get_run_logger().warning("listing DVC's experiments failed while workers were collecting them (%s): the "
                                  "dead-worker check waits for the next round", reason[:200])
         return {}
     return {name: known[name]["running"] for name, state in reported.items()

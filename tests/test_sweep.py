@@ -48,6 +48,29 @@ def test_a_failing_dvc_exp_show_postpones_the_dead_worker_check(tmp_path, monkey
         assert running_tasks(tmp_path, stage_env(), {"s-k-1": "Running"}) == {}
 
 
+def test_dvc_experiments_asks_again_when_a_read_races_a_worker(tmp_path, monkeypatch):
+    """The first ``dvc exp show`` fails (as when a worker deletes a task's files under it); the second answers."""
+    import flows.dvc_cli as dvc_cli
+
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=tmp_path,
+                   check=True)
+    real, shows = dvc_cli.dvc, []
+
+    def racing(repo, env, *args, **kwargs):
+        if args[:2] == ("exp", "show"):
+            shows.append(args)
+            if len(shows) == 1:
+                raise RuntimeError("dvc exp show --json failed (exit 255):\nERROR: unexpected error - No such file")
+        return real(repo, env, *args, **kwargs)
+
+    monkeypatch.setattr(dvc_cli, "dvc", racing)
+    monkeypatch.setattr(dvc_cli, "SHOW_RETRY_SECONDS", 0.0)
+    assert dvc_cli.dvc_experiments(tmp_path, stage_env()) == {}
+    assert len(shows) == 2
+
+
 @pytest.mark.slow  # two queue workers, then a fresh rerun (~40 s)
 def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # noqa: F811
     assert expand_grid(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]

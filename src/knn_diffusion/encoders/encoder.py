@@ -62,6 +62,7 @@ class Encoder(nn.Module):
         from open_clip import get_model_preprocess_cfg
 
         preprocess_cfg = get_model_preprocess_cfg(model)
+        # The config's own floats for the fingerprint (the float32 buffers below would change it).
         self.normalization = {key: [float(v) for v in preprocess_cfg[key]] for key in ("mean", "std")}
         self.image_size = _image_size(preprocess_cfg)
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1), persistent=False)
