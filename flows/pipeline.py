@@ -33,9 +33,10 @@ from knn_diffusion.tracking import (
 def run_side_by_side(order: list[str], graph: dict[str, set[str]], slots: int,
                      submit: Callable[[str, int], PrefectFuture]) -> None:
     """Run the stages of ``order`` (a topological order), up to ``slots`` at once, each as soon as its upstream
-    has finished: of the ready ones, the earliest in ``order`` first. Each stage process gets cores / slots
-    threads (two stages with every core each ran 2.4x slower than with one each). A failed stage's downstream
-    never starts; the others run to the end, then the first failure is raised (the flow run ends Failed)."""
+    has finished: of the ready ones, the earliest in ``order`` first (``stage_order``: the longest chain first).
+    Each stage process gets cores / slots threads (two stages with every core each ran 2.4x slower than with one
+    each). A failed stage's downstream never starts; the others run to the end, then the first failure is raised
+    (the flow run ends Failed)."""
     pending, running, finished, dead, failures = list(order), {}, set(), set(), []
     needs = {name: graph[name] & set(order) for name in order}
     while pending or running:
