@@ -43,8 +43,8 @@ def stage_graph(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, set[str]]:
 
 
 def stages_after(graph: dict[str, set[str]]) -> dict[str, int]:
-    """{stage: how many stages the longest chain of stages that need it holds} (0 for a last stage); raises
-    graphlib.CycleError on a cycle."""
+    """{stage: the number of stages on the longest chain of stages that need it} (0: nothing needs it);
+    raises graphlib.CycleError on a cycle."""
     downstream: dict[str, set[str]] = {name: set() for name in graph}
     for name, upstream in graph.items():
         for other in upstream:
@@ -58,8 +58,8 @@ def stages_after(graph: dict[str, set[str]]) -> dict[str, int]:
 def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """Stages in a valid execution order, the longest chain first: of two stages, the one with more stages
     after it comes first, dvc.yaml's order among equals. The flow starts the earliest ready stage in this
-    order, so the critical path never waits behind a stage nothing needs. DVC records no durations, so a
-    chain is counted in stages. Valid because a stage always has more stages after it than any that needs it.
+    order, so a stage with a long chain after it never waits behind one with a shorter chain. DVC records
+    no durations, so a chain is counted in stages, not seconds. Valid because a stage always has more stages after it than any that needs it.
     """
     graph = stage_graph(dvc_yaml)
     after = stages_after(graph)
