@@ -59,7 +59,8 @@ def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """Stages in a valid execution order, the longest chain first: of two stages, the one with more stages
     after it comes first, dvc.yaml's order among equals. The flow starts the earliest ready stage in this
     order, so a stage with a long chain after it never waits behind one with a shorter chain. DVC records
-    no durations, so a chain is counted in stages, not seconds. Valid because a stage always has more stages after it than any that needs it.
+    no durations, so a chain is counted in stages, not seconds. The order is valid because a stage always
+    has more stages after it than any stage that needs it.
     """
     graph = stage_graph(dvc_yaml)
     after = stages_after(graph)
