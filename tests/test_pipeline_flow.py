@@ -138,7 +138,7 @@ def test_dag_is_derived_from_dvc_yaml(tmp_path):
 
 def test_order_starts_the_longest_chain_first(tmp_path):
     """Two slots free when train_continuous ends: train_manipulation (three stages after it) must not wait
-    behind sample@continuous (none), as it did in dvc.yaml's order (18 s of the demo)."""
+    behind sample@continuous (none), as it did in dvc.yaml's order (it started 18 s late in the demo)."""
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "lonely": {"cmd": "x", "outs": ["out/lonely"]},
         "a": {"cmd": "x", "outs": ["out/a"]},
