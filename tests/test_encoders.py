@@ -15,6 +15,7 @@ from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_alig
 from knn_diffusion.encoders.alignment import (
     STATE_FILE,
     augment,
+    draw_outlines,
     pooled_text_features,
     rows_without_names,
     text_to_image_recall,
@@ -222,6 +223,19 @@ def test_augment_keeps_white_background_and_orientation():
     assert torch.allclose(out[:, :, 0, :], torch.ones(1))  # padding repeats the white border
     left, right = out[..., :8].mean(), out[..., 8:].mean()
     assert left < right                                 # never mirrored
+
+
+def test_outlines_darken_one_pixel_at_each_colour_boundary():
+    pixels = torch.ones(2, 3, 8, 8)
+    pixels[:, 1:, 2:6, 2:6] = 0                          # a red square on white
+    lined = draw_outlines(pixels, torch.Generator().manual_seed(0), prob=1.0)
+    dark = lined.amax(1) < 0.2                           # (2, 8, 8) near-black pixels
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[1, 2:6] = expected[2:6, 1] = True           # white pixels above and left of the square
+    expected[5, 2:6] = expected[2:6, 5] = True           # the square's own bottom row and right column
+    assert torch.equal(dark, expected.expand(2, 8, 8))
+    assert torch.equal(lined[~dark.unsqueeze(1).expand_as(lined)], pixels[~dark.unsqueeze(1).expand_as(pixels)])
+    assert torch.equal(draw_outlines(pixels, torch.Generator().manual_seed(0), prob=0.0), pixels)
 
 
 # ---- alignment training and evaluation ----------------------------------------------------------
