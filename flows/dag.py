@@ -6,6 +6,7 @@ Stages are those DVC resolves: a ``matrix``/``foreach`` entry is one stage per i
 from __future__ import annotations
 
 import graphlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from knn_diffusion.stages.common import dvc_stages
@@ -55,16 +56,19 @@ def stages_after(graph: dict[str, set[str]]) -> dict[str, int]:
     return after
 
 
-def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """Stages in a valid execution order, the longest chain first: of two stages, the one with more stages
-    after it comes first, dvc.yaml's order among equals. The flow starts the earliest ready stage in this
-    order, so a stage with a long chain after it never waits behind one with a shorter chain. DVC records
-    no durations, so a chain is counted in stages, not seconds. The order is valid because a stage always
-    has more stages after it than any stage that needs it.
+def stage_order(graph: dict[str, set[str]], running: Iterable[str] | None = None) -> list[str]:
+    """The stages of ``running`` (default: all of ``graph``) in a valid execution order, the longest chain
+    first: of two stages, the one with more running stages after it comes first, dvc.yaml's order among
+    equals. The flow starts the earliest ready stage in this order, so a stage with a long chain after it
+    never waits behind one with a shorter chain; a chain through stages that do not run (a skipped
+    backbone, stages not asked for) does not count. DVC records no durations, so a chain is counted in
+    stages, not seconds. The order is valid because a stage always has more stages after it than any
+    stage that needs it.
     """
-    graph = stage_graph(dvc_yaml)
-    after = stages_after(graph)
-    return sorted(graph, key=lambda name: -after[name])
+    running = set(graph) if running is None else set(running)
+    subgraph = {name: upstream & running for name, upstream in graph.items() if name in running}
+    after = stages_after(subgraph)
+    return sorted(subgraph, key=lambda name: -after[name])
 
 
 def named_stages(names: list[str], order: list[str]) -> dict[str, list[str]]:

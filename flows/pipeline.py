@@ -75,9 +75,9 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
 
     repo_path = Path(repo).resolve()
     graph = stage_graph(repo_path / "dvc.yaml")
-    order = stage_order(repo_path / "dvc.yaml")
+    running = list(graph)  # dvc.yaml's order
     if stages:
-        order = with_upstream(stages, graph, order)
+        running = with_upstream(stages, graph, running)
     run_id, url = str(flow_run.get_id() or ""), flow_run.ui_url or ""
     params = load_params(repo_path / "params.yaml")
     if not stages:  # the whole DAG: only the backbones params.yaml asks for (pipeline.backbones)
@@ -85,7 +85,8 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
         skipped = without_backbones(graph, stage_backbones(repo_path / "dvc.yaml"), keep)
         if skipped:
             get_run_logger().info("skipping %s (pipeline.backbones = %s)", sorted(skipped), sorted(keep))
-        order = [s for s in order if s not in skipped]
+        running = [s for s in running if s not in skipped]
+    order = stage_order(graph, running)
     # One MLflow parent run per pipeline run; every stage's run is its child.
     with group_run(f"pipeline {flow_run.name or ''}".strip(), params.tracking.experiment,
                    tracking_uri(params.tracking.tracking_uri, root=repo_path), params=params,

@@ -132,7 +132,7 @@ def test_dag_is_derived_from_dvc_yaml(tmp_path):
     }}))
     graph = stage_graph(tmp_path / "dvc.yaml")
     assert graph == {"ingest": set(), "knn": {"ingest"}, "train": {"knn", "ingest"}, "report": {"ingest", "train"}}
-    order = stage_order(tmp_path / "dvc.yaml")
+    order = stage_order(stage_graph(tmp_path / "dvc.yaml"))
     assert order.index("ingest") < order.index("knn") < order.index("train") < order.index("report")
 
 
@@ -145,9 +145,12 @@ def test_order_starts_the_longest_chain_first(tmp_path):
         "b": {"cmd": "x", "deps": ["out/a"], "outs": ["out/b"]},
         "c": {"cmd": "x", "deps": ["out/b"], "outs": ["out/c"]},
     }}, sort_keys=False))
-    assert stages_after(stage_graph(tmp_path / "dvc.yaml")) == {"lonely": 0, "a": 2, "b": 1, "c": 0}
-    assert stage_order(tmp_path / "dvc.yaml") == ["a", "b", "lonely", "c"]
-    graph, order = stage_graph(REPO / "dvc.yaml"), stage_order(REPO / "dvc.yaml")
+    graph = stage_graph(tmp_path / "dvc.yaml")
+    assert stages_after(graph) == {"lonely": 0, "a": 2, "b": 1, "c": 0}
+    assert stage_order(graph) == ["a", "b", "lonely", "c"]
+    assert stage_order(graph, ["c", "lonely", "a"]) == ["lonely", "a", "c"]  # a's chain runs through b: gone
+    graph = stage_graph(REPO / "dvc.yaml")
+    order = stage_order(graph)
     assert all(order.index(up) < order.index(name) for name, ups in graph.items() for up in ups)
     assert order.index("train_manipulation") < order.index("evaluate@continuous") < order.index("sample@continuous")
 
@@ -178,7 +181,8 @@ def test_sample_and_evaluate_are_one_stage_per_backbone_with_its_own_upstream():
         assert "train_discrete" not in graph[f"{stage}@continuous"]
         assert "train_continuous" not in graph[f"{stage}@discrete"]
     assert graph["human_eval"] == {"evaluate@continuous", "evaluate@discrete"}
-    assert named_stages(["evaluate", "sample@discrete", "knn", "sample@gan"], stage_order(REPO / "dvc.yaml")) == {
+    order = stage_order(stage_graph(REPO / "dvc.yaml"))
+    assert named_stages(["evaluate", "sample@discrete", "knn", "sample@gan"], order) == {
         "evaluate": ["evaluate@continuous", "evaluate@discrete"], "sample@discrete": ["sample@discrete"],
         "knn": ["knn"], "sample@gan": []}
     backbones = stage_backbones(REPO / "dvc.yaml")
@@ -222,4 +226,4 @@ def test_repo_dvc_yaml_matches_stage_paths():
     unaccounted = {c for c in constants if not accounted(c) and not c.startswith(str(paths.CHECKPOINTS))}
     assert unaccounted == set(), "stages/paths.py paths that no stage in dvc.yaml declares"
     assert len(data_paths) >= 14
-    assert stage_order(REPO / "dvc.yaml")[0] == "ingest"
+    assert stage_order(stage_graph(REPO / "dvc.yaml"))[0] == "ingest"
