@@ -132,7 +132,7 @@ def test_dag_is_derived_from_dvc_yaml(tmp_path):
     }}))
     graph = stage_graph(tmp_path / "dvc.yaml")
     assert graph == {"ingest": set(), "knn": {"ingest"}, "train": {"knn", "ingest"}, "report": {"ingest", "train"}}
-    order = stage_order(stage_graph(tmp_path / "dvc.yaml"))
+    order = stage_order(graph)
     assert order.index("ingest") < order.index("knn") < order.index("train") < order.index("report")
 
 
