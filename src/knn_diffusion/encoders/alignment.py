@@ -2,7 +2,7 @@
 
 CLIP's contrastive objective (open_clip ``ClipLoss``) on (image, "an emoji of {name}") pairs. The
 text transformer is locked, so its pooled features are computed once per (name, template); each step
-only runs the small ViT, the trainable text projection (``text.proj``, left unlocked by
+only runs the image tower, the trainable text projection (``text.proj``, left unlocked by
 ``lock_text_tower``) and the logit scale. Checkpoints hold optimizer, scheduler and RNG state, so a
 killed run resumes to exactly the weights an uninterrupted run would reach.
 """
@@ -117,11 +117,18 @@ def _run_key(cfg: EncoderConfig, images: np.ndarray, names: Sequence[str]) -> st
     return digest.hexdigest()
 
 
+def _changing_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the trainable parameters and the buffers (a conv tower's BatchNorm statistics)."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(model.named_buffers())
+    return tensors
+
+
 def _save_state(path: Path, step: int, run_key: str, encoder: Encoder, optimizer, scheduler,
                 generator: torch.Generator) -> None:
-    trainable = {n: p.detach().clone() for n, p in encoder.model.named_parameters() if p.requires_grad}
+    tensors = {n: t.detach().clone() for n, t in _changing_tensors(encoder.model).items()}
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "run_key": run_key, "trainable": trainable,
+        torch.save({"step": step, "run_key": run_key, "tensors": tensors,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "generator": generator.get_state()}, tmp)
 
@@ -139,10 +146,10 @@ def _load_state(path: Path, run_key: str, steps: int, encoder: Encoder, optimize
     if int(state["step"]) >= steps:
         log.info("%s: that run finished; training again from step 0", path)
         return 0
-    params = dict(encoder.model.named_parameters())
+    tensors = _changing_tensors(encoder.model)
     with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
+        for name, value in state["tensors"].items():
+            tensors[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
@@ -172,7 +179,9 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
 
     encoder = build_aligned(cfg.vision, seed=a.seed)
     model = encoder.model
-    pixels = encoder.pixels(images)                                                          # (N, 3, S, S)
+    # Augmented at the stored size, then resized to the tower's: a 32 px glyph's outline is then as wide as
+    # OpenMoji's own strokes at 32 px, whatever the tower's input size (measured: docs/benchmarks.md).
+    pixels = encoder.square_pixels(images)                                                   # (N, 3, H, H)
     unique_names = sorted(set(names))
     position = {name: i for i, name in enumerate(unique_names)}
     name_index = torch.tensor([position[n] for n in names])                                   # (N,) into unique_names
@@ -195,6 +204,7 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
         rows = torch.randperm(len(images), generator=generator)[:batch_size]                  # (B,)
         template = torch.randint(len(a.templates), (batch_size,), generator=generator)        # (B,)
         x = draw_outlines(augment(pixels[rows], generator, a.max_shift, a.min_scale), generator, a.outline_prob)
+        x = encoder.resize(x)                                                                 # (B, 3, S, S)
         image_features = model.encode_image(encoder.normalize(x), normalize=True)             # (B, d)
         text_features_b = F.normalize(model.text.proj(text_features[name_index[rows], template]), dim=-1)
         loss = loss_fn(image_features, text_features_b, model.logit_scale.exp())

