@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from knn_diffusion.encoders.aligned import CONFIG_FILE, build_aligned, load_aligned, save_aligned
 from knn_diffusion.encoders.alignment import (
     STATE_FILE,
+    NeighbourBatches,
     augment,
     draw_outlines,
+    nearest_names,
     pooled_text_features,
     rows_without_names,
     text_to_image_recall,
@@ -280,9 +282,10 @@ def test_outlines_darken_one_pixel_at_each_colour_boundary():
 # ---- alignment training and evaluation ----------------------------------------------------------
 
 
-def short_alignment(steps: int, checkpoint_every: int = 10, vision: VisionTowerConfig = TINY_VISION) -> EncoderConfig:
+def short_alignment(steps: int, checkpoint_every: int = 10, vision: VisionTowerConfig = TINY_VISION,
+                    **alignment) -> EncoderConfig:
     return EncoderConfig(vision=vision, alignment=AlignmentConfig(
-        steps=steps, batch_size=16, lr=3e-3, warmup=5, checkpoint_every=checkpoint_every, seed=3))
+        steps=steps, batch_size=16, lr=3e-3, warmup=5, checkpoint_every=checkpoint_every, seed=3, **alignment))
 
 
 def test_alignment_lowers_the_contrastive_loss_and_beats_chance(tmp_path, glyph_pairs):
@@ -298,12 +301,14 @@ def test_alignment_lowers_the_contrastive_loss_and_beats_chance(tmp_path, glyph_
     assert recall["recall@5"] > 2 * recall["chance@5"], recall
 
 
-@pytest.mark.parametrize("vision, steps, every, crash", [(TINY_VISION, 24, 8, 19), (LITE0_VISION, 6, 2, 5)],
-                         ids=["vit", "efficientnet"])
-def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pairs, vision, steps, every, crash):
+@pytest.mark.parametrize("vision, steps, every, crash, alignment", [
+    (TINY_VISION, 24, 8, 19, {}), (LITE0_VISION, 6, 2, 5, {"frozen_stages": 3, "neighbour_group": 2})],
+    ids=["vit", "efficientnet-frozen-grouped"])
+def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pairs, vision, steps, every, crash,
+                                                            alignment):
     """Also BatchNorm's running statistics (the conv tower's), which are buffers, not trainable parameters."""
     images, names = glyph_pairs
-    cfg = short_alignment(steps, checkpoint_every=every, vision=vision)
+    cfg = short_alignment(steps, checkpoint_every=every, vision=vision, **alignment)
     straight = train_alignment(images, names, cfg, tmp_path / "straight")
 
     def crash_after(step, metrics):
@@ -317,6 +322,40 @@ def test_interrupted_alignment_resumes_to_identical_weights(tmp_path, glyph_pair
     assert steps_run == list(range(last_checkpoint + 1, steps + 1))
     assert resumed.fingerprint == straight.fingerprint
     assert (tmp_path / "resumed" / STATE_FILE).is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_frozen_stages_keep_the_starting_weights_and_statistics(tmp_path, glyph_pairs):
+    images, names = glyph_pairs
+    start = build_aligned(LITE0_VISION, seed=3).model.visual.trunk.state_dict()
+    trained = train_alignment(images, names, short_alignment(3, vision=LITE0_VISION, frozen_stages=2), tmp_path)
+    after = trained.model.visual.trunk.state_dict()
+    kept = [k for k in start if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert "bn1.running_mean" in kept and "blocks.1.0.bn1.running_var" in kept
+    for key in kept:
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(after["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
+    assert not torch.equal(after["blocks.2.0.bn1.running_mean"], start["blocks.2.0.bn1.running_mean"])
+    with pytest.raises(ValueError, match="frozen_stages 1: the vit tower starts from random weights"):
+        train_alignment(images, names, short_alignment(2, frozen_stages=1), tmp_path / "vit")
+    with pytest.raises(ValueError, match="frozen_stages 8: efficientnet_lite0 has 7 stages"):
+        train_alignment(images, names, short_alignment(2, vision=LITE0_VISION, frozen_stages=8), tmp_path / "deep")
+
+
+def test_neighbour_batches_pair_each_anchor_with_a_near_name():
+    """Groups of 2: the second image's name is among the anchor name's nearest; group 1 is a uniform batch."""
+    features = torch.nn.functional.normalize(torch.randn(12, 1, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features = torch.cat([features, features + 0.01], 1)                    # (U=12, T=2, 8)
+    name_index = torch.arange(12).repeat_interleave(2)                      # two images per name
+    nearest = nearest_names(features, 3)
+    assert not (nearest == torch.arange(12)[:, None]).any()                 # never a name's own
+    grouped = NeighbourBatches(name_index, features, group=2)
+    batch = grouped(10, torch.Generator().manual_seed(1))
+    assert batch.shape == (10,)
+    anchors, members = name_index[batch[0::2]], name_index[batch[1::2]]
+    assert all(m in grouped.neighbours[a] for a, m in zip(anchors.tolist(), members.tolist()))
+    uniform = NeighbourBatches(name_index, features, group=1)(10, torch.Generator().manual_seed(1))
+    assert torch.equal(uniform, torch.randperm(24, generator=torch.Generator().manual_seed(1))[:10])
 
 
 def test_a_finished_alignment_called_again_trains_again(tmp_path, glyph_pairs):

@@ -28,6 +28,7 @@ from knn_diffusion.config_fields import to_plain
 from knn_diffusion.encoders.aligned import build_aligned, save_aligned
 from knn_diffusion.encoders.config import EncoderConfig
 from knn_diffusion.encoders.encoder import Encoder, as_uint8_batch
+from knn_diffusion.encoders.towers import freeze_early_stages
 from knn_diffusion.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,44 @@ def draw_outlines(pixels: torch.Tensor, generator: torch.Generator, prob: float)
     threshold = low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator)
     chosen = (torch.rand(n, generator=generator) < prob).view(n, 1, 1, 1)
     return torch.where((step > threshold) & chosen, pixels * OUTLINE_DARKNESS, pixels)
+
+
+NEIGHBOUR_POOL = 8  # a group's other names are drawn from its anchor name's this many nearest names
+
+
+def nearest_names(text_features: torch.Tensor, count: int) -> torch.Tensor:
+    """(U, count) indices of each name's most similar other names, by cosine of its template-mean feature."""
+    features = F.normalize(text_features.mean(1), dim=-1)                                   # (U, 384)
+    similarity = features @ features.T                                                        # (U, U)
+    similarity.fill_diagonal_(-math.inf)
+    return similarity.topk(min(count, len(features) - 1), dim=1).indices
+
+
+class NeighbourBatches:
+    """Batches of ``group``-sized clusters: a random anchor image, then one random image of each of
+    ``group - 1`` names drawn from the anchor name's nearest names. With ``group`` 1, uniform batches."""
+
+    def __init__(self, name_index: torch.Tensor, text_features: torch.Tensor, group: int):
+        self.name_index, self.group = name_index, group
+        if group == 1:
+            return
+        self.neighbours = nearest_names(text_features, max(NEIGHBOUR_POOL, group - 1))        # (U, M)
+        counts = torch.bincount(name_index, minlength=len(text_features))                    # (U,)
+        order = torch.argsort(name_index, stable=True)
+        self.first = torch.cumsum(counts, 0) - counts                                        # (U,) into order
+        self.order, self.counts = order, counts
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        n = len(self.name_index)
+        if self.group == 1:
+            return torch.randperm(n, generator=generator)[:batch_size]                        # (B,)
+        anchors = torch.randperm(n, generator=generator)[:math.ceil(batch_size / self.group)]  # (A,)
+        pool = self.neighbours[self.name_index[anchors]]                                      # (A, M)
+        pick = torch.rand(pool.shape, generator=generator).argsort(1)[:, :self.group - 1]     # (A, g-1) distinct
+        names = pool.gather(1, pick)                                                          # (A, g-1)
+        offset = (torch.rand(names.shape, generator=generator) * self.counts[names]).long()
+        members = self.order[self.first[names] + offset]                                      # (A, g-1) rows
+        return torch.cat([anchors[:, None], members], 1).flatten()[:batch_size]               # (B,)
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -179,6 +218,7 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
 
     encoder = build_aligned(cfg.vision, seed=a.seed)
     model = encoder.model
+    frozen = freeze_early_stages(model.visual, cfg.vision.tower, a.frozen_stages)
     # Augmented at the stored size, then resized to the tower's: a 32 px glyph's outline is then as wide as
     # OpenMoji's own strokes at 32 px, whatever the tower's input size (measured: docs/benchmarks.md).
     pixels = encoder.square_pixels(images)                                                   # (N, 3, H, H)
@@ -199,9 +239,12 @@ def train_alignment(images: Any, names: Sequence[str], cfg: EncoderConfig, out_d
 
     loss_fn = ClipLoss()
     batch_size = min(a.batch_size, len(images))
+    batches = NeighbourBatches(name_index, text_features, a.neighbour_group)
     model.visual.train()
+    for module in frozen:
+        module.eval()
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="align", unit="step"):
-        rows = torch.randperm(len(images), generator=generator)[:batch_size]                  # (B,)
+        rows = batches(batch_size, generator)                                                 # (B,)
         template = torch.randint(len(a.templates), (batch_size,), generator=generator)        # (B,)
         x = draw_outlines(augment(pixels[rows], generator, a.max_shift, a.min_scale), generator, a.outline_prob)
         x = encoder.resize(x)                                                                 # (B, 3, S, S)

@@ -28,6 +28,9 @@ class ImageTower:
     vision_cfg: Callable[[VisionTowerConfig], dict]  # open_clip CLIPVisionCfg fields
     # Loads the starting weights into a freshly built ``model.visual``; returns where they came from.
     initialise: Callable[[nn.Module], str]
+    # The stem and the first n stages of ``model.visual``, what ``alignment.frozen_stages`` keeps; None for a
+    # tower from random weights, whose early stages hold nothing worth keeping.
+    early_stages: Callable[[nn.Module, int], list[nn.Module]] | None = None
 
 
 def _vit_cfg(vision: VisionTowerConfig) -> dict:
@@ -73,7 +76,29 @@ def _load_lite0(visual: nn.Module) -> str:
     return f"{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
 
 
+def _lite0_stages(visual: nn.Module, count: int) -> list[nn.Module]:
+    trunk = visual.trunk
+    if count > len(trunk.blocks):
+        raise ValueError(f"encoder.alignment.frozen_stages {count}: efficientnet_lite0 has {len(trunk.blocks)} stages")
+    return [trunk.conv_stem, trunk.bn1, *trunk.blocks[:count]]
+
+
 TOWERS: dict[ImageTowerName, ImageTower] = {
     ImageTowerName.vit: ImageTower(_vit_cfg, initialise=lambda visual: "random (seeded)"),
-    ImageTowerName.efficientnet_lite0: ImageTower(_lite0_cfg, initialise=_load_lite0),
+    ImageTowerName.efficientnet_lite0: ImageTower(_lite0_cfg, initialise=_load_lite0, early_stages=_lite0_stages),
 }
+
+
+def freeze_early_stages(visual: nn.Module, tower: ImageTowerName, count: int) -> list[nn.Module]:
+    """Stop training the tower's stem and first ``count`` stages (no gradients); returns them, so the training
+    loop can keep them in eval mode and their BatchNorm statistics stay the starting weights' own."""
+    if count == 0:
+        return []
+    early_stages = TOWERS[tower].early_stages
+    if early_stages is None:
+        raise ValueError(f"encoder.alignment.frozen_stages {count}: the {tower.value} tower starts from random "
+                         "weights, so there is nothing to keep; use 0 or a pretrained tower")
+    modules = early_stages(visual, count)
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
