@@ -94,10 +94,21 @@ def with_upstream(names: list[str], graph: dict[str, set[str]], order: list[str]
     return [s for s in order if s in wanted]
 
 
+def stage_meta(key: str, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, object]:
+    """{stage: value} of ``meta: {key: value}`` for the stages of dvc.yaml that set it."""
+    return {name: spec["meta"][key] for name, spec in dvc_stages(dvc_yaml).items()
+            if isinstance(spec.get("meta"), dict) and key in spec["meta"]}
+
+
 def stage_backbones(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
     """{stage: backbone} for the stages that belong to one generator backbone (``meta: {backbone: ...}``)."""
-    return {name: spec["meta"]["backbone"] for name, spec in dvc_stages(dvc_yaml).items()
-            if isinstance(spec.get("meta"), dict) and "backbone" in spec["meta"]}
+    return {name: str(value) for name, value in stage_meta("backbone", dvc_yaml).items()}
+
+
+def stages_on_all_cores(dvc_yaml: str | Path = "dvc.yaml") -> set[str]:
+    """Stages that run alone with every core when stages run side by side (``meta: {all_cores: true}``): a
+    stage on the critical path with nothing long enough to fill the other cores beside it."""
+    return {name for name, value in stage_meta("all_cores", dvc_yaml).items() if value is True}
 
 
 def without_backbones(graph: dict[str, set[str]], backbone_of: dict[str, str], keep: set[str]) -> set[str]:

@@ -17,7 +17,14 @@ from typing import Callable
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dag import stage_backbones, stage_graph, stage_order, with_upstream, without_backbones
+from flows.dag import (
+    stage_backbones,
+    stage_graph,
+    stage_order,
+    stages_on_all_cores,
+    with_upstream,
+    without_backbones,
+)
 from flows.dvc_cli import run_stage
 from knn_diffusion.config import load_params
 from knn_diffusion.tracking import (
@@ -31,11 +38,12 @@ from knn_diffusion.tracking import (
 
 
 def run_side_by_side(order: list[str], graph: dict[str, set[str]], slots: int,
-                     submit: Callable[[str, int], PrefectFuture]) -> None:
+                     submit: Callable[[str, int], PrefectFuture], all_cores: set[str] = frozenset()) -> None:
     """Run the stages of ``order`` (a topological order), up to ``slots`` at once, each as soon as its upstream
     has finished: of the ready ones, the earliest in ``order`` first (``stage_order``: the longest chain first).
     Each stage process gets cores / slots threads (two stages with every core each ran 2.4x slower than with one
-    each). A failed stage's downstream never starts; the others run to the end, then the first failure is raised
+    each), except a stage of ``all_cores``: it waits for the running ones, then runs alone with every core.
+    A failed stage's downstream never starts; the others run to the end, then the first failure is raised
     (the flow run ends Failed)."""
     pending, running, finished, dead, failures = list(order), {}, set(), set(), []
     needs = {name: graph[name] & set(order) for name in order}
@@ -44,8 +52,14 @@ def run_side_by_side(order: list[str], graph: dict[str, set[str]], slots: int,
             dead.add(name)
             pending.remove(name)
             get_run_logger().error("%s not started: an upstream stage failed", name)
-        ready = [n for n in pending if needs[n] <= finished]
-        for name in ready[:slots - len(running)]:
+        for name in [n for n in pending if needs[n] <= finished]:  # the ready ones, in order
+            if len(running) >= slots or running.keys() & all_cores:
+                break
+            if name in all_cores:
+                if not running:
+                    running[name] = submit(name, 1)
+                    pending.remove(name)
+                break  # nothing starts before or beside it
             running[name] = submit(name, slots)
             pending.remove(name)
         if not running:
@@ -99,7 +113,8 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
             run_on_pools(order, repo_path, run_env, force, repo_url, publish_branch)
             return order
         run_side_by_side(order, graph, max(parallel_stages, 1),
-                         lambda name, slots: run_stage.submit(name, str(repo_path), run_env, force, slots))
+                         lambda name, slots: run_stage.submit(name, str(repo_path), run_env, force, slots),
+                         all_cores=stages_on_all_cores(repo_path / "dvc.yaml"))
     return order
 
 

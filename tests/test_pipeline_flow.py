@@ -84,12 +84,13 @@ def test_failing_stage_fails_the_flow_run(harness, repo_copy):
         state.result()
 
 
-STAMP = ("import json, sys, time; start = time.time(); time.sleep(2); {fail}"
-         "open(sys.argv[1], 'w').write(json.dumps([start, time.time()]))")
+STAMP = ("import json, os, sys, time; start = time.time(); time.sleep(2); {fail}"
+         "open(sys.argv[1], 'w').write(json.dumps([start, time.time(), os.environ['OMP_NUM_THREADS']]))")
 
 
-def _stamping_stages(repo: Path, failing: str = "") -> None:
-    """Stages a, b (independent) and c (after a) that write when they ran; ``failing`` exits 1 instead."""
+def _stamping_stages(repo: Path, failing: str = "", all_cores: str = "") -> None:
+    """Stages a, b (independent) and c (after a) that write when they ran and their thread count; ``failing``
+    exits 1 instead; ``all_cores`` has ``meta: {all_cores: true}``."""
     stages = {}
     for name, deps in (("a", []), ("b", []), ("c", ["out/a.json"])):
         fail = "sys.exit('stage failed on purpose'); " if name == failing else ""
@@ -97,6 +98,8 @@ def _stamping_stages(repo: Path, failing: str = "") -> None:
         script.write_text(STAMP.format(fail=fail))
         stages[name] = {"cmd": f"python {script.name} out/{name}.json", "deps": [script.name, *deps],
                         "outs": [f"out/{name}.json"]}
+        if name == all_cores:
+            stages[name]["meta"] = {"all_cores": True}
     (repo / "out").mkdir()
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
 
@@ -112,6 +115,16 @@ def test_parallel_stages_start_each_stage_once_its_upstream_is_done(harness, rep
     a, b, c = (_ran(repo_copy, n) for n in "abc")
     assert a[0] < b[1] and b[0] < a[1]  # a and b side by side (real DVC processes in one repo)
     assert c[0] >= a[1]  # c after its upstream
+
+
+def test_an_all_cores_stage_runs_alone_with_every_core(harness, repo_copy, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")                     # the run's thread budget: 2 cores
+    _stamping_stages(repo_copy, all_cores="a")
+    assert pipeline(repo=str(repo_copy), stages=["b", "c"], parallel_stages=2) == ["a", "b", "c"]
+    a, b, c = (_ran(repo_copy, n) for n in "abc")
+    assert a[2] == "2" and b[2] == c[2] == "1"
+    assert b[0] >= a[1]                                            # b waited: nothing beside a
+    assert c[0] < b[1] and b[0] < c[1]                             # then b and c side by side
 
 
 def test_parallel_stages_run_what_a_failure_does_not_block(harness, repo_copy):
