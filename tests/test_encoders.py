@@ -343,19 +343,24 @@ def test_frozen_stages_keep_the_starting_weights_and_statistics(tmp_path, glyph_
 
 
 def test_neighbour_batches_pair_each_anchor_with_a_near_name():
-    """Groups of 2: the second image's name is among the anchor name's nearest; group 1 is a uniform batch."""
-    features = torch.nn.functional.normalize(torch.randn(12, 1, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-    features = torch.cat([features, features + 0.01], 1)                    # (U=12, T=2, 8)
-    name_index = torch.arange(12).repeat_interleave(2)                      # two images per name
-    nearest = nearest_names(features, 3)
-    assert not (nearest == torch.arange(12)[:, None]).any()                 # never a name's own
-    grouped = NeighbourBatches(name_index, features, group=2)
-    batch = grouped(10, torch.Generator().manual_seed(1))
-    assert batch.shape == (10,)
+    """Four far-apart clusters of 9 names (an anchor's 8 nearest are its cluster): in groups of 2 every second
+    image comes from its anchor's cluster, which a random pick (8 of 35 names) would rarely do; group 1 is
+    the uniform batch training drew before."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[:4] * 10                                          # (4, 8) far apart
+    features = centres.repeat_interleave(9, 0) + 0.1 * torch.randn(36, 8, generator=generator)
+    features = torch.stack([features, features + 0.01], 1)                   # (U=36, T=2, 8)
+    cluster = torch.arange(36) // 9
+    name_index = torch.arange(36).repeat_interleave(2)                       # two images per name
+    nearest = nearest_names(features, 8)
+    assert torch.equal(cluster[nearest], cluster[:, None].expand(36, 8))    # the 8 nearest: its cluster's others
+    assert not (nearest == torch.arange(36)[:, None]).any()                  # never a name's own
+    batch = NeighbourBatches(name_index, features, group=2)(32, torch.Generator().manual_seed(1))
+    assert batch.shape == (32,)
     anchors, members = name_index[batch[0::2]], name_index[batch[1::2]]
-    assert all(m in grouped.neighbours[a] for a, m in zip(anchors.tolist(), members.tolist()))
+    assert torch.equal(cluster[anchors], cluster[members]) and not (anchors == members).any()
     uniform = NeighbourBatches(name_index, features, group=1)(10, torch.Generator().manual_seed(1))
-    assert torch.equal(uniform, torch.randperm(24, generator=torch.Generator().manual_seed(1))[:10])
+    assert torch.equal(uniform, torch.randperm(72, generator=torch.Generator().manual_seed(1))[:10])
 
 
 def test_a_finished_alignment_called_again_trains_again(tmp_path, glyph_pairs):

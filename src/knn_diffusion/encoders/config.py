@@ -71,7 +71,7 @@ class AlignmentConfig:
     # split it lifted recall@10 from 0.35 to 0.43 (docs/benchmarks.md).
     outline_prob: float = field(default=0.5, metadata=between(0, 1))
     # Each batch is built from groups of this many images whose names are near neighbours in the text
-    # tower ("waving hand: dark skin tone" with its other tones): contrast where recall@1 is lost. 1: uniform.
+    # tower (hard negatives: names the loss must tell apart). 1: uniform batches, the same random stream.
     neighbour_group: int = field(default=1, metadata=between(1))
     # A pretrained tower's stem and first N stages keep their starting weights (and BatchNorm statistics):
     # a step 1.6x faster at 3 of EfficientNet-Lite0's 7, and recall as high (docs/benchmarks.md). 0: all train.
