@@ -5,8 +5,8 @@ FID/KID features without Inception weights), independent of the retrieval encode
 encoder never sees (``judge.alignment.datasets``; config.py refuses an overlap), with its own seed and
 image-tower shape; before training, the image contents of its pairs, the retrieval encoder's pairs and
 the generator's test split are checked to be pairwise disjoint. ``judge.kind: open_clip`` records a
-pretrained CLIP instead. Both share nothing with the retriever but, when aligned, the frozen MiniLM text
-tower (see README, "The judge").
+pretrained CLIP instead. When aligned, it shares with the retriever the frozen MiniLM text tower and, with
+params.yaml's EfficientNet-Lite towers of two depths, an ImageNet start (see README, "The judge").
 """
 
 from __future__ import annotations
