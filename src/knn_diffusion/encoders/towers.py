@@ -85,7 +85,7 @@ def _efficientnet_lite(variant: int) -> ImageTower:
     def early_stages(visual: nn.Module, count: int) -> list[nn.Module]:
         trunk = visual.trunk
         if count > len(trunk.blocks):
-            raise ValueError(f"encoder.alignment.frozen_stages {count}: {timm_name} has {len(trunk.blocks)} stages")
+            raise ValueError(f"alignment.frozen_stages {count}: {timm_name} has {len(trunk.blocks)} stages")
         return [trunk.conv_stem, trunk.bn1, *trunk.blocks[:count]]
 
     return ImageTower(vision_cfg, initialise, early_stages)
@@ -105,7 +105,7 @@ def freeze_early_stages(visual: nn.Module, tower: ImageTowerName, count: int) ->
         return []
     early_stages = TOWERS[tower].early_stages
     if early_stages is None:
-        raise ValueError(f"encoder.alignment.frozen_stages {count}: the {tower.value} tower starts from random "
+        raise ValueError(f"alignment.frozen_stages {count}: the {tower.value} tower starts from random "
                          "weights, so there is nothing to keep; use 0 or a pretrained tower")
     modules = early_stages(visual, count)
     for module in modules:
