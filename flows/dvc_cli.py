@@ -131,9 +131,10 @@ def dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True,
     return done
 
 
-def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed} from ``dvc queue status``."""
-    rows = dvc(repo, env, "queue", "status").stdout.splitlines()
+def queue_status(repo: Path, env: dict[str, str], timeout: float | None = None) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from ``dvc queue status``; ``timeout`` as in
+    :func:`dvc`."""
+    rows = dvc(repo, env, "queue", "status", timeout=timeout).stdout.splitlines()
     status = {}
     for row in rows[1:]:
         fields = row.split()

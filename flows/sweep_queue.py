@@ -23,6 +23,9 @@ from flows.liveness import pid_alive
 
 POLL_SECONDS = 3
 SHOW_TIMEOUT_SECONDS = 120
+# `dvc queue status` answers in a second or two; in CI it once never answered after a worker had been killed,
+# and the sweep waited on it until the test's timeout.
+STATUS_TIMEOUT_SECONDS = 60
 FINISHED = {"Success", "Failed"}
 
 
@@ -128,7 +131,11 @@ def run_queue(repo: Path, env: dict[str, str], names: list[str], jobs: int,
                 logger.warning("%s: its process (pid %s) died", name, task["pid"])
                 stop_dead_task(repo, env, name, task)
                 dvc(repo, env, "queue", "start", "-j", str(jobs))
-        status = queue_status(repo, env)
+        try:
+            status = queue_status(repo, env, timeout=STATUS_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:  # killed, so it holds no lock of DVC's or celery's when asked again
+            logger.warning("dvc queue status did not answer in %d s: asking again", STATUS_TIMEOUT_SECONDS)
+            continue
         for name in names:
             if status.get(name) != reported.get(name):
                 logger.info("%s: %s", name, status.get(name, "?"))

@@ -71,6 +71,28 @@ def test_dvc_experiments_asks_again_when_a_read_races_a_worker(tmp_path, monkeyp
     assert len(shows) == 2
 
 
+def test_a_dvc_queue_status_that_never_answers_is_killed_and_asked_again(tmp_path, monkeypatch):
+    """CI saw ``dvc queue status`` never answer after a queue worker had been killed, and the sweep waited on it
+    until the test timed out. DVC cannot be made to hang on demand, so a script stands in for it: its first
+    ``queue status`` hangs, the next ones answer as DVC does. The sweep kills the hung call and polls again."""
+    import flows.dvc_cli as dvc_cli
+    import flows.sweep_queue as sweep_queue
+
+    stand_in = tmp_path / "dvc"
+    stand_in.write_text(f"""#!/bin/sh
+[ "$1 $2" = "queue status" ] || exit 0  # queue start
+[ -e {tmp_path}/asked ] || {{ touch {tmp_path}/asked; exec sleep 60; }}
+printf 'Task     Name   Created    Status\\n1a2b3c4  s-k-1  10:05 AM   Success\\n\\nWorker status: 0 active, 0 idle\\n'
+""")
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(dvc_cli, "DVC", str(stand_in))
+    monkeypatch.setattr(sweep_queue, "STATUS_TIMEOUT_SECONDS", 1)
+    succeeded: list[str] = []
+    with disable_run_logger():
+        assert sweep_queue.run_queue.fn(tmp_path, {}, ["s-k-1"], 1, succeeded.append) == {"s-k-1": "Success"}
+    assert succeeded == ["s-k-1"] and (tmp_path / "asked").exists()
+
+
 @pytest.mark.slow  # two queue workers, then a fresh rerun (~40 s)
 def test_parallel_sweep_then_rerun_with_the_same_names(harness, repo_copy):  # noqa: F811
     assert expand_grid(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
