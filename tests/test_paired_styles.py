@@ -72,6 +72,14 @@ def test_pairs_only_datasets_are_refused_as_generator_and_the_judge_never_shares
     assert params.judge.vision.width != params.encoder.vision.width
     with pytest.raises(ConfigError, match="share \\['noto'\\]"):
         build_params(base, ["encoder.alignment.datasets=[noto]", "judge.alignment.datasets=[noto,tw]"])
+    styles = ["encoder.alignment.datasets=[noto]", "judge.alignment.datasets=[tw]"]
+    for same_shape in (["judge.vision.tower=efficientnet_lite0", "encoder.vision.tower=efficientnet_lite0"],
+                       ["judge.vision.tower=vit", "encoder.vision.tower=vit", "judge.vision.width=96",
+                        "judge.vision.layers=3", "judge.vision.head_width=32", "judge.vision.image_size=64"]):
+        with pytest.raises(ConfigError, match="'judge.vision' give both image towers the shape"):
+            build_params(base, styles + same_shape)
+    build_params(base, styles + ["judge.vision.tower=vit", "encoder.vision.tower=vit", "judge.vision.layers=4",
+                                 "judge.vision.width=96", "judge.vision.head_width=32"])  # one size apart is enough
     with pytest.raises(ConfigError, match="pairs_only"):
         build_params(base, ["data.generator_dataset=tw"])
     with pytest.raises(ConfigError, match="needs a path"):

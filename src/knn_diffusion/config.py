@@ -198,7 +198,8 @@ def _cross_checks(params: Params, where: str) -> None:
 
 def _check_paired_datasets(params: Params, where: str) -> None:
     """The generator's dataset is never pairs-only, and the judge's paired corpora are disjoint from the
-    retrieval encoder's (an independent judge sees none of the styles the retriever was aligned on).
+    retrieval encoder's and its image tower has another shape (an independent judge sees none of the styles
+    the retriever was aligned on, through other layers).
     Listed datasets that are not ingested (or are the generator's) are skipped by the stages."""
     data = params.data
     if data.datasets[data.generator_dataset].pairs_only:
@@ -209,6 +210,9 @@ def _check_paired_datasets(params: Params, where: str) -> None:
         if shared:
             raise ConfigError(f"{where}: keys 'encoder.alignment.datasets' and 'judge.alignment.datasets' share "
                               f"{shared}: the judge must align on styles the retrieval encoder never saw")
+        if params.judge.vision.architecture() == params.encoder.vision.architecture():
+            raise ConfigError(f"{where}: keys 'encoder.vision' and 'judge.vision' give both image towers the shape "
+                              f"{params.judge.vision.architecture()}: the judge needs another tower or other sizes")
 
 
 def build_params(raw: dict | None, overrides: Iterable[str] = (), where: str = "params") -> Params:

@@ -54,6 +54,13 @@ class VisionTowerConfig:
     # Tokens per caption; emoji names with a template stay well under 32 MiniLM tokens.
     context_length: int = field(default=32, metadata=between(8, 512))
 
+    def architecture(self) -> tuple:
+        """What fixes the tower's layers (not its input size): the tower and, for the ViT, its sizes. The judge's
+        must differ from the retrieval encoder's, so the two do not fail on the same images for the same reason."""
+        if self.tower is ImageTowerName.vit:
+            return self.tower.value, self.patch_size, self.width, self.layers, self.head_width
+        return (self.tower.value,)
+
 
 @dataclass
 class AlignmentConfig:
